@@ -1,0 +1,259 @@
+"""The OCI Distribution API, read side, as Flask views.
+
+Views validate what the client sent, ask the proxy store, and shape the
+response. Every error, raised anywhere below, is rendered here once as an
+OCI error body. A mirror is read-only: every write answers 405 UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from node.errors import NotFound, PaginationInvalid, RangeInvalid, ShoalError, Unsupported
+from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
+from node.storage.fill import follow, follow_unsized
+from node.storage.proxy import Blob, ProxyStore
+from node.upstream import TagPage
+
+log = logging.getLogger(__name__)
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+_CONTENT = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
+_TAGS = re.compile(r"(?P<name>.+)/tags/list")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+PAGE_MAX = 10000
+
+api = Blueprint("registry", __name__)
+
+
+def proxy() -> ProxyStore:
+    store: ProxyStore = current_app.extensions["shoal.proxy"]
+    return store
+
+
+@api.route("/v2/", methods=["GET", "HEAD", *WRITE_METHODS])
+def base() -> Response:
+    if request.method in WRITE_METHODS:
+        raise Unsupported("this registry is a read-only mirror")
+    return jsonify({})
+
+
+@api.route("/v2/<path:path>", methods=["GET", "HEAD", *WRITE_METHODS])
+def registry(path: str) -> Response:
+    if request.method in WRITE_METHODS:
+        raise Unsupported("this registry is a read-only mirror: pushes and deletes are not supported")
+    if path == "_catalog":
+        return _page_response(proxy().catalog(*_pagination()), "repositories")
+    tags = _TAGS.fullmatch(path)
+    if tags:
+        return _page_response(proxy().tags(_name(tags["name"]), *_pagination()), "tags", tags["name"])
+    content = _CONTENT.fullmatch(path)
+    if not content:
+        raise NotFound("no such registry endpoint", {"path": path[:256]})
+    name = _name(content["name"])
+    if content["kind"] == "blobs":
+        return _blob(name, parse_digest(content["reference"]))
+    return _manifest(name, content["reference"])
+
+
+@api.route("/healthz", methods=["GET", "HEAD"])
+def health() -> Response:
+    return jsonify({"status": "ok"})
+
+
+def _name(raw: str) -> str:
+    config = current_app.config["SHOAL"]
+    return normalize_name(parse_name(raw), config.upstream.is_docker_hub)
+
+
+def _pagination() -> tuple[int | None, str | None]:
+    n_text = request.args.get("n")
+    n = None
+    if n_text is not None:
+        if not n_text.isdigit() or not 0 <= int(n_text) <= PAGE_MAX:
+            raise PaginationInvalid(f"n must be a whole number from 0 to {PAGE_MAX}")
+        n = int(n_text)
+    last = request.args.get("last") or None
+    if last is not None and len(last) > 256:
+        raise PaginationInvalid("last is too long")
+    return n, last
+
+
+def _page_response(page: TagPage, field: str, name: str | None = None) -> Response:
+    body: dict[str, object] = {field: page.tags}
+    if name is not None:
+        body = {"name": name, **body}
+    response = jsonify(body)
+    if page.link:
+        response.headers["Link"] = page.link
+    return response
+
+
+def _manifest(name: str, reference: str) -> Response:
+    if not is_digest(reference):
+        parse_tag(reference)
+    manifest = proxy().manifest(name, reference)
+    headers = {
+        "Docker-Content-Digest": str(manifest.digest),
+        "ETag": f'"{manifest.digest}"',
+        "Content-Type": manifest.media_type,
+        "Content-Length": str(len(manifest.data)),
+    }
+    if _not_modified(manifest.digest):
+        return Response(status=304, headers=headers)
+    return Response(b"" if request.method == "HEAD" else manifest.data, headers=headers)
+
+
+def _blob(name: str, digest: Digest) -> Response:
+    blob = proxy().blob(name, digest)
+    size = blob.size
+    headers = {
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+    }
+    try:
+        span = _range(request.headers.get("Range"), size)
+    except RangeInvalid:
+        _release(blob)
+        raise
+    status = 200
+    if span is not None and size is not None:
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+        status = 206
+    start, end = span or (0, size)
+    if end is not None:
+        headers["Content-Length"] = str(end - start)
+    if _not_modified(digest):
+        _release(blob)
+        return Response(status=304, headers=headers)
+    if request.method == "HEAD":
+        _release(blob)
+        return Response(status=status, headers=headers)
+    if blob.stored is not None:
+        return Response(_sendfile(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
+    assert blob.following is not None
+    body = follow(blob.following, start, end) if end is not None else follow_unsized(blob.following)
+    return Response(_started(body), status=status, headers=headers, direct_passthrough=True)
+
+
+def _sendfile(fd: int, start: int) -> object:
+    """Hand an open file to the server; gunicorn sends it with sendfile(2).
+
+    gunicorn sends ``Content-Length`` bytes from the file's current offset,
+    which is how a range is served with sendfile too.
+    """
+    os.lseek(fd, start, os.SEEK_SET)
+    handle = os.fdopen(fd, "rb")
+    wrapper = request.environ.get("wsgi.file_wrapper")
+    if wrapper is not None:
+        return wrapper(handle, 1 << 20)
+    return _read_file(handle)
+
+
+def _read_file(handle: object) -> Iterator[bytes]:
+    with handle:  # type: ignore[attr-defined]
+        while chunk := handle.read(1 << 20):  # type: ignore[attr-defined]
+            yield chunk
+
+
+def _started(body: Iterator[bytes]) -> Iterator[bytes]:
+    """Wait for the first bytes before answering.
+
+    A fill that fails before any byte then gets a proper OCI error instead
+    of a response that has already promised a body.
+    """
+    first = next(body, b"")
+
+    def chain() -> Iterator[bytes]:
+        try:
+            if first:
+                yield first
+            yield from body
+        finally:
+            body.close()  # type: ignore[attr-defined]
+
+    return chain()
+
+
+def _release(blob: Blob) -> None:
+    if blob.stored is not None:
+        os.close(blob.stored.file)
+    if blob.following is not None:
+        os.close(blob.following.file)
+
+
+def _range(header: str | None, size: int | None) -> tuple[int, int] | None:
+    """The byte span ``[start, end)`` a ``Range`` header asks for, or None.
+
+    Only single ``bytes`` ranges are supported, as registries use them. An
+    unknown unit is ignored (RFC 9110); a malformed or unsatisfiable range
+    answers 416 ``RANGE_INVALID``. With an unknown size the whole body is sent.
+    """
+    if header is None or size is None or not header.strip().startswith("bytes="):
+        return None
+    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
+    if not match or match.group(1) == match.group(2) == "":
+        raise RangeInvalid("invalid range", size)
+    first, last = match.groups()
+    if first == "":
+        length = int(last)
+        if length == 0:
+            raise RangeInvalid("range not satisfiable", size)
+        return max(size - length, 0), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        raise RangeInvalid("range not satisfiable", size)
+    return start, end
+
+
+def _not_modified(digest: Digest) -> bool:
+    return f'"{digest}"' in request.headers.get("If-None-Match", "")
+
+
+def register(app: Flask) -> None:
+    app.register_blueprint(api)
+    app.register_error_handler(ShoalError, _shoal_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    app.after_request(_api_version)
+
+
+def error_response(code: str, message: str, status: int, detail: object | None = None) -> Response:
+    response = jsonify({"errors": [{"code": code, "message": message, "detail": detail}]})
+    response.status_code = status
+    return response
+
+
+def _shoal_error(error: ShoalError) -> Response:
+    response = error_response(error.code, error.message, error.status, error.detail)
+    if isinstance(error, RangeInvalid):
+        response.headers["Content-Range"] = f"bytes */{error.size}"
+    return response
+
+
+def _http_error(error: HTTPException) -> Response:
+    if error.code == 405:
+        return error_response("UNSUPPORTED", "method not allowed", 405)
+    if error.code == 404:
+        return error_response("NOT_FOUND", "no such endpoint", 404)
+    return error_response("UNKNOWN", error.description or "bad request", error.code or 400)
+
+
+def _unexpected_error(error: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response("UNKNOWN", "internal error", 500)
+
+
+def _api_version(response: Response) -> Response:
+    response.headers[API_VERSION[0]] = API_VERSION[1]
+    return response

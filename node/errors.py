@@ -1,0 +1,95 @@
+"""Errors raised by the node's stores and clients.
+
+Stores and clients raise these domain errors; one Flask handler in
+``node.api`` renders every one of them as an OCI error body
+(``{"errors": [{"code", "message", "detail"}]}``) using the ``code`` and
+``status`` each class carries. Nothing else in the node builds error bodies.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base of every error the node answers a client with."""
+
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(self, message: str, detail: object | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class NameInvalid(ShoalError):
+    code, status = "NAME_INVALID", 400
+
+
+class DigestInvalid(ShoalError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class TagInvalid(ShoalError):
+    # The OCI spec has no code of its own for a malformed tag; distribution
+    # answers MANIFEST_INVALID there, and so do we.
+    code, status = "MANIFEST_INVALID", 400
+
+
+class PaginationInvalid(ShoalError):
+    code, status = "PAGINATION_NUMBER_INVALID", 400
+
+
+class RangeInvalid(ShoalError):
+    code, status = "RANGE_INVALID", 416
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+class Unsupported(ShoalError):
+    code, status = "UNSUPPORTED", 405
+
+
+class NameUnknown(ShoalError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class BlobUnknown(ShoalError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class ManifestUnknown(ShoalError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class NotFound(ShoalError):
+    """A path that is not part of the registry API."""
+
+    code, status = "NOT_FOUND", 404
+
+
+class UpstreamUnavailable(ShoalError):
+    """The upstream could not be reached, timed out or answered 5xx.
+
+    The message never carries credentials: it names the upstream by its
+    public URL and says what went wrong.
+    """
+
+    code, status = "UPSTREAM_UNAVAILABLE", 503
+
+
+class UpstreamDenied(ShoalError):
+    """The upstream refused Shoal's credentials (401/403 after auth)."""
+
+    code, status = "DENIED", 403
+
+
+class TooManyRequests(ShoalError):
+    code, status = "TOOMANYREQUESTS", 429
+
+
+class UpstreamInvalid(ShoalError):
+    """The upstream sent content that does not match its digest or limits."""
+
+    code, status = "UPSTREAM_INVALID", 502

@@ -1,0 +1,25 @@
+"""gunicorn settings the node always runs with; the CLI passes the rest."""
+
+worker_class = "gthread"
+sendfile = True
+# Blob downloads are long; a worker's liveness is its heartbeat, not how
+# long one request takes (gthread keeps beating while threads stream).
+timeout = 60
+graceful_timeout = 30
+keepalive = 75
+# Several nodes may run on one machine (``shoal up``); gunicorn's control
+# socket has one fixed path per user, so the nodes would fight over it.
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+# No query string in the access log: the request line is enough, and it
+# keeps anything a client put there out of the log.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    """Stop the node's background threads and close its upstream client."""
+    app = getattr(worker, "wsgi", None)
+    node = getattr(app, "extensions", {}).get("shoal.node") if app is not None else None
+    if node is not None:
+        node.close()

@@ -1,0 +1,256 @@
+"""The node's content-addressed store on local disk.
+
+Layout under the cache directory::
+
+    blobs/<algorithm>/<hex[:2]>/<hex>        complete, verified content
+    blobs/<algorithm>/<hex[:2]>/<hex>.type   media type of a manifest
+    fills/                                   fills in progress (see fill.py)
+    repos/<name>/_tags/<tag>.json            tag pointers
+    repos/<name>/_tags.json                  the last tag list the upstream sent
+
+Invariant: a file exists at its content path only if its bytes hash to its
+name. Content reaches that path only by ``os.replace`` of a file already
+verified, so a reader that finds the path never sees a partial file, and a
+crash leaves at most an orphan in ``fills/``.
+
+Least-recently-used order is the files' modification time. Hits do not
+touch files themselves (the hit path is a stat and sendfile); they record
+the digest with ``touch`` and ``flush_touches`` updates the times in the
+background.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from node.reference import Digest
+
+OCTET_STREAM = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An open, complete piece of content. The caller owns ``file``."""
+
+    file: int
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class TagPointer:
+    digest: str
+    media_type: str
+    size: int
+    checked_at: float
+
+
+class LocalStore:
+    def __init__(self, root: str, max_size: int, ttl: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+        self.root = os.path.abspath(root)
+        self.max_size = max_size
+        self.ttl = ttl
+        self._clock = clock
+        self._touched: set[Digest] = set()
+        self._touched_lock = threading.Lock()
+        for folder in ("blobs", "fills", "repos"):
+            os.makedirs(os.path.join(self.root, folder), exist_ok=True)
+
+    # Content.
+
+    def content_path(self, digest: Digest) -> str:
+        return os.path.join(self.root, "blobs", digest.algorithm, digest.hex[:2], digest.hex)
+
+    def fills_dir(self) -> str:
+        return os.path.join(self.root, "fills")
+
+    def open(self, digest: Digest) -> Stored | None:
+        """Open complete content, or None when the store does not hold it."""
+        path = self.content_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        size = os.fstat(fd).st_size
+        media_type = self._read_media_type(path)
+        return Stored(fd, size, media_type)
+
+    def has(self, digest: Digest) -> bool:
+        return os.path.exists(self.content_path(digest))
+
+    def read(self, digest: Digest) -> tuple[bytes, str] | None:
+        """The whole content and its media type; for small things (manifests)."""
+        stored = self.open(digest)
+        if stored is None:
+            return None
+        with os.fdopen(stored.file, "rb") as handle:
+            return handle.read(), stored.media_type
+
+    def commit(self, digest: Digest, verified_path: str, media_type: str | None = None) -> None:
+        """Move a file whose bytes were verified against ``digest`` into place."""
+        path = self.content_path(digest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if media_type and media_type != OCTET_STREAM:
+            _write_atomic(path + ".type", media_type.encode())
+        os.replace(verified_path, path)
+
+    def put(self, digest: Digest, data: bytes, media_type: str | None = None) -> None:
+        """Store bytes already verified against ``digest``."""
+        folder = os.path.dirname(self.content_path(digest))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.fills_dir(), prefix=f"{digest.hex}.", suffix=".put")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        self.commit(digest, tmp, media_type)
+
+    def remove(self, digest: Digest) -> bool:
+        path = self.content_path(digest)
+        for extra in (path + ".type",):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(extra)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _read_media_type(self, path: str) -> str:
+        try:
+            with open(path + ".type", encoding="utf-8") as handle:
+                return handle.read().strip() or OCTET_STREAM
+        except FileNotFoundError:
+            return OCTET_STREAM
+
+    # Access order and limits.
+
+    def touch(self, digest: Digest) -> None:
+        """Record a hit; ``flush_touches`` moves it to the front of LRU order."""
+        with self._touched_lock:
+            self._touched.add(digest)
+
+    def flush_touches(self) -> list[Digest]:
+        with self._touched_lock:
+            touched, self._touched = self._touched, set()
+        now = self._clock()
+        for digest in touched:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.content_path(digest), (now, now))
+        return sorted(touched, key=str)
+
+    def sweep(self) -> list[Digest]:
+        """Remove expired content, then least recently used content over the limit.
+
+        Runs under a lock file so that the workers of one node never sweep
+        at once. Content served right now stays readable: unlinking an open
+        file does not disturb its readers.
+        """
+        removed: list[Digest] = []
+        with self._exclusive("sweep.lock"):
+            entries = sorted(self._entries(), key=lambda entry: entry[1])
+            total = sum(size for _, _, size in entries)
+            expired_before = self._clock() - self.ttl if self.ttl > 0 else None
+            for digest, mtime, size in entries:
+                over = total > self.max_size
+                expired = expired_before is not None and mtime < expired_before
+                if not (over or expired):
+                    continue
+                if self.remove(digest):
+                    removed.append(digest)
+                    total -= size
+        return removed
+
+    def used_bytes(self) -> int:
+        return sum(size for _, _, size in self._entries())
+
+    def digests(self) -> Iterator[Digest]:
+        for digest, _, _ in self._entries():
+            yield digest
+
+    def _entries(self) -> Iterator[tuple[Digest, float, int]]:
+        blobs = os.path.join(self.root, "blobs")
+        for algorithm in os.listdir(blobs):
+            for prefix in os.listdir(os.path.join(blobs, algorithm)):
+                folder = os.path.join(blobs, algorithm, prefix)
+                with os.scandir(folder) as scan:
+                    for entry in scan:
+                        if entry.name.endswith(".type"):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            info = entry.stat()
+                            yield Digest(algorithm, entry.name), info.st_mtime, info.st_size
+
+    @contextlib.contextmanager
+    def _exclusive(self, name: str) -> Iterator[None]:
+        with open(os.path.join(self.root, name), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    # Tags and repositories.
+
+    def _repo_dir(self, name: str) -> str:
+        return os.path.join(self.root, "repos", name)
+
+    def read_tag(self, name: str, tag: str) -> TagPointer | None:
+        path = os.path.join(self._repo_dir(name), "_tags", f"{tag}.json")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return TagPointer(**json.load(handle))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    def write_tag(self, name: str, tag: str, pointer: TagPointer) -> None:
+        self.remember_repository(name)
+        folder = os.path.join(self._repo_dir(name), "_tags")
+        os.makedirs(folder, exist_ok=True)
+        _write_atomic(os.path.join(folder, f"{tag}.json"), json.dumps(pointer.__dict__).encode())
+
+    def remember_repository(self, name: str) -> None:
+        marker = os.path.join(self._repo_dir(name), "_repo")
+        if not os.path.exists(marker):
+            os.makedirs(self._repo_dir(name), exist_ok=True)
+            open(marker, "a").close()
+
+    def known_tags(self, name: str) -> list[str]:
+        """Tags from pointers and from the last tag list the upstream sent."""
+        tags: set[str] = set()
+        folder = os.path.join(self._repo_dir(name), "_tags")
+        with contextlib.suppress(FileNotFoundError):
+            tags.update(entry[: -len(".json")] for entry in os.listdir(folder) if entry.endswith(".json"))
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            with open(os.path.join(self._repo_dir(name), "_tags.json"), encoding="utf-8") as handle:
+                tags.update(str(tag) for tag in json.load(handle))
+        return sorted(tags)
+
+    def write_tag_list(self, name: str, tags: list[str]) -> None:
+        os.makedirs(self._repo_dir(name), exist_ok=True)
+        _write_atomic(os.path.join(self._repo_dir(name), "_tags.json"), json.dumps(sorted(tags)).encode())
+
+    def repositories(self) -> list[str]:
+        """Names of the repositories the cache has served a manifest of."""
+        base = os.path.join(self.root, "repos")
+        names = []
+        for folder, subfolders, files in os.walk(base):
+            subfolders[:] = [s for s in subfolders if s != "_tags"]
+            if "_repo" in files:
+                names.append(os.path.relpath(folder, base))
+        return sorted(names)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,202 @@
+"""The pull-through store: the local store, filled from the upstream on a miss.
+
+It decorates ``LocalStore`` the way distribution's proxy stores decorate
+theirs: ask the local store first, go to the upstream only when the content
+is unknown, write one upstream fetch to the client and the cache at once,
+and let the content count only when it is complete and verified.
+
+Single flight on a node spans all its gunicorn workers: blobs through
+``Fills``; manifests and tag checks, which are small, under a blocking
+``flock`` with a second look after the lock is taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from node.config import UpstreamConfig
+from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
+from node.reference import Digest, digest_of, parse_digest
+from node.storage.fill import Fills, Following
+from node.storage.local import LocalStore, Stored, TagPointer
+from node.upstream import TagPage, Upstream
+
+log = logging.getLogger(__name__)
+
+# Upstream failures for which a cached tag answer is served instead
+# (stale-if-error). A 404 is an answer, not a failure: it is passed on.
+_STALE_OK = (UpstreamUnavailable, TooManyRequests)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A blob to serve: complete on disk (``stored``) or being filled."""
+
+    digest: Digest
+    stored: Stored | None = None
+    following: Following | None = None
+
+    @property
+    def size(self) -> int | None:
+        if self.stored is not None:
+            return self.stored.size
+        return self.following.size if self.following is not None else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+class ProxyStore:
+    def __init__(
+        self,
+        local: LocalStore,
+        fills: Fills,
+        upstream: Upstream,
+        config: UpstreamConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.local = local
+        self.fills = fills
+        self.upstream = upstream
+        self.config = config
+        self._clock = clock
+
+    # Blobs.
+
+    def blob(self, name: str, digest: Digest) -> Blob:
+        stored = self.local.open(digest)
+        if stored is not None:
+            self.local.touch(digest)
+            return Blob(digest, stored=stored)
+        following = self.fills.join(digest, lambda: self.upstream.open_blob(name, str(digest)))
+        if following is None:
+            stored = self.local.open(digest)
+            if stored is not None:
+                return Blob(digest, stored=stored)
+            raise UpstreamUnavailable("the blob vanished from the cache while it was being filled")
+        return Blob(digest, following=following)
+
+    # Manifests.
+
+    def manifest(self, name: str, reference: str) -> Manifest:
+        if ":" in reference:
+            manifest = self._manifest_by_digest(name, parse_digest(reference))
+        else:
+            manifest = self._manifest_by_tag(name, reference)
+        self.local.remember_repository(name)
+        return manifest
+
+    def _manifest_by_digest(self, name: str, digest: Digest) -> Manifest:
+        cached = self._cached_manifest(digest)
+        if cached is not None:
+            return cached
+        with self._lock(f"{digest.algorithm}-{digest.hex}"):
+            cached = self._cached_manifest(digest)
+            if cached is not None:
+                return cached
+            fetched = self.upstream.get_manifest(name, str(digest))
+            if digest_of(fetched.data, digest.algorithm) != digest:
+                raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
+            self.local.put(digest, fetched.data, fetched.media_type)
+            return Manifest(fetched.data, fetched.media_type, digest)
+
+    def _cached_manifest(self, digest: Digest) -> Manifest | None:
+        found = self.local.read(digest)
+        if found is None:
+            return None
+        self.local.touch(digest)
+        return Manifest(found[0], found[1], digest)
+
+    def _manifest_by_tag(self, name: str, tag: str) -> Manifest:
+        fresh = self._fresh_tag(name, tag)
+        if fresh is not None:
+            return fresh
+        key = hashlib.sha256(f"{name}:{tag}".encode()).hexdigest()
+        with self._lock(f"tag-{key}"):
+            # Another worker may have checked the tag while this one waited.
+            fresh = self._fresh_tag(name, tag)
+            if fresh is not None:
+                return fresh
+            pointer = self.local.read_tag(name, tag)
+            try:
+                manifest = self._check_tag(name, tag, pointer)
+            except _STALE_OK as exc:
+                stale = self._cached_manifest(parse_digest(pointer.digest)) if pointer else None
+                if stale is None:
+                    raise
+                log.warning("serving %s:%s as %s from the cache: %s", name, tag, pointer.digest, exc.message)
+                return stale
+            self.local.write_tag(
+                name, tag, TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self._clock())
+            )
+            return manifest
+
+    def _fresh_tag(self, name: str, tag: str) -> Manifest | None:
+        pointer = self.local.read_tag(name, tag)
+        if pointer is None or self._clock() - pointer.checked_at >= self.config.tag_ttl:
+            return None
+        return self._manifest_by_digest(name, parse_digest(pointer.digest))
+
+    def _check_tag(self, name: str, tag: str, pointer: TagPointer | None) -> Manifest:
+        """Ask the upstream what the tag points at; fetch only what changed.
+
+        A HEAD is cheap and Docker Hub does not count it against the pull
+        limit, so the manifest itself is fetched only when the digest is new.
+        """
+        head = self.upstream.head_manifest(name, tag)
+        if head.digest is not None:
+            return self._manifest_by_digest(name, parse_digest(head.digest))
+        fetched = self.upstream.get_manifest(name, tag)
+        digest = digest_of(fetched.data)
+        if fetched.digest is not None and fetched.digest != str(digest):
+            raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
+        self.local.put(digest, fetched.data, fetched.media_type)
+        return Manifest(fetched.data, fetched.media_type, digest)
+
+    # Tags and the catalog.
+
+    def tags(self, name: str, n: int | None, last: str | None) -> TagPage:
+        try:
+            page = self.upstream.tags(name, n, last)
+        except _STALE_OK as exc:
+            known = self.local.known_tags(name)
+            if not known:
+                raise
+            log.warning("answering the tag list of %s from the cache: %s", name, exc.message)
+            return paginate(known, n, last, f"/v2/{name}/tags/list")
+        if n is None and last is None:
+            self.local.write_tag_list(name, page.tags)
+        return page
+
+    def catalog(self, n: int | None, last: str | None) -> TagPage:
+        return paginate(self.local.repositories(), n, last, "/v2/_catalog")
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        fd = os.open(os.path.join(self.local.fills_dir(), f"{name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def paginate(items: list[str], n: int | None, last: str | None, path: str) -> TagPage:
+    """One page of a sorted list, with a Link to the next as the spec has it."""
+    if last is not None:
+        items = [item for item in items if item > last]
+    if n is None or len(items) <= n:
+        return TagPage(items, None)
+    page = items[:n]
+    return TagPage(page, f'<{path}?n={n}&last={page[-1]}>; rel="next"')

@@ -1,0 +1,510 @@
+"""The client Shoal nodes use to read from the upstream registry.
+
+``Upstream`` speaks the read side of the OCI distribution API over one
+``httpx.Client`` that every thread of a node shares. It maps the upstream's
+answers onto the node's domain errors: 404 becomes the matching "unknown"
+error, 401/403 ``UpstreamDenied``, 429 ``TooManyRequests``, anything else
+that is not a 200 (and every transport failure) ``UpstreamUnavailable``.
+
+Authentication follows the upstream's 401 challenges: HTTP Basic, or a bearer
+token fetched from the challenge's realm. Credentials reach a token realm only
+over https, on the upstream's own host, or on a host listed in
+``upstream.token_realms``; elsewhere the token is requested anonymously.
+
+Secrets never appear in an error or a log record: messages name the upstream
+by its URL and say what happened, and transport failures are described by
+their kind only, because an exception's text can quote a header value.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from node.config import UpstreamConfig
+from node.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    ShoalError,
+    TooManyRequests,
+    UpstreamDenied,
+    UpstreamInvalid,
+    UpstreamUnavailable,
+)
+from node.reference import is_digest
+
+logger = logging.getLogger(__name__)
+
+ACCEPT_MANIFESTS = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+MANIFEST_MAX = 4 * 1024 * 1024
+
+# A tag list page and a token answer are small JSON documents; a larger body
+# is a misbehaving server, not something worth buffering.
+_TAGS_MAX = 16 * 1024 * 1024
+_TOKEN_MAX = 1024 * 1024
+# The distribution token spec: a token without expires_in lasts 60 seconds.
+_DEFAULT_TOKEN_LIFETIME = 60.0
+# Tokens are dropped this long before they expire (at most half their
+# lifetime), so a request never leaves with a token that dies on the way.
+_EXPIRY_MARGIN = 10.0
+_RATE_LIMIT_HEADERS = ("ratelimit-limit", "ratelimit-remaining")
+# A token becomes a header value: printable ASCII without spaces keeps it
+# from smuggling in another header, and from reaching an exception's text.
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+_AUTH_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))')
+# The repository is everything between /v2/ and the last API segment; a
+# reference, digest or "list" never holds a slash, so the greedy match is exact.
+_REPOSITORY_PATH = re.compile(r"/v2/(.+)/(?:manifests|blobs|tags)/[^/]*$")
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    """The upstream's answer to ``HEAD /v2/<name>/manifests/<ref>``.
+
+    ``media_type`` is empty when the upstream sent no Content-Type (a HEAD
+    has no body to read it from); ``digest`` and ``size`` are None when the
+    upstream did not send them.
+    """
+
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class UpstreamManifest:
+    data: bytes
+    media_type: str
+    # The Docker-Content-Digest header, unverified: the caller checks it.
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class TagPage:
+    tags: list[str]
+    # The upstream's Link header (rel="next") unchanged; the caller rewrites
+    # it for its own clients.
+    link: str | None
+
+
+class BlobStream:
+    """An open blob download; valid only inside ``Upstream.open_blob``."""
+
+    def __init__(self, response: httpx.Response, on_error: Callable[[httpx.HTTPError], ShoalError]) -> None:
+        self._response = response
+        self._on_error = on_error
+        self.size = _content_length(response)
+
+    def iter_bytes(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The body in chunks; a failure part way raises ``UpstreamUnavailable``."""
+        try:
+            yield from self._response.iter_bytes(chunk_size)
+        except httpx.HTTPError as exc:
+            raise self._on_error(exc) from None
+
+
+class Upstream:
+    """A client for the upstream's read API, shared by every thread of a node."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = config.url
+        self._token_realms = frozenset(host.lower() for host in config.token_realms)
+        self._host = (httpx.URL(config.url).host or "").lower()
+        self._basic = _basic_authorization(config)
+        # Readers take a snapshot by reading the attribute; updates replace
+        # the whole dict under the lock, so a reader never sees it change.
+        self.rate_limits: dict[str, str] = {}
+        self._rate_lock = threading.Lock()
+        self._closed = False
+        self._client = httpx.Client(
+            base_url=config.url,
+            transport=transport,
+            auth=_RegistryAuth(self._basic, self._fetch_token, clock),
+            timeout=httpx.Timeout(config.timeout),
+            # Docker Hub sends blobs to a CDN. httpx drops the Authorization
+            # header when a redirect leaves the origin.
+            follow_redirects=True,
+            # Sizes and digests are of the bytes as stored; a compressed
+            # transfer would make Content-Length disagree with them.
+            headers={"Accept-Encoding": "identity"},
+            event_hooks={"response": [self._record_rate_limits]},
+        )
+
+    def head_manifest(self, name: str, reference: str) -> ManifestHead:
+        what = f"manifest {_manifest_ref(name, reference)}"
+        request = self._client.build_request(
+            "HEAD", f"/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_MANIFESTS}
+        )
+        with self._open(request, what, ManifestUnknown) as response:
+            return ManifestHead(
+                digest=response.headers.get("docker-content-digest"),
+                media_type=_content_type(response),
+                size=_content_length(response),
+            )
+
+    def get_manifest(self, name: str, reference: str) -> UpstreamManifest:
+        what = f"manifest {_manifest_ref(name, reference)}"
+        request = self._client.build_request(
+            "GET", f"/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_MANIFESTS}
+        )
+        with self._open(request, what, ManifestUnknown) as response:
+            length = _content_length(response)
+            if length is not None and length > MANIFEST_MAX:
+                raise self._too_large(what, MANIFEST_MAX)
+            data = _read_limited(response, MANIFEST_MAX)
+            if len(data) > MANIFEST_MAX:
+                raise self._too_large(what, MANIFEST_MAX)
+            media_type = _content_type(response) or _media_type_field(data)
+            if not media_type:
+                raise self._failure(UpstreamInvalid, f"{what}: no media type in the answer or the manifest")
+            return UpstreamManifest(data, media_type, response.headers.get("docker-content-digest"))
+
+    @contextlib.contextmanager
+    def open_blob(self, name: str, digest: str) -> Iterator[BlobStream]:
+        """Stream a blob; the response is closed when the block ends."""
+        what = f"blob {name}@{digest}"
+        request = self._client.build_request("GET", f"/v2/{name}/blobs/{digest}")
+        with self._open(request, what, BlobUnknown) as response:
+            yield BlobStream(response, lambda exc: self._unavailable(what, exc))
+
+    def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
+        what = f"tags of {name}"
+        params: dict[str, str] = {}
+        if n is not None:
+            params["n"] = str(n)
+        if last is not None:
+            params["last"] = last
+        request = self._client.build_request("GET", f"/v2/{name}/tags/list", params=params)
+        with self._open(request, what, NameUnknown) as response:
+            body = _read_limited(response, _TAGS_MAX)
+            if len(body) > _TAGS_MAX:
+                raise self._too_large(what, _TAGS_MAX)
+            document = _json_object(body)
+            # Distribution answers "tags": null for a repository without tags.
+            tags = None if document is None else (document.get("tags") or [])
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise self._failure(UpstreamInvalid, f"{what}: the answer is not a tag list")
+            return TagPage(tags, response.headers.get("link"))
+
+    def ping(self) -> None:
+        """Check that the upstream answers ``GET /v2/`` (with auth) with 200."""
+        with self._open(self._client.build_request("GET", "/v2/"), "ping", None):
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    @contextlib.contextmanager
+    def _open(
+        self,
+        request: httpx.Request,
+        what: str,
+        not_found: type[ShoalError] | None,
+        *,
+        use_auth: bool = True,
+    ) -> Iterator[httpx.Response]:
+        """Send ``request`` streaming; yield the response only if it is a 200.
+
+        A transport failure, including one while the block reads the body,
+        becomes ``UpstreamUnavailable``.
+        """
+        try:
+            if use_auth:
+                response = self._client.send(request, stream=True)
+            else:
+                response = self._client.send(request, stream=True, auth=None)
+        except httpx.HTTPError as exc:
+            raise self._unavailable(what, exc) from None
+        try:
+            self._check(response, what, not_found)
+            yield response
+        except httpx.HTTPError as exc:
+            raise self._unavailable(what, exc) from None
+        finally:
+            response.close()
+
+    def _check(self, response: httpx.Response, what: str, not_found: type[ShoalError] | None) -> None:
+        status = response.status_code
+        if status == 200:
+            return
+        detail: dict[str, Any] = {"upstream": self.url, "status": status}
+        if status == 404 and not_found is not None:
+            # The upstream answered; the content just is not there. Not a
+            # failure worth a warning.
+            logger.debug("upstream %s: %s: not found", self.url, what)
+            raise not_found(f"{what} is unknown to upstream {self.url}", detail)
+        if status in (401, 403):
+            raise self._failure(UpstreamDenied, f"{what}: denied (HTTP {status})", detail)
+        if status == 429:
+            if "retry-after" in response.headers:
+                detail["retry_after"] = response.headers["retry-after"]
+            raise self._failure(TooManyRequests, f"{what}: too many requests (HTTP 429)", detail)
+        raise self._failure(UpstreamUnavailable, f"{what}: unexpected answer (HTTP {status})", detail)
+
+    def _fetch_token(self, challenge: _Challenge) -> tuple[str, float]:
+        """A token and its lifetime in seconds from the challenge's realm."""
+        try:
+            realm = httpx.URL(challenge.realm)
+        except httpx.InvalidURL:
+            realm = None
+        if realm is None or realm.scheme not in ("http", "https") or not realm.host:
+            raise self._failure(UpstreamInvalid, "the token realm in the upstream's challenge is not an http(s) URL")
+        # Named without query or userinfo: only where the token came from.
+        what = f"token from {realm.scheme}://{realm.netloc.decode('ascii')}{realm.path}"
+        # A challenge's scope may name several, space separated; the realm
+        # takes each as its own scope parameter.
+        params: dict[str, str | list[str]] = {"scope": (challenge.scope or "").split()}
+        if challenge.service:
+            params["service"] = challenge.service
+        headers = {}
+        if self._basic is not None and self._may_receive_credentials(realm):
+            headers["Authorization"] = self._basic
+        # A fresh request: the token request must never carry the registry's
+        # own bearer token, so the client's auth is switched off for it.
+        # Merged, not passed as params: httpx would replace a query the realm
+        # already has.
+        request = self._client.build_request("GET", realm.copy_merge_params(params), headers=headers)
+        with self._open(request, what, None, use_auth=False) as response:
+            body = _read_limited(response, _TOKEN_MAX)
+        if len(body) > _TOKEN_MAX:
+            raise self._too_large(what, _TOKEN_MAX)
+        data = _json_object(body) or {}
+        token = data.get("token") or data.get("access_token")
+        if not isinstance(token, str) or not _TOKEN_CHARS.fullmatch(token):
+            raise self._failure(UpstreamInvalid, f"{what}: the answer holds no usable token")
+        lifetime = data.get("expires_in", _DEFAULT_TOKEN_LIFETIME)
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
+            lifetime = _DEFAULT_TOKEN_LIFETIME
+        return token, float(lifetime)
+
+    def _may_receive_credentials(self, realm: httpx.URL) -> bool:
+        if realm.scheme == "https":
+            return True
+        host = realm.host.lower()
+        if host == self._host:
+            return True
+        return host in self._token_realms or f"{host}:{realm.port}" in self._token_realms
+
+    def _record_rate_limits(self, response: httpx.Response) -> None:
+        seen = {key: response.headers[key] for key in _RATE_LIMIT_HEADERS if key in response.headers}
+        if seen:
+            with self._rate_lock:
+                self.rate_limits = {**self.rate_limits, **seen}
+
+    def _unavailable(self, what: str, exc: httpx.HTTPError) -> ShoalError:
+        return self._failure(UpstreamUnavailable, f"{what}: {_describe(exc)}")
+
+    def _too_large(self, what: str, limit: int) -> ShoalError:
+        return self._failure(UpstreamInvalid, f"{what}: the answer is larger than {limit} bytes")
+
+    def _failure(self, cls: type[ShoalError], message: str, detail: object | None = None) -> ShoalError:
+        """Build the error for a failed exchange and log it; the caller raises it."""
+        text = f"upstream {self.url}: {message}"
+        logger.warning("%s", text)
+        return cls(text, {"upstream": self.url} if detail is None else detail)
+
+
+@dataclass(frozen=True)
+class _Challenge:
+    """A bearer challenge; tokens are cached per challenge."""
+
+    realm: str
+    service: str | None
+    scope: str | None
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires_at: float
+
+
+class _RegistryAuth(httpx.Auth):
+    """Answers the upstream's 401 challenges and remembers what worked.
+
+    Basic: once the upstream has asked for it, the credentials go with every
+    request. Bearer: tokens are cached per challenge until shortly before they
+    expire, and each repository remembers the challenge it last received, so
+    the next request for it carries the token without a 401 round trip.
+
+    One instance serves every thread. The lock guards the caches only, never
+    a network call, so two threads missing the same token may both fetch it,
+    which costs a request and nothing else.
+    """
+
+    def __init__(
+        self,
+        basic: str | None,
+        fetch_token: Callable[[_Challenge], tuple[str, float]],
+        clock: Callable[[], float],
+    ) -> None:
+        self._basic = basic
+        self._fetch_token = fetch_token
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._basic_wanted = False
+        self._tokens: dict[_Challenge, _Token] = {}
+        self._challenges: dict[str, _Challenge] = {}
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        repository = _repository_of(request.url.path)
+        sent = self._known_authorization(repository)
+        if sent is not None:
+            request.headers["Authorization"] = sent
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenges = _challenges(response)
+        bearer = challenges.get("bearer")
+        if bearer is not None and bearer.get("realm"):
+            challenge = _Challenge(bearer["realm"], bearer.get("service"), bearer.get("scope"))
+            # Free the connection before the token request may want one.
+            response.read()
+            authorization = f"Bearer {self._token(challenge, rejected=sent)}"
+            with self._lock:
+                self._challenges[repository] = challenge
+        elif "basic" in challenges and self._basic is not None and sent != self._basic:
+            authorization = self._basic
+            with self._lock:
+                self._basic_wanted = True
+        else:
+            # Nothing to answer the challenge with: the 401 is the answer.
+            return
+        # One retry only: a 401 to fresh credentials means they are refused.
+        request.headers["Authorization"] = authorization
+        yield request
+
+    def _known_authorization(self, repository: str) -> str | None:
+        with self._lock:
+            challenge = self._challenges.get(repository)
+            token = self._tokens.get(challenge) if challenge is not None else None
+            if token is not None and token.expires_at > self._clock():
+                return f"Bearer {token.value}"
+            return self._basic if self._basic_wanted else None
+
+    def _token(self, challenge: _Challenge, rejected: str | None) -> str:
+        """A live token for ``challenge``, other than the one just rejected."""
+        with self._lock:
+            cached = self._tokens.get(challenge)
+            if cached is not None and cached.expires_at > self._clock() and f"Bearer {cached.value}" != rejected:
+                return cached.value
+        value, lifetime = self._fetch_token(challenge)
+        now = self._clock()
+        expires_at = now + lifetime - min(_EXPIRY_MARGIN, lifetime / 2)
+        with self._lock:
+            # Drop expired tokens here so the cache cannot grow without bound.
+            self._tokens = {key: token for key, token in self._tokens.items() if token.expires_at > now}
+            if expires_at > now:
+                self._tokens[challenge] = _Token(value, expires_at)
+        return value
+
+
+def _challenges(response: httpx.Response) -> dict[str, dict[str, str]]:
+    """The WWW-Authenticate challenges by lower-case scheme, first one wins."""
+    found: dict[str, dict[str, str]] = {}
+    for value in response.headers.get_list("www-authenticate"):
+        scheme, _, rest = value.strip().partition(" ")
+        params = {}
+        for match in _AUTH_PARAM.finditer(rest):
+            quoted, plain = match.group(2), match.group(3)
+            params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else plain
+        found.setdefault(scheme.lower(), params)
+    return found
+
+
+def _repository_of(path: str) -> str:
+    """The repository a request is for; empty for ``/v2/`` itself."""
+    match = _REPOSITORY_PATH.search(path)
+    return match.group(1) if match else ""
+
+
+def _basic_authorization(config: UpstreamConfig) -> str | None:
+    if config.username is None:
+        return None
+    raw = f"{config.username}:{config.password or ''}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def _manifest_ref(name: str, reference: str) -> str:
+    return f"{name}@{reference}" if is_digest(reference) else f"{name}:{reference}"
+
+
+def _content_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").split(";")[0].strip()
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _media_type_field(data: bytes) -> str:
+    """The manifest's own ``mediaType``, or empty if it has none."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return ""
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    return media_type if isinstance(media_type, str) else ""
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None when it is not one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of the body: enough to tell it is too large.
+
+    Memory stays within the limit plus one network chunk, whatever the
+    upstream sends or claims in Content-Length.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            break
+    return b"".join(chunks)[: limit + 1]
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    """What went wrong, by kind only: an exception's text can quote a header."""
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "cannot connect"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects"
+    return f"request failed ({type(exc).__name__})"

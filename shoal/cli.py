@@ -1,0 +1,142 @@
+"""The ``shoal`` command: launches Shoal's deployables. No domain logic here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from node.config import CONFIG_ENV, ConfigError, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except ConfigError as exc:
+        parser.exit(2, f"shoal: configuration error: {exc}\n")
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal",
+        description="Shoal: a pull-through cache for container registries that runs as a cluster.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    node = commands.add_parser(
+        "node",
+        help="run one registry node under gunicorn",
+        description=(
+            "Run a Shoal node: the OCI Distribution API (read side) in front of the upstream registry, "
+            "with a content cache on local disk, served by gunicorn's gthread workers with sendfile. "
+            "Settings come from the YAML file, then SHOAL_* environment variables "
+            "(SHOAL_UPSTREAM__PASSWORD sets upstream.password), then the options below."
+        ),
+    )
+    node.add_argument("--config", metavar="FILE", help="YAML configuration file (default: $SHOAL_CONFIG, else built-in defaults)")
+    node.add_argument("--bind", metavar="HOST:PORT", help="address to listen on (server.bind; default 0.0.0.0:5000)")
+    node.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (server.workers; default 2)")
+    node.add_argument(
+        "--threads", type=int, metavar="N", help="threads per worker, one per download in flight (server.threads; default 16)"
+    )
+    node.set_defaults(run=run_node)
+
+    up = commands.add_parser(
+        "up",
+        help="start a local Shoal in the foreground",
+        description=(
+            "Start Shoal on this machine in the foreground and print how to point clients at it. "
+            "Data lives in the state directory; Ctrl-C stops everything."
+        ),
+    )
+    up.add_argument("--upstream", default="https://registry-1.docker.io", metavar="URL", help="registry to mirror (default: Docker Hub)")
+    up.add_argument("--port", type=int, default=5000, help="port of the first node (default 5000)")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    up.add_argument("--state-dir", default=".shoal", metavar="DIR", help="where the cache and configuration live (default ./.shoal)")
+    up.add_argument("--cache-size", default="20GiB", metavar="SIZE", help="cache size limit per node (default 20GiB)")
+    up.set_defaults(run=run_up)
+    return parser
+
+
+def _node_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    env = dict(environ)
+    if args.config:
+        env[CONFIG_ENV] = os.path.abspath(args.config)
+    for option, key in (("bind", "SERVER__BIND"), ("workers", "SERVER__WORKERS"), ("threads", "SERVER__THREADS")):
+        value = getattr(args, option)
+        if value is not None:
+            env[f"SHOAL_{key}"] = str(value)
+    return env
+
+
+def gunicorn_command(bind: str, workers: int, threads: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--config",
+        "python:node.gunicorn_conf",
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "node.wsgi:app",
+    ]
+
+
+def run_node(args: argparse.Namespace) -> int:
+    env = _node_env(args, dict(os.environ))
+    # Validate here, in one process, so a bad key fails with one clear line
+    # instead of a traceback from every gunicorn worker.
+    config = load_config(env.get(CONFIG_ENV), env)
+    command = gunicorn_command(config.server.bind, config.server.workers, config.server.threads)
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
+def run_up(args: argparse.Namespace) -> int:
+    state = os.path.abspath(args.state_dir)
+    os.makedirs(state, exist_ok=True)
+    config_path = os.path.join(state, "node.yml")
+    bind = f"{args.host}:{args.port}"
+    settings = {
+        "server": {"bind": bind, "workers": 2, "threads": 16},
+        "cache": {"dir": os.path.join(state, "cache"), "max_size": args.cache_size},
+        "upstream": {"url": args.upstream},
+    }
+    with open(config_path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(settings, handle)
+    env = dict(os.environ, **{CONFIG_ENV: config_path})
+    config = load_config(config_path, env)
+    process = subprocess.Popen(gunicorn_command(bind, config.server.workers, config.server.threads), env=env)
+    url = f"http://{bind}"
+    print(
+        f"Shoal is up, mirroring {config.upstream.url}\n"
+        f"  node 1: {url}\n"
+        f"  state:  {state}\n\n"
+        f"Point clients at it:\n"
+        f'  docker:     "registry-mirrors": ["{url}"] in /etc/docker/daemon.json (add it to "insecure-registries" too)\n'
+        f"  skopeo:     skopeo copy --src-tls-verify=false docker://{bind}/library/alpine:latest dir:/tmp/alpine\n"
+        f"  containerd: see docs/clients.md\n\n"
+        f"Ctrl-C stops it.",
+        flush=True,
+    )
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGTERM)
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,71 @@
+import pytest
+
+from node.config import ConfigError, config_from_dict, load_config, parse_duration, parse_size
+
+
+def test_defaults_follow_distribution() -> None:
+    config = config_from_dict({})
+    assert config.upstream.ttl == 168 * 3600
+    assert config.upstream.url == "https://registry-1.docker.io"
+    assert config.upstream.is_docker_hub
+
+
+def test_distribution_proxy_section_carries_over(tmp_path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("proxy:\n  remoteurl: https://ghcr.io/\n  username: bob\n  password: hunter2\n  ttl: 24h\n")
+    config = load_config(str(path), environ={})
+    assert config.upstream.url == "https://ghcr.io"
+    assert config.upstream.username == "bob"
+    assert config.upstream.password == "hunter2"
+    assert config.upstream.ttl == 24 * 3600
+    assert not config.upstream.is_docker_hub
+
+
+def test_environment_overrides_the_file(tmp_path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("upstream:\n  url: http://one.test\ncache:\n  max_size: 1GiB\n")
+    env = {"SHOAL_UPSTREAM__URL": "http://two.test", "SHOAL_CACHE__MAX_SIZE": "2GiB", "SHOAL_UPSTREAM__TAG_TTL": "10s"}
+    config = load_config(str(path), environ=env)
+    assert config.upstream.url == "http://two.test"
+    assert config.cache.max_size == 2 * 1024**3
+    assert config.upstream.tag_ttl == 10
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"upstream": {"ttl": "forever"}}, "upstream.ttl"),
+        ({"upstream": {"url": "ftp://x"}}, "upstream.url"),
+        ({"cache": {"max_size": "lots"}}, "cache.max_size"),
+        ({"server": {"bind": "nowhere"}}, "server.bind"),
+        ({"server": {"workers": 0}}, "server.workers"),
+        ({"upstream": {"colour": "blue"}}, "upstream.colour"),
+        ({"bogus": {}}, "bogus"),
+        ({"proxy": {"remoteurl": "http://x", "extra": 1}}, "proxy.extra"),
+    ],
+)
+def test_bad_values_name_their_key(raw, key) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        config_from_dict(raw)
+
+
+def test_secrets_stay_out_of_repr_and_errors() -> None:
+    config = config_from_dict({"upstream": {"username": "bob", "password": "s3cret-pass"}})
+    assert "s3cret-pass" not in repr(config)
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"upstream": {"url": "http://bob:s3cret-pass@x.test"}})
+    assert "s3cret-pass" not in str(caught.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yml"), environ={})
+
+
+def test_units() -> None:
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration(0) == 0
+    assert parse_size("500MiB") == 500 * 1024**2
+    assert parse_size("3KB") == 3000
+    with pytest.raises(ValueError):
+        parse_duration("-5s")

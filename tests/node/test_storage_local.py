@@ -1,0 +1,79 @@
+import os
+
+from node.reference import digest_of
+from node.storage.local import LocalStore, TagPointer
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_put_and_open(tmp_path) -> None:
+    store = LocalStore(str(tmp_path), max_size=1 << 20)
+    digest = digest_of(b"hello")
+    assert store.open(digest) is None
+    store.put(digest, b"hello", "application/vnd.oci.image.manifest.v1+json")
+    stored = store.open(digest)
+    assert stored is not None
+    assert stored.size == 5
+    assert stored.media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert os.read(stored.file, 10) == b"hello"
+    os.close(stored.file)
+    assert store.read(digest) == (b"hello", "application/vnd.oci.image.manifest.v1+json")
+    assert os.listdir(store.fills_dir()) == []
+
+
+def test_sweep_evicts_least_recently_used_over_the_limit(tmp_path) -> None:
+    clock = FakeClock()
+    store = LocalStore(str(tmp_path), max_size=250, clock=clock)
+    digests = []
+    for index in range(3):
+        data = bytes([index]) * 100
+        digest = digest_of(data)
+        store.put(digest, data)
+        os.utime(store.content_path(digest), (clock.now + index, clock.now + index))
+        digests.append(digest)
+    # A hit on the oldest moves it to the front once touches are flushed.
+    clock.now += 10
+    store.touch(digests[0])
+    store.flush_touches()
+    assert store.sweep() == [digests[1]]
+    assert store.has(digests[0]) and store.has(digests[2]) and not store.has(digests[1])
+    assert store.used_bytes() == 200
+
+
+def test_sweep_expires_content_older_than_the_ttl(tmp_path) -> None:
+    clock = FakeClock()
+    store = LocalStore(str(tmp_path), max_size=1 << 20, ttl=60, clock=clock)
+    old, new = digest_of(b"old"), digest_of(b"new")
+    store.put(old, b"old")
+    store.put(new, b"new")
+    os.utime(store.content_path(old), (clock.now - 61, clock.now - 61))
+    os.utime(store.content_path(new), (clock.now - 59, clock.now - 59))
+    assert store.sweep() == [old]
+
+
+def test_ttl_zero_never_expires(tmp_path) -> None:
+    clock = FakeClock()
+    store = LocalStore(str(tmp_path), max_size=1 << 20, ttl=0, clock=clock)
+    digest = digest_of(b"x")
+    store.put(digest, b"x")
+    os.utime(store.content_path(digest), (0, 0))
+    assert store.sweep() == []
+
+
+def test_tags_and_repositories(tmp_path) -> None:
+    store = LocalStore(str(tmp_path), max_size=1 << 20)
+    pointer = TagPointer("sha256:" + "a" * 64, "application/json", 10, 5.0)
+    store.write_tag("library/alpine", "3.19", pointer)
+    store.remember_repository("library")
+    store.remember_repository("team/app")
+    store.write_tag_list("library/alpine", ["3.18", "3.19"])
+    assert store.read_tag("library/alpine", "3.19") == pointer
+    assert store.read_tag("library/alpine", "nope") is None
+    assert store.known_tags("library/alpine") == ["3.18", "3.19"]
+    assert store.repositories() == ["library", "library/alpine", "team/app"]

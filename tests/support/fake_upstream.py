@@ -1,0 +1,372 @@
+"""An in-process fake upstream registry whose failures tests can script.
+
+The real registry (``tests.support.registry``) cannot be told to corrupt a
+blob, drop a connection half-way, or hold a response until the test says so;
+this one can. It speaks just enough of the distribution API for a pull:
+``/v2/``, manifests by tag or digest, blobs and tag lists, on GET and HEAD.
+
+Faults are keyed by the digest of the content they affect, so they apply to
+blobs and to manifests alike (a manifest fetched by tag is affected by the
+fault on its digest). They only change GET bodies; headers, including
+``Content-Length`` and ``Docker-Content-Digest``, always describe the true
+content, as they would from a real upstream that fails mid-transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+from tests.support.images import Image, Index, sha256_digest
+
+_MANIFEST_OR_BLOB = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
+_TAGS_LIST = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
+
+
+@dataclass
+class Fault:
+    """How to misbehave when serving the body of one piece of content.
+
+    The body is written in ``chunk_size`` pieces. ``corrupt`` flips the last
+    byte, so the length is right and the digest is not. ``die_after`` closes
+    the connection once that many body bytes are out, although the headers
+    promised the full length. ``gate`` holds everything after the first chunk
+    until the event is set; ``reached`` is set when a response is waiting
+    there, so a test can await that point instead of guessing. ``chunk_delay``
+    pauses between chunks to make a slow upstream.
+    """
+
+    corrupt: bool = False
+    die_after: int | None = None
+    gate: threading.Event | None = None
+    chunk_delay: float = 0.0
+    chunk_size: int = 16 * 1024
+    # A gate never opened must not keep a handler thread forever.
+    gate_timeout: float = 60.0
+    reached: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeUpstream:
+    """A registry on 127.0.0.1 served from dicts, with per-digest faults and a request log.
+
+    The port is chosen at construction and kept: ``down()`` closes the
+    listening socket and every open connection, so clients get connection
+    errors, and ``up()`` listens on the same port again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Content by repository: manifests and blobs by digest, tags to digests.
+        self._manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self._blobs: dict[tuple[str, str], bytes] = {}
+        self._tags: dict[str, dict[str, str]] = {}
+        self._faults: dict[str, Fault] = {}
+        self._requests: list[tuple[str, str]] = []
+        self._connections: set[socket.socket] = set()
+        self.server_log: list[str] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        # Set while the server is down, so handlers parked at a gate give up.
+        self._stopping = threading.Event()
+        self.port = 0
+        self.up()
+
+    # Content.
+
+    def add_image(self, name: str, tag: str, image: Image | Index) -> None:
+        """Serve ``image`` (with its children and blobs) as ``name:tag``; a later call may move the tag."""
+        with self._lock:
+            for digest, (media_type, manifest) in image.manifests.items():
+                self._manifests[(name, digest)] = (media_type, manifest)
+            for digest, data in image.blobs.items():
+                self._blobs[(name, digest)] = data
+            self._tags.setdefault(name, {})[tag] = image.digest
+
+    def add_blob(self, name: str, data: bytes) -> str:
+        """Serve ``data`` as a blob of ``name``; return its digest."""
+        digest = sha256_digest(data)
+        with self._lock:
+            self._blobs[(name, digest)] = data
+        return digest
+
+    def remove_tag(self, name: str, tag: str) -> None:
+        with self._lock:
+            self._tags.get(name, {}).pop(tag, None)
+
+    # Faults.
+
+    def set_fault(
+        self,
+        digest: str,
+        *,
+        corrupt: bool = False,
+        die_after: int | None = None,
+        gate: threading.Event | None = None,
+        chunk_delay: float = 0.0,
+        chunk_size: int = 16 * 1024,
+    ) -> Fault:
+        """Make every later GET of the content with ``digest`` misbehave; replaces an earlier fault."""
+        fault = Fault(corrupt=corrupt, die_after=die_after, gate=gate, chunk_delay=chunk_delay, chunk_size=chunk_size)
+        with self._lock:
+            self._faults[digest] = fault
+        return fault
+
+    def clear_faults(self, digest: str | None = None) -> None:
+        """Remove the fault on ``digest``, or all faults."""
+        with self._lock:
+            if digest is None:
+                self._faults.clear()
+            else:
+                self._faults.pop(digest, None)
+
+    # Requests.
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """A copy of every ``(method, path)`` received so far, oldest first; path as sent."""
+        with self._lock:
+            return list(self._requests)
+
+    def count(self, method: str, path: str) -> int:
+        with self._lock:
+            return self._requests.count((method, path))
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    # Lifecycle.
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
+    def up(self) -> None:
+        """Listen again (on the same port after the first time). Idempotent."""
+        if self._server is not None:
+            return
+        self._stopping.clear()
+        server = _Server(("127.0.0.1", self.port), _Handler)
+        server.upstream = self
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fake-upstream-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def down(self) -> None:
+        """Stop listening and cut every open connection, so clients see connection errors. Idempotent."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+        self._server = self._thread = None
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop serving for good. Idempotent."""
+        self.down()
+
+    def __enter__(self) -> FakeUpstream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Used by the handler.
+
+    def _record(self, method: str, path: str) -> None:
+        with self._lock:
+            self._requests.append((method, path))
+
+    def _track(self, connection: socket.socket, *, open_: bool) -> None:
+        with self._lock:
+            if open_:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    def _lookup_manifest(self, name: str, reference: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            digest = reference if ":" in reference else self._tags.get(name, {}).get(reference)
+            return self._manifests.get((name, digest)) if digest is not None else None
+
+    def _lookup_blob(self, name: str, digest: str) -> bytes | None:
+        with self._lock:
+            return self._blobs.get((name, digest))
+
+    def _lookup_tags(self, name: str) -> list[str] | None:
+        with self._lock:
+            if name not in self._tags:
+                return None
+            return sorted(self._tags[name])
+
+    def _fault(self, digest: str) -> Fault | None:
+        with self._lock:
+            return self._faults.get(digest)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    upstream: FakeUpstream
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-response are part of the tests, not errors
+        # worth a traceback on stderr; keep it for debugging instead.
+        self.upstream.server_log.append(traceback.format_exc())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    @property
+    def upstream(self) -> FakeUpstream:
+        return self.server.upstream
+
+    def setup(self) -> None:
+        super().setup()
+        self.upstream._track(self.connection, open_=True)
+
+    def finish(self) -> None:
+        self.upstream._track(self.connection, open_=False)
+        # Flushing to a client that already hung up is not an error here.
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.upstream.server_log.append(format % args)
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def _unsupported(self) -> None:
+        self.upstream._record(self.command, self.path)
+        self._send_error(405, "UNSUPPORTED", "the fake upstream is read-only", send_body=True)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _unsupported
+
+    def _serve(self, *, send_body: bool) -> None:
+        self.upstream._record(self.command, self.path)
+        path = self.path.split("?", 1)[0]
+        if path in ("/v2/", "/v2"):
+            self._send(200, "application/json", b"{}", digest=None, send_body=send_body)
+            return
+        if match := _TAGS_LIST.match(path):
+            tags = self.upstream._lookup_tags(match["name"])
+            if tags is None:
+                self._send_error(404, "NAME_UNKNOWN", "repository name not known to registry", send_body=send_body)
+                return
+            body = json.dumps({"name": match["name"], "tags": tags}).encode()
+            self._send(200, "application/json", body, digest=None, send_body=send_body)
+            return
+        if match := _MANIFEST_OR_BLOB.match(path):
+            name, reference = match["name"], match["reference"]
+            if match["kind"] == "manifests":
+                found = self.upstream._lookup_manifest(name, reference)
+                if found is None:
+                    self._send_error(404, "MANIFEST_UNKNOWN", "manifest unknown", send_body=send_body)
+                    return
+                media_type, data = found
+            else:
+                blob = self.upstream._lookup_blob(name, reference)
+                if blob is None:
+                    self._send_error(404, "BLOB_UNKNOWN", "blob unknown to registry", send_body=send_body)
+                    return
+                media_type, data = "application/octet-stream", blob
+            self._send(200, media_type, data, digest=sha256_digest(data), send_body=send_body)
+            return
+        self._send_error(404, "NOT_FOUND", "no such endpoint", send_body=send_body)
+
+    def _send_error(self, status: int, code: str, message: str, *, send_body: bool) -> None:
+        body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+        self._send(status, "application/json", body, digest=None, send_body=send_body)
+
+    def _send(self, status: int, content_type: str, body: bytes, *, digest: str | None, send_body: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        if digest is not None:
+            self.send_header("Docker-Content-Digest", digest)
+        self.end_headers()
+        if not send_body:
+            return
+        fault = self.upstream._fault(digest) if digest is not None else None
+        try:
+            if fault is None:
+                self.wfile.write(body)
+            else:
+                self._send_faulty(body, fault)
+        except OSError:
+            # The client went away, or down() cut the connection.
+            self.close_connection = True
+
+    def _send_faulty(self, body: bytes, fault: Fault) -> None:
+        if fault.corrupt and body:
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
+        limit = len(body) if fault.die_after is None else min(fault.die_after, len(body))
+        offset = 0
+        while offset < limit:
+            end = min(offset + fault.chunk_size, limit)
+            self.wfile.write(body[offset:end])
+            self.wfile.flush()
+            if offset == 0 and fault.gate is not None and not self._wait_at_gate(fault):
+                self.close_connection = True
+                return
+            offset = end
+            if fault.chunk_delay and offset < limit:
+                # The delay is the behaviour under test: a slow upstream.
+                time.sleep(fault.chunk_delay)
+        if limit < len(body):
+            # Closing after a short body, with Content-Length already sent,
+            # is exactly what a client sees when an upstream dies mid-blob.
+            self.close_connection = True
+
+    def _wait_at_gate(self, fault: Fault) -> bool:
+        """Wait until the gate opens; False if the server goes down or the gate timeout passes."""
+        assert fault.gate is not None
+        fault.reached.set()
+        deadline = time.monotonic() + fault.gate_timeout
+        # Polled in short waits so that down() can release a parked handler.
+        while not fault.gate.wait(0.05):
+            if self.upstream._stopping.is_set() or time.monotonic() > deadline:
+                return False
+        return True

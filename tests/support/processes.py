@@ -1,0 +1,211 @@
+"""Starting, awaiting and stopping the real processes that integration tests use.
+
+Every helper here waits on a condition with a deadline instead of sleeping a
+fixed time, so a fast machine is never slowed down and a slow one fails with a
+message that says what never happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    The port is released before returning, so another process could take it
+    in between; binding to port 0 inside the service would avoid that race,
+    but the services we start need to be told their address up front.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
+    """Call ``predicate`` until it returns a truthy value, and return that value.
+
+    Raises ``TimeoutError`` (with ``message``, which may be a callable so that
+    it can describe the state at the time of failure) when ``timeout`` seconds
+    pass first. The predicate is always tried at least once, and once more at
+    the deadline, so a short timeout never fails without looking.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise TimeoutError(f"{text} (after {timeout:g}s)")
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def wait_for_http(url: str, timeout: float = 20.0, *, alive: Callable[[], bool] | None = None) -> httpx.Response:
+    """Poll ``url`` until the server gives any HTTP answer, whatever its status.
+
+    ``alive`` lets the caller abort early, for instance when the server
+    process has already exited and waiting on would only hide its log.
+    """
+    last_error: Exception | None = None
+
+    def answered() -> httpx.Response | None:
+        nonlocal last_error
+        if alive is not None and not alive():
+            raise RuntimeError(f"server for {url} exited before answering; last error: {last_error!r}")
+        try:
+            return httpx.get(url, timeout=2.0)
+        except httpx.TransportError as exc:
+            last_error = exc
+            return None
+
+    return wait_until(
+        answered, timeout=timeout, interval=0.05, message=lambda: f"no HTTP answer from {url}: {last_error!r}"
+    )
+
+
+def require_binary(name: str, debian_package: str) -> str:
+    """Return the path of ``name`` on PATH, or fail naming the package that provides it.
+
+    A missing server is a broken test environment, never a reason to skip.
+    """
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} not found on PATH; install the Debian package {debian_package!r}")
+    return path
+
+
+class Process:
+    """A child process whose output goes to log files, stopped reliably.
+
+    stdout and stderr go to ``log_path``; pass ``stdout_path`` to keep stdout
+    apart (docker-registry writes its access log to stdout). Log files are
+    opened for appending, so a process started again on the same files keeps
+    the history of its earlier runs.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str | os.PathLike[str]],
+        log_path: str | os.PathLike[str],
+        *,
+        stdout_path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.args = [os.fspath(arg) for arg in args]
+        self.log_path = Path(log_path)
+        self.stdout_path = Path(stdout_path) if stdout_path is not None else None
+        self._files: list[IO[bytes]] = []
+        log = self._open(self.log_path)
+        out = self._open(self.stdout_path) if self.stdout_path is not None else log
+        try:
+            self.popen = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=log,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                # A new session keeps a Ctrl-C in the terminal from reaching
+                # the child before the test's own teardown can stop it.
+                start_new_session=True,
+            )
+        except BaseException:
+            self._close_files()
+            raise
+
+    def _open(self, path: Path) -> IO[bytes]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("ab")
+        self._files.append(handle)
+        return handle
+
+    def _close_files(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Send SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; return the exit code.
+
+        Idempotent: stopping a process that has already exited just returns
+        its exit code.
+        """
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._close_files()
+        return self.popen.returncode
+
+    def kill(self) -> int:
+        """Stop the process at once with SIGKILL, as a crash would; return the exit code."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self._close_files()
+        return self.popen.returncode
+
+    def log_text(self) -> str:
+        """Return everything written to the log file so far (stderr, and stdout unless kept apart)."""
+        return _read_text(self.log_path)
+
+    def stdout_text(self) -> str:
+        """Return the separate stdout log, or the shared log when stdout was not kept apart."""
+        return _read_text(self.stdout_path or self.log_path)
+
+    def describe(self) -> str:
+        """A multi-line description for failure messages: command, exit status and log."""
+        status = "running" if self.alive() else f"exited with {self.popen.returncode}"
+        return f"$ {' '.join(self.args)}\n({status}; log {self.log_path})\n{self.log_text()}"
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
