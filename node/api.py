@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -108,7 +109,8 @@ def _manifest(name: str, reference: str) -> Response:
     }
     if _not_modified(manifest.digest):
         return Response(status=304, headers=headers)
-    return Response(b"" if request.method == "HEAD" else manifest.data, headers=headers)
+    # For HEAD, werkzeug sends the headers of this body and leaves the body out.
+    return Response(manifest.data, headers=headers)
 
 
 def _blob(name: str, digest: Digest) -> Response:
@@ -145,7 +147,7 @@ def _blob(name: str, digest: Digest) -> Response:
     return Response(_started(body), status=status, headers=headers, direct_passthrough=True)
 
 
-def _sendfile(fd: int, start: int) -> object:
+def _sendfile(fd: int, start: int) -> Iterable[bytes]:
     """Hand an open file to the server; gunicorn sends it with sendfile(2).
 
     gunicorn sends ``Content-Length`` bytes from the file's current offset,
@@ -159,9 +161,9 @@ def _sendfile(fd: int, start: int) -> object:
     return _read_file(handle)
 
 
-def _read_file(handle: object) -> Iterator[bytes]:
-    with handle:  # type: ignore[attr-defined]
-        while chunk := handle.read(1 << 20):  # type: ignore[attr-defined]
+def _read_file(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(1 << 20):
             yield chunk
 
 

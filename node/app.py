@@ -71,7 +71,9 @@ class Node:
         self.upstream.close()
 
 
-def create_app(config: NodeConfig, *, upstream: Upstream | None = None, clock: Callable[[], float] = time.time) -> Flask:
+def create_app(
+    config: NodeConfig, *, upstream: Upstream | None = None, clock: Callable[[], float] = time.time
+) -> Flask:
     node = Node(config, upstream, clock)
     app = Flask("shoal.node")
     app.config["SHOAL"] = config

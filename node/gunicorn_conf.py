@@ -17,7 +17,7 @@ errorlog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
-def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+def worker_exit(server, worker):
     """Stop the node's background threads and close its upstream client."""
     app = getattr(worker, "wsgi", None)
     node = getattr(app, "extensions", {}).get("shoal.node") if app is not None else None

@@ -41,11 +41,16 @@ def _parser() -> argparse.ArgumentParser:
             "(SHOAL_UPSTREAM__PASSWORD sets upstream.password), then the options below."
         ),
     )
-    node.add_argument("--config", metavar="FILE", help="YAML configuration file (default: $SHOAL_CONFIG, else built-in defaults)")
+    node.add_argument(
+        "--config", metavar="FILE", help="YAML configuration file (default: $SHOAL_CONFIG, else built-in defaults)"
+    )
     node.add_argument("--bind", metavar="HOST:PORT", help="address to listen on (server.bind; default 0.0.0.0:5000)")
     node.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (server.workers; default 2)")
     node.add_argument(
-        "--threads", type=int, metavar="N", help="threads per worker, one per download in flight (server.threads; default 16)"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="threads per worker, one per download in flight (server.threads; default 16)",
     )
     node.set_defaults(run=run_node)
 
@@ -57,10 +62,17 @@ def _parser() -> argparse.ArgumentParser:
             "Data lives in the state directory; Ctrl-C stops everything."
         ),
     )
-    up.add_argument("--upstream", default="https://registry-1.docker.io", metavar="URL", help="registry to mirror (default: Docker Hub)")
+    up.add_argument(
+        "--upstream",
+        default="https://registry-1.docker.io",
+        metavar="URL",
+        help="registry to mirror (default: Docker Hub)",
+    )
     up.add_argument("--port", type=int, default=5000, help="port of the first node (default 5000)")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    up.add_argument("--state-dir", default=".shoal", metavar="DIR", help="where the cache and configuration live (default ./.shoal)")
+    up.add_argument(
+        "--state-dir", default=".shoal", metavar="DIR", help="where the cache and configuration live (default ./.shoal)"
+    )
     up.add_argument("--cache-size", default="20GiB", metavar="SIZE", help="cache size limit per node (default 20GiB)")
     up.set_defaults(run=run_up)
     return parser
@@ -125,7 +137,7 @@ def run_up(args: argparse.Namespace) -> int:
         f"  node 1: {url}\n"
         f"  state:  {state}\n\n"
         f"Point clients at it:\n"
-        f'  docker:     "registry-mirrors": ["{url}"] in /etc/docker/daemon.json (add it to "insecure-registries" too)\n'
+        f'  docker:     "registry-mirrors": ["{url}"] in /etc/docker/daemon.json\n'
         f"  skopeo:     skopeo copy --src-tls-verify=false docker://{bind}/library/alpine:latest dir:/tmp/alpine\n"
         f"  containerd: see docs/clients.md\n\n"
         f"Ctrl-C stops it.",

@@ -111,6 +111,35 @@ def test_process_stops_on_sigterm(tmp_path: Path) -> None:
     assert process.stop() == -15
 
 
+def _is_gone(pid: int) -> bool:
+    # A killed grandchild is reparented, and may stay a zombie if nothing
+    # reaps it; a zombie runs no code, so it counts as gone.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_process_kill_takes_its_children_along(tmp_path: Path) -> None:
+    script = (
+        "import subprocess, sys, signal\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])\n"
+        "print('child', child.pid, flush=True)\n"
+        "signal.pause()\n"
+    )
+    process = Process([sys.executable, "-c", script], tmp_path / "parent.log")
+    line = wait_until(
+        lambda: next((line for line in process.log_text().splitlines() if line.startswith("child ")), None),
+        timeout=10,
+        message=process.describe,
+    )
+    grandchild = int(line.split()[1])
+    assert not _is_gone(grandchild)
+    assert process.kill() == -9
+    wait_until(lambda: _is_gone(grandchild), timeout=10, message=f"grandchild {grandchild} survived kill()")
+
+
 # Images and the real registry.
 
 
@@ -219,7 +248,10 @@ def test_registry_in_proxy_mode_pulls_through(upstream_registry: DistributionReg
     with DistributionRegistry(proxy_remote_url=upstream_registry.url) as proxy:
         assert_served(client, proxy.url, name, "v1", DOCKER_MANIFEST, image.manifest)
         assert_blobs_served(client, proxy.url, name, image)
-    assert upstream_registry.requests(path_prefix=f"/v2/{name}/blobs/{image.layer_digests[0]}")
+    wait_until(
+        lambda: upstream_registry.requests("GET", f"/v2/{name}/blobs/{image.layer_digests[0]}"),
+        message="the proxy never fetched the layer from its remote",
+    )
 
 
 # skopeo against the real registry.

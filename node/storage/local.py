@@ -224,9 +224,9 @@ class LocalStore:
         folder = os.path.join(self._repo_dir(name), "_tags")
         with contextlib.suppress(FileNotFoundError):
             tags.update(entry[: -len(".json")] for entry in os.listdir(folder) if entry.endswith(".json"))
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            with open(os.path.join(self._repo_dir(name), "_tags.json"), encoding="utf-8") as handle:
-                tags.update(str(tag) for tag in json.load(handle))
+        listed = os.path.join(self._repo_dir(name), "_tags.json")
+        with contextlib.suppress(FileNotFoundError, ValueError), open(listed, encoding="utf-8") as handle:
+            tags.update(str(tag) for tag in json.load(handle))
         return sorted(tags)
 
     def write_tag_list(self, name: str, tags: list[str]) -> None:

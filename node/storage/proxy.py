@@ -133,7 +133,7 @@ class ProxyStore:
                 manifest = self._check_tag(name, tag, pointer)
             except _STALE_OK as exc:
                 stale = self._cached_manifest(parse_digest(pointer.digest)) if pointer else None
-                if stale is None:
+                if stale is None or pointer is None:
                     raise
                 log.warning("serving %s:%s as %s from the cache: %s", name, tag, pointer.digest, exc.message)
                 return stale
@@ -175,9 +175,14 @@ class ProxyStore:
                 raise
             log.warning("answering the tag list of %s from the cache: %s", name, exc.message)
             return paginate(known, n, last, f"/v2/{name}/tags/list")
+        # The spec wants lexical order; distribution 2.x sends the list in
+        # the order its storage walks, and ignores n and last.
+        tags = sorted(page.tags)
         if n is None and last is None:
-            self.local.write_tag_list(name, page.tags)
-        return page
+            self.local.write_tag_list(name, tags)
+        elif page.link is None:
+            return paginate(tags, n, last, f"/v2/{name}/tags/list")
+        return TagPage(tags, page.link)
 
     def catalog(self, n: int | None, last: str | None) -> TagPage:
         return paginate(self.local.repositories(), n, last, "/v2/_catalog")

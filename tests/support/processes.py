@@ -7,6 +7,7 @@ message that says what never happened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -125,8 +126,10 @@ class Process:
                 stderr=log,
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
-                # A new session keeps a Ctrl-C in the terminal from reaching
-                # the child before the test's own teardown can stop it.
+                # Its own process group lets stop() and kill() reach the
+                # children it forks too (gunicorn workers, say), so none
+                # outlives the test; it also keeps a Ctrl-C in the terminal
+                # for pytest, whose teardown then stops the process in order.
                 start_new_session=True,
             )
         except BaseException:
@@ -158,26 +161,34 @@ class Process:
     def stop(self, timeout: float = 10.0) -> int:
         """Send SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; return the exit code.
 
-        Idempotent: stopping a process that has already exited just returns
-        its exit code.
+        SIGTERM goes to the process alone, so that a server can shut its own
+        children down gracefully; SIGKILL then goes to its whole process
+        group, which also removes any child left behind. Idempotent: stopping
+        a process that has already exited just returns its exit code.
         """
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
+                self._kill_group()
                 self.popen.wait()
+        self._kill_group()
         self._close_files()
         return self.popen.returncode
 
     def kill(self) -> int:
-        """Stop the process at once with SIGKILL, as a crash would; return the exit code."""
-        if self.popen.poll() is None:
-            self.popen.kill()
+        """Stop the process and its children at once with SIGKILL, as a crash would; return the exit code."""
+        self._kill_group()
         self.popen.wait()
         self._close_files()
         return self.popen.returncode
+
+    def _kill_group(self) -> None:
+        # The group outlives its leader while any member lives, and its id
+        # cannot be reused meanwhile, so this never hits a stranger.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
 
     def log_text(self) -> str:
         """Return everything written to the log file so far (stderr, and stdout unless kept apart)."""
