@@ -113,8 +113,12 @@ class BlobStream:
         self._on_error = on_error
         self.size = _content_length(response)
 
-    def iter_bytes(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """The body in chunks; a failure part way raises ``UpstreamUnavailable``."""
+    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        """The body in chunks; a failure part way raises ``UpstreamUnavailable``.
+
+        Without a chunk size the bytes come as they arrive, so followers of
+        a fill see the first bytes at once, not after a full chunk.
+        """
         try:
             yield from self._response.iter_bytes(chunk_size)
         except httpx.HTTPError as exc:

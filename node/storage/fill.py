@@ -60,7 +60,7 @@ class Source(Protocol):
 
     size: int | None
 
-    def iter_bytes(self, chunk_size: int = ...) -> Iterator[bytes]: ...
+    def iter_bytes(self, chunk_size: int | None = ...) -> Iterator[bytes]: ...
 
 
 Opener = Callable[[], AbstractContextManager[Source]]
@@ -292,7 +292,7 @@ def _copy_verified(source: Source, out: object, digest: Digest) -> None:
     hasher = digest.hasher()
     written = 0
     write = out.write  # type: ignore[attr-defined]
-    for chunk in source.iter_bytes(CHUNK):
+    for chunk in source.iter_bytes():
         written += len(chunk)
         if source.size is not None and written > source.size:
             raise UpstreamInvalid("the upstream sent more bytes than it announced", {"digest": str(digest)})

@@ -31,7 +31,7 @@ class FakeStream:
     def __init__(self, data: bytes, size: int | None) -> None:
         self.data, self.size = data, size
 
-    def iter_bytes(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
         for start in range(0, len(self.data), 3):
             yield self.data[start : start + 3]
 

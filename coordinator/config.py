@@ -1,0 +1,254 @@
+"""The coordinator's configuration: the ``coordinator:`` section of the YAML file.
+
+``load_config`` reads the file (other sections belong to other components
+and are ignored), applies environment overrides, converts every value and
+validates the result. A bad value raises ``ConfigError`` whose message names
+the key (``coordinator.membership_ttl: expected a duration such as 30s``)
+and never the value of a secret.
+
+Environment overrides are named ``SHOAL_COORDINATOR__<KEY>``:
+``SHOAL_COORDINATOR__CLUSTER_SECRET`` sets ``coordinator.cluster_secret``,
+``SHOAL_COORDINATOR__SENTINELS=a:26379,b:26379`` sets a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from coordinator.errors import ConfigError
+
+SECTION = "coordinator"
+ENV_PREFIX = "SHOAL_COORDINATOR__"
+CONFIG_ENV = "SHOAL_CONFIG"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_HINT = "expected a duration such as 30s, 5m or 168h"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a Go-style duration (``500ms``, ``1h30m``)."""
+    if isinstance(value, bool):
+        raise ValueError(_DURATION_HINT)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        parts = _DURATION_PART.findall(text)
+        if text == "0":
+            seconds = 0.0
+        elif parts and "".join(number + unit for number, unit in parts) == text:
+            seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+        else:
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError(_DURATION_HINT) from None
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(_DURATION_HINT)
+    return seconds
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a positive whole number")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a positive whole number") from None
+    if number < 1:
+        raise ValueError("expected a positive whole number")
+    return number
+
+
+def _bind(value: object) -> str:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("expected HOST:PORT, such as 0.0.0.0:7000")
+    return text
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT entries, got {value.strip()!r}")
+    return host, int(port)
+
+
+def _sentinels(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [item for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = [str(item) for item in value]
+    else:
+        raise ValueError("expected a list of HOST:PORT entries")
+    for item in items:
+        _host_port(item)
+    return tuple(item.strip() for item in items)
+
+
+def _redis_url(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    url = str(value).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    if parts.username or parts.password:
+        # Keeping credentials out of the URL keeps them out of every log
+        # line and error message that shows where Redis is.
+        raise ValueError("put credentials in coordinator.redis_username/redis_password, not in the URL")
+    return url
+
+
+def _optional_string(value: object) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _string(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError("expected a string")
+    return str(value)
+
+
+def _parsed(parse: Callable[[object], Any], **kwargs: Any) -> Any:
+    return field(metadata={"parse": parse}, **kwargs)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything a coordinator process needs; valid once constructed.
+
+    Durations are seconds. Redis is reached either through ``redis_url`` or
+    through Sentinel (``sentinels`` plus ``sentinel_service``), not both.
+    """
+
+    # Where the gRPC server listens; port 0 picks a free port (tests).
+    bind: str = _parsed(_bind, default="0.0.0.0:7000")
+    # A plain Redis; defaults to redis://127.0.0.1:6379/0 when no sentinels
+    # are configured either.
+    redis_url: str | None = _parsed(_redis_url, default=None)
+    redis_username: str | None = _parsed(_optional_string, default=None)
+    redis_password: str | None = _parsed(_optional_string, default=None, repr=False)
+    # Sentinel addresses (HOST:PORT) and the service name they monitor; the
+    # client asks them for the current master on every reconnect.
+    sentinels: tuple[str, ...] = _parsed(_sentinels, default=())
+    sentinel_service: str | None = _parsed(_optional_string, default=None)
+    # Every key lives under this prefix, so clusters can share one Redis.
+    key_prefix: str = _parsed(_string, default="shoal:")
+    # Nodes send it as "authorization: Bearer <secret>" on every call.
+    cluster_secret: str = _parsed(_string, default="", repr=False)
+    # A node that sends no heartbeat for this long is dropped, with its
+    # locations.
+    membership_ttl: float = _parsed(parse_duration, default=10.0)
+    # How often the scheduler renews leadership and sweeps expired content.
+    scheduler_interval: float = _parsed(parse_duration, default=1.0)
+    # How long a leader keeps the lead without renewing it: the longest a
+    # crashed leader's sweeps pause before another coordinator takes over.
+    leader_lease: float = _parsed(parse_duration, default=5.0)
+    # The TTL of announced content that has none yet (distribution's proxy
+    # ttl); 0 keeps content until a node drops it.
+    default_ttl: float = _parsed(parse_duration, default=168 * 3600.0)
+    # Evictions handed to a node per heartbeat; the rest wait for the next.
+    max_evictions: int = _parsed(_positive_int, default=1000)
+    # Threads serving calls: each call in progress holds one.
+    threads: int = _parsed(_positive_int, default=32)
+    # On SIGTERM, calls in progress get this long to finish.
+    shutdown_grace: float = _parsed(parse_duration, default=5.0)
+    # PEM files; when both are set the server speaks TLS only.
+    tls_cert: str | None = _parsed(_optional_string, default=None)
+    tls_key: str | None = _parsed(_optional_string, default=None)
+
+    def __post_init__(self) -> None:
+        if not self.cluster_secret:
+            raise ConfigError(f"{SECTION}.cluster_secret: required; every node must send it")
+        if self.membership_ttl <= 0:
+            raise ConfigError(f"{SECTION}.membership_ttl: must be greater than 0")
+        if self.scheduler_interval <= 0:
+            raise ConfigError(f"{SECTION}.scheduler_interval: must be greater than 0")
+        if self.leader_lease <= self.scheduler_interval:
+            # The leader renews once per interval; a lease shorter than that
+            # would lapse between renewals and flap between coordinators.
+            raise ConfigError(f"{SECTION}.leader_lease: must be longer than scheduler_interval")
+        if self.sentinels and self.redis_url:
+            raise ConfigError(f"{SECTION}.redis_url: set either redis_url or sentinels, not both")
+        if self.sentinels and not self.sentinel_service:
+            raise ConfigError(f"{SECTION}.sentinel_service: required with sentinels")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise ConfigError(f"{SECTION}.{missing}: tls_cert and tls_key must be set together")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{SECTION}.{name}: no such file {path}")
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [_host_port(item) for item in self.sentinels]
+
+    def describe_redis(self) -> str:
+        """Where Redis is, for log lines; never includes credentials."""
+        if self.sentinels:
+            return f"sentinel service {self.sentinel_service} via {', '.join(self.sentinels)}"
+        return self.effective_redis_url
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> CoordinatorConfig:
+    """Read the YAML file at ``path`` (or ``$SHOAL_CONFIG``), apply overrides, validate."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV)
+    document: object = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = yaml.safe_load(handle)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    section = document.get(SECTION) if isinstance(document, dict) else None
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{SECTION}: expected a mapping")
+    return config_from_dict(section, environ)
+
+
+def config_from_dict(section: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> CoordinatorConfig:
+    """Build the config from the ``coordinator:`` mapping and ``SHOAL_COORDINATOR__*`` overrides."""
+    raw = dict(section)
+    for name, value in (environ or {}).items():
+        if name.startswith(ENV_PREFIX):
+            raw[name[len(ENV_PREFIX) :].lower()] = value
+    fields = {spec.name: spec for spec in dataclasses.fields(CoordinatorConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{SECTION}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        try:
+            values[name] = fields[name].metadata["parse"](value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{SECTION}.{name}: {exc}") from None
+    return CoordinatorConfig(**values)

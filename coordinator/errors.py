@@ -1,0 +1,28 @@
+"""The coordinator's domain errors, one hierarchy.
+
+The domain modules raise these; only ``coordinator/servicer.py`` turns them
+into gRPC status codes. Messages go back to the caller, so they name the
+offending field and never contain a secret.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base of every error the coordinator reports to a caller on purpose."""
+
+
+class InvalidArgument(CoordinatorError):
+    """A request field is missing or malformed; retrying the same call cannot succeed."""
+
+
+class LeaseLost(CoordinatorError):
+    """The caller's lease token is not the current one for the key.
+
+    The lease expired and may have been granted to someone else since: the
+    stale holder must not register content or move a tag (fencing).
+    """
+
+
+class ConfigError(CoordinatorError, ValueError):
+    """A configuration value is missing, unknown or malformed; the message names the key."""

@@ -1,0 +1,84 @@
+"""Every Redis key the coordinator uses, built in this one module.
+
+All keys live under one configurable prefix (``shoal:`` by default), so
+several clusters, or several test runs, can share one Redis. Lua scripts
+never build key names themselves: the caller passes every key a script
+touches in KEYS, built here, which keeps the names in one place and keeps
+the scripts compatible with a Redis that checks declared keys.
+
+=================================  ======  ==========================================
+key                                type    holds
+=================================  ======  ==========================================
+``nodes``                          set     ids of every node with state to clean up
+``node:<id>``                      hash    membership (url, capacity, used); has PX
+``held:<id>``                      set     digests the node holds (reverse of loc)
+``evict:<id>``                     list    digests the node must delete
+``loc:<digest>``                   set     ids of nodes holding the complete content
+``meta:<digest>``                  hash    size, media type, first cached, ttl_ms
+``ttl``                            zset    member = digest, score = expiry (Unix ms)
+``lock:<lease key>``               string  "<token> <fence> <node id>"; has PX
+``fence``                          string  fencing counter, grows with every grant
+``leader``                         string  id of the coordinator running the sweep
+``tag:<upstream>/<repo>:<tag>``    hash    digest, media type, size, checked_at
+``metrics:nodes``                  set     ids of nodes that reported metrics
+``metrics:node:<id>``              hash    that node's counters
+``metrics:cluster``                hash    counters summed over all nodes
+``metrics:seq:<id>:<worker>``      string  last applied sequence of a sender; has PX
+=================================  ======  ==========================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under ``prefix``; cheap to build and safe to share between threads."""
+
+    prefix: str = "shoal:"
+
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+    def held(self, node_id: str) -> str:
+        return f"{self.prefix}held:{node_id}"
+
+    def evict(self, node_id: str) -> str:
+        return f"{self.prefix}evict:{node_id}"
+
+    def loc(self, digest: str) -> str:
+        return f"{self.prefix}loc:{digest}"
+
+    def meta(self, digest: str) -> str:
+        return f"{self.prefix}meta:{digest}"
+
+    def ttl(self) -> str:
+        return f"{self.prefix}ttl"
+
+    def lock(self, lease_key: str) -> str:
+        return f"{self.prefix}lock:{lease_key}"
+
+    def fence(self) -> str:
+        return f"{self.prefix}fence"
+
+    def leader(self) -> str:
+        return f"{self.prefix}leader"
+
+    def tag(self, upstream: str, repository: str, tag: str) -> str:
+        return f"{self.prefix}tag:{upstream}/{repository}:{tag}"
+
+    def metrics_nodes(self) -> str:
+        return f"{self.prefix}metrics:nodes"
+
+    def metrics_node(self, node_id: str) -> str:
+        return f"{self.prefix}metrics:node:{node_id}"
+
+    def metrics_cluster(self) -> str:
+        return f"{self.prefix}metrics:cluster"
+
+    def metrics_sequence(self, node_id: str, worker_id: str) -> str:
+        return f"{self.prefix}metrics:seq:{node_id}:{worker_id}"
