@@ -144,8 +144,8 @@ class Membership:
         this at once only repeat each other's work.
         """
         known = sorted(self._redis.smembers(self._keys.nodes()))
-        dead = [node_id for node_id in known if node_id not in self.live(known)] if known else []
-        return [node_id for node_id in dead if self._drop(node_id)]
+        alive = self.live(known)
+        return [node_id for node_id in known if node_id not in alive and self._drop(node_id)]
 
     def _drop(self, node_id: str) -> bool:
         while True:

@@ -43,11 +43,11 @@ def test_corrupt_blob_is_not_cached_and_the_transfer_fails(node: NodeProcess, up
     data = random_layer(BIG, seed="corrupt")
     digest = upstream.add_blob("faults/app", data)
     upstream.set_fault(digest, corrupt=True)
-    with node.client() as http, pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012
-        with http.stream("GET", f"/v2/faults/app/blobs/{digest}") as response:
-            assert response.status_code == 200
-            body = b"".join(response.iter_bytes())
-            pytest.fail(f"a corrupt blob was served as complete ({len(body)} bytes)")
+    path = f"/v2/faults/app/blobs/{digest}"
+    with node.client() as http, pytest.raises(httpx.RemoteProtocolError), http.stream("GET", path) as response:
+        assert response.status_code == 200
+        body = b"".join(response.iter_bytes())
+        pytest.fail(f"a corrupt blob was served as complete ({len(body)} bytes)")
     _assert_nothing_stored(node, digest)
     # Once the upstream is healthy the same blob is fetched and served intact.
     upstream.clear_faults()
@@ -73,9 +73,9 @@ def test_upstream_dying_mid_blob_leaves_nothing_behind(node: NodeProcess, upstre
     data = random_layer(BIG, seed="dies")
     digest = upstream.add_blob("faults/app", data)
     upstream.set_fault(digest, die_after=BIG // 2)
-    with node.client() as http, pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012
-        with http.stream("GET", f"/v2/faults/app/blobs/{digest}") as response:
-            b"".join(response.iter_bytes())
+    path = f"/v2/faults/app/blobs/{digest}"
+    with node.client() as http, pytest.raises(httpx.RemoteProtocolError), http.stream("GET", path) as response:
+        b"".join(response.iter_bytes())
     _assert_nothing_stored(node, digest)
 
 
@@ -112,19 +112,18 @@ def test_followers_get_bytes_while_the_fill_runs(node: NodeProcess, upstream: Fa
     gate = threading.Event()
     fault = upstream.set_fault(digest, gate=gate, chunk_size=64 * 1024)
     path = f"/v2/faults/app/blobs/{digest}"
-    with node.client() as first, node.client() as second:
-        with first.stream("GET", path) as leader:
-            assert fault.reached.wait(10)
-            with second.stream("GET", path) as follower:
-                # Both answers start while the upstream is still held at the gate.
-                assert follower.status_code == leader.status_code == 200
-                chunks = follower.iter_raw()
-                follower_start = next(chunks)
-                assert follower_start == data[: len(follower_start)]
-                assert not gate.is_set()
-                gate.set()
-                follower_body = follower_start + b"".join(chunks)
-            leader_body = leader.read()
+    with node.client() as first, node.client() as second, first.stream("GET", path) as leader:
+        assert fault.reached.wait(10)
+        with second.stream("GET", path) as follower:
+            # Both answers start while the upstream is still held at the gate.
+            assert follower.status_code == leader.status_code == 200
+            chunks = follower.iter_raw()
+            follower_start = next(chunks)
+            assert follower_start == data[: len(follower_start)]
+            assert not gate.is_set()
+            gate.set()
+            follower_body = follower_start + b"".join(chunks)
+        leader_body = leader.read()
     assert leader_body == follower_body == data
     assert upstream.count("GET", path) == 1
 

@@ -1,0 +1,174 @@
+"""Fetch leases: one holder per key for the whole cluster, with fencing.
+
+A lease is the string ``lock:<key>`` = ``"<token> <fence> <node id>"`` with a
+PX expiry, set only when absent (SET NX PX), as in redis-py's ``lock.py``.
+The token is random per grant and is what every later act on the lease
+(renew, release, complete a fetch, move a tag) must present; those acts are
+compare-and-act Lua scripts, so a holder whose lease expired and was granted
+to someone else can no longer act on it. The fence is a number that grows
+with every grant, for anyone downstream who wants to order the holders.
+
+The fence comes from one counter for all keys: it still grows with every
+grant of each key, and unlike a counter per key it neither leaves one Redis
+key behind per digest ever fetched nor starts again at 1 when such a key
+is cleaned up.
+
+Expiry is Redis's own (PX), so nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+import redis
+
+from coordinator.digests import check_name
+from coordinator.errors import InvalidArgument
+from coordinator.keys import Keys
+
+# The longest lease a caller may ask for; a holder renews long fetches.
+MAX_TTL_MS = 10 * 60 * 1000
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{8,128}")
+
+# A Lua function shared by every script that acts on a lease: whether the
+# lease value ``value`` (false when the key is absent) was granted under
+# ``token``. The token is the value's first word.
+OWNS_LEASE = """
+local function owns(value, token)
+  return value ~= false and string.sub(value, 1, #token + 1) == token .. ' '
+end
+"""
+
+# KEYS[1] lock:<key>, KEYS[2] the fence counter
+# ARGV[1] token, ARGV[2] node id, ARGV[3] TTL (ms)
+# Grants the lease when nobody holds it. A call presenting the token that
+# already holds it is a retry of the same grant: it is granted again, with
+# the same fence and a fresh TTL. Returns {1, fence} when granted and
+# {0, current value} when someone else holds the lease.
+_ACQUIRE = (
+    OWNS_LEASE
+    + """
+local current = redis.call('GET', KEYS[1])
+if owns(current, ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {1, string.match(current, '^%S+ (%d+)')}
+end
+if current then
+  return {0, current}
+end
+local fence = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'NX', 'PX', ARGV[3])
+return {1, tostring(fence)}
+"""
+)
+
+# KEYS[1] lock:<key>
+# ARGV[1] token, ARGV[2] TTL (ms)
+# Extends the lease when it is still held under the token; returns 1 or 0.
+_RENEW = (
+    OWNS_LEASE
+    + """
+if owns(redis.call('GET', KEYS[1]), ARGV[1]) then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+)
+
+# KEYS[1] lock:<key>
+# ARGV[1] token
+# Deletes the lease when it is still held under the token; returns 1 or 0.
+_RELEASE = (
+    OWNS_LEASE
+    + """
+if owns(redis.call('GET', KEYS[1]), ARGV[1]) then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The answer to an acquire, or the current grant of a key.
+
+    When ``granted`` is False, ``token`` is empty and ``fence`` and
+    ``holder`` describe the grant that stands in the way.
+    """
+
+    granted: bool
+    token: str
+    fence: int
+    holder: str
+
+
+def parse_value(value: str) -> tuple[str, int, str]:
+    """Split a stored lease value into (token, fence, node id)."""
+    token, fence, node_id = value.split(" ", 2)
+    return token, int(fence), node_id
+
+
+def check_ttl_ms(ttl_ms: int) -> int:
+    if not 0 < ttl_ms <= MAX_TTL_MS:
+        raise InvalidArgument(f"ttl_ms: expected 1 to {MAX_TTL_MS} milliseconds")
+    return ttl_ms
+
+
+def check_token(token: str, field: str = "token") -> str:
+    if not _TOKEN.fullmatch(token or ""):
+        raise InvalidArgument(f"{field}: expected 8 to 128 letters, digits, '-' or '_'")
+    return token
+
+
+class Leases:
+    """Grants, renews, releases and looks up leases."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._redis = client
+        self._keys = keys
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self, key: str, node_id: str, ttl_ms: int, token: str = "") -> Lease:
+        """Grant the lease on ``key`` to ``node_id`` unless someone holds it.
+
+        ``token`` lets the caller choose the grant's token so that a retried
+        call is recognised; empty picks a random one.
+        """
+        check_name(key, "key")
+        check_name(node_id, "node_id")
+        check_ttl_ms(ttl_ms)
+        token = check_token(token) if token else secrets.token_hex(16)
+        granted, detail = self._acquire(keys=[self._keys.lock(key), self._keys.fence()], args=[token, node_id, ttl_ms])
+        if int(granted):
+            return Lease(granted=True, token=token, fence=int(detail), holder=node_id)
+        _, fence, holder = parse_value(detail)
+        return Lease(granted=False, token="", fence=fence, holder=holder)
+
+    def renew(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Extend the lease to ``ttl_ms`` from now; False when it was lost."""
+        check_name(key, "key")
+        check_ttl_ms(ttl_ms)
+        if not token:
+            return False
+        return bool(self._renew(keys=[self._keys.lock(key)], args=[token, ttl_ms]))
+
+    def release(self, key: str, token: str) -> bool:
+        """Give the lease up; False (and no change) when it is no longer held under ``token``."""
+        check_name(key, "key")
+        if not token:
+            return False
+        return bool(self._release(keys=[self._keys.lock(key)], args=[token]))
+
+    def current(self, key: str) -> Lease | None:
+        """The grant that holds ``key`` now, or None when nobody holds it."""
+        value = self._redis.get(self._keys.lock(key))
+        if value is None:
+            return None
+        token, fence, holder = parse_value(value)
+        return Lease(granted=True, token=token, fence=fence, holder=holder)
