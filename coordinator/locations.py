@@ -1,0 +1,282 @@
+"""The location directory: which nodes hold which content, and what it is.
+
+``loc:<digest>`` is the set of nodes holding the complete content,
+``held:<node>`` the reverse (so replacing a node's inventory, or forgetting a
+dead node, touches only that node's digests), and ``meta:<digest>`` the
+content's size, media type, first-cached time and TTL. A location is only
+ever added together with its reverse entry, its meta and its schedule entry,
+in one script. Readers get only live holders: a node whose membership
+expired is hidden at once, before the leader's sweep removes its entries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from coordinator.digests import check_digest, check_digests, check_name
+from coordinator.errors import InvalidArgument
+from coordinator.keys import Keys
+from coordinator.leases import Leases
+from coordinator.membership import Membership
+
+# Digests handled per script; each chunk is one atomic step (see announce).
+CHUNK = 500
+
+# KEYS[1] the nodes set, KEYS[2] held:<node>, KEYS[3] the ttl schedule,
+# then for each digest i: KEYS[2 + 2i] loc:<digest>, KEYS[3 + 2i] meta:<digest>
+# ARGV[1] node id, ARGV[2] now (Unix ms), ARGV[3] TTL (ms) for content not
+# scheduled yet, 0 = never; then five per digest i, from ARGV[4 + 5(i-1)]:
+# digest, size, media type, accessed at (Unix ms; 0 or a future time = now),
+# pending eviction (1/0)
+# Registers announced content, or reports it expired. Content is expired when
+# an eviction was already pending for the node, when its schedule entry is due,
+# or, when it has no schedule entry (Redis lost its data, or the entry was
+# swept while the node was away), when accessed_at + TTL has passed. Content
+# that lives is scheduled if it was not, and its expiry is pushed to
+# accessed_at + TTL as a touch would. Returns the expired digests.
+_ANNOUNCE = """
+local node, now, default_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local held, schedule = KEYS[2], KEYS[3]
+local evict = {}
+redis.call('SADD', KEYS[1], node)
+for i = 1, (#KEYS - 3) / 2 do
+  local loc, meta = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local base = 3 + 5 * (i - 1)
+  local digest, size, media_type = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local accessed = tonumber(ARGV[base + 4])
+  if accessed == 0 or accessed > now then
+    accessed = now
+  end
+  local expired = ARGV[base + 5] == '1'
+  if not expired then
+    local score = redis.call('ZSCORE', schedule, digest)
+    local ttl = redis.call('HGET', meta, 'ttl_ms')
+    if score then
+      if tonumber(score) <= now then
+        expired = true
+      elseif ttl and tonumber(ttl) > 0 then
+        redis.call('ZADD', schedule, 'XX', 'GT', accessed + tonumber(ttl), digest)
+      end
+    else
+      ttl = ttl and tonumber(ttl) or default_ttl
+      if ttl > 0 then
+        if accessed + ttl <= now then
+          expired = true
+        else
+          redis.call('ZADD', schedule, accessed + ttl, digest)
+        end
+      end
+      if not expired then
+        redis.call('HSET', meta, 'ttl_ms', ttl)
+      end
+    end
+  end
+  if expired then
+    redis.call('SREM', loc, node)
+    redis.call('SREM', held, digest)
+    if redis.call('SCARD', loc) == 0 and not redis.call('ZSCORE', schedule, digest) then
+      redis.call('DEL', meta)
+    end
+    evict[#evict + 1] = digest
+  else
+    redis.call('SADD', loc, node)
+    redis.call('SADD', held, digest)
+    if size ~= '0' then
+      redis.call('HSETNX', meta, 'size', size)
+    end
+    if media_type ~= '' and (redis.call('HGET', meta, 'media_type') or '') == '' then
+      redis.call('HSET', meta, 'media_type', media_type)
+    end
+    redis.call('HSETNX', meta, 'first_cached', ARGV[2])
+  end
+end
+return evict
+"""
+
+# KEYS[1] held:<node>, KEYS[2] the ttl schedule,
+# then for each digest i: KEYS[1 + 2i] loc:<digest>, KEYS[2 + 2i] meta:<digest>
+# ARGV[1] node id, ARGV[1 + i] digest i
+# Removes the node from the digests' locations. Content whose last holder
+# dropped it is gone from the cluster: its meta and schedule entry go too.
+_DROP = """
+local node = ARGV[1]
+for i = 1, (#KEYS - 2) / 2 do
+  local loc, meta, digest = KEYS[1 + 2 * i], KEYS[2 + 2 * i], ARGV[1 + i]
+  redis.call('SREM', KEYS[1], digest)
+  if redis.call('SREM', loc, node) == 1 and redis.call('SCARD', loc) == 0 then
+    redis.call('DEL', meta)
+    redis.call('ZREM', KEYS[2], digest)
+  end
+end
+return 0
+"""
+
+# KEYS[1] evict:<node>
+# Takes every pending eviction of the node at once; an announce delivers
+# them in its answer instead of the next heartbeat.
+_TAKE_PENDING = """
+local pending = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return pending
+"""
+
+
+@dataclass(frozen=True)
+class ContentInfo:
+    """What the directory knows about content, or what a node announces.
+
+    ``accessed_at`` (Unix seconds, 0 = unknown) is only read from
+    announcements; ``ttl_ms`` and ``first_cached`` only come from the
+    directory (ttl_ms 0 = never expires).
+    """
+
+    digest: str
+    size: int = 0
+    media_type: str = ""
+    accessed_at: float = 0.0
+    ttl_ms: int = 0
+    first_cached: float = 0.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A live node, as other nodes reach it."""
+
+    node_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Location:
+    """Who holds a digest completely, who fetches it now, and what it is."""
+
+    holders: list[Holder]
+    fetcher: Holder | None
+    fetching: bool
+    content: ContentInfo | None
+
+
+def to_ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def chunked(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Locations:
+    """Registers, removes and looks up content locations."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        membership: Membership,
+        leases: Leases,
+        default_ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self._membership = membership
+        self._leases = leases
+        self._default_ttl_ms = to_ms(default_ttl)
+        self._clock = clock
+        self._announce = client.register_script(_ANNOUNCE)
+        self._drop = client.register_script(_DROP)
+        self._take_pending = client.register_script(_TAKE_PENDING)
+
+    def announce(self, node_id: str, content: Iterable[ContentInfo], ttl_ms: int | None = None) -> list[str]:
+        """Replace everything the directory says ``node_id`` holds with ``content``.
+
+        Returns the announced digests the node must delete because they
+        expired; those are not registered. ``ttl_ms`` is the TTL of content
+        not scheduled yet (None: the coordinator's default_ttl, 0: never).
+
+        Each chunk of digests is one atomic step, so Redis is never blocked
+        by a large inventory; in between, a reader may see part of the old
+        inventory and part of the new, but never a location without its meta
+        and schedule entry.
+        """
+        check_name(node_id, "node_id")
+        announced: dict[str, ContentInfo] = {}
+        for item in content:
+            check_digest(item.digest, "content.digest")
+            if item.size < 0 or item.accessed_at < 0:
+                raise InvalidArgument("content: size and accessed_at must not be negative")
+            announced[item.digest] = item
+        default_ms = self._default_ttl_ms if ttl_ms is None else ttl_ms
+        if default_ms < 0:
+            raise InvalidArgument("ttl_ms: must not be negative")
+        pending = set(self._take_pending(keys=[self._keys.evict(node_id)]))
+        gone = sorted(set(self._redis.smembers(self._keys.held(node_id))) - set(announced))
+        self._drop_chunks(node_id, gone)
+        now_ms = to_ms(self._clock())
+        evict: list[str] = []
+        for chunk in chunked(list(announced)):
+            keys = [self._keys.nodes(), self._keys.held(node_id), self._keys.ttl()]
+            args: list[str | int] = [node_id, now_ms, default_ms]
+            for digest in chunk:
+                item = announced[digest]
+                keys += [self._keys.loc(digest), self._keys.meta(digest)]
+                args += [digest, item.size, item.media_type, to_ms(item.accessed_at), int(digest in pending)]
+            evict += self._announce(keys=keys, args=args)
+        return evict
+
+    def drop(self, node_id: str, digests: Iterable[str]) -> None:
+        """The node no longer holds ``digests``; content nobody holds any more is forgotten."""
+        check_name(node_id, "node_id")
+        self._drop_chunks(node_id, check_digests(digests))
+
+    def locate(self, digest: str, lease_key: str = "") -> Location:
+        """Live holders of ``digest``, the live holder of ``lease_key``'s lease, and the content's meta."""
+        check_digest(digest)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(self._keys.loc(digest))
+        pipe.hgetall(self._keys.meta(digest))
+        holder_ids, meta = pipe.execute()
+        lease = self._leases.current(lease_key) if lease_key else None
+        urls = self._membership.urls([*sorted(holder_ids), *([lease.holder] if lease else [])])
+        holders = [Holder(node_id, urls[node_id]) for node_id in sorted(holder_ids) if node_id in urls]
+        fetcher = Holder(lease.holder, urls[lease.holder]) if lease and lease.holder in urls else None
+        return Location(
+            holders=holders,
+            fetcher=fetcher,
+            fetching=lease is not None,
+            content=_content(digest, meta) if meta else None,
+        )
+
+    def holders(self, digest: str) -> set[str]:
+        """Every node registered for ``digest``, alive or not (for tests and diagnostics)."""
+        return set(self._redis.smembers(self._keys.loc(check_digest(digest))))
+
+    def held(self, node_id: str) -> set[str]:
+        """Every digest registered for ``node_id``."""
+        return set(self._redis.smembers(self._keys.held(node_id)))
+
+    def content(self, digest: str) -> ContentInfo | None:
+        """The directory's meta for ``digest``, or None."""
+        meta = self._redis.hgetall(self._keys.meta(check_digest(digest)))
+        return _content(digest, meta) if meta else None
+
+    def _drop_chunks(self, node_id: str, digests: Sequence[str]) -> None:
+        for chunk in chunked(digests):
+            keys = [self._keys.held(node_id), self._keys.ttl()]
+            for digest in chunk:
+                keys += [self._keys.loc(digest), self._keys.meta(digest)]
+            self._drop(keys=keys, args=[node_id, *chunk])
+
+
+def _content(digest: str, meta: dict[str, str]) -> ContentInfo:
+    return ContentInfo(
+        digest=digest,
+        size=int(meta.get("size", 0)),
+        media_type=meta.get("media_type", ""),
+        ttl_ms=int(meta.get("ttl_ms", 0)),
+        first_cached=int(meta.get("first_cached", 0)) / 1000,
+    )
