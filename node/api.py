@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from collections.abc import Iterator
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from node.errors import NotFound, PaginationInvalid, RangeInvalid, ShoalError, Unsupported
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
+from node.responses import file_body
 from node.storage.fill import follow, follow_unsized
 from node.storage.proxy import Blob, ProxyStore
 from node.upstream import TagPage
@@ -141,30 +141,10 @@ def _blob(name: str, digest: Digest) -> Response:
         _release(blob)
         return Response(status=status, headers=headers)
     if blob.stored is not None:
-        return Response(_sendfile(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
+        return Response(file_body(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
     body = follow(blob.following, start, end) if end is not None else follow_unsized(blob.following)
     return Response(_started(body), status=status, headers=headers, direct_passthrough=True)
-
-
-def _sendfile(fd: int, start: int) -> Iterable[bytes]:
-    """Hand an open file to the server; gunicorn sends it with sendfile(2).
-
-    gunicorn sends ``Content-Length`` bytes from the file's current offset,
-    which is how a range is served with sendfile too.
-    """
-    os.lseek(fd, start, os.SEEK_SET)
-    handle = os.fdopen(fd, "rb")
-    wrapper = request.environ.get("wsgi.file_wrapper")
-    if wrapper is not None:
-        return wrapper(handle, 1 << 20)
-    return _read_file(handle)
-
-
-def _read_file(handle: BinaryIO) -> Iterator[bytes]:
-    with handle:
-        while chunk := handle.read(1 << 20):
-            yield chunk
 
 
 def _started(body: Iterator[bytes]) -> Iterator[bytes]:

@@ -122,6 +122,10 @@ class Fills:
             time.sleep(wait)
             wait = min(wait * 2, _POLL_LAST)
 
+    def in_progress(self, digest: Digest) -> Following | None:
+        """Follow a fill that is running on this node, without starting one."""
+        return self._open_partial(digest)
+
     def _open_partial(self, digest: Digest) -> Following | None:
         base = self._base(digest)
         try:
@@ -156,7 +160,9 @@ class Fills:
                         _copy_verified(source, out, digest)
                         out.flush()
                         os.fdatasync(out.fileno())
-                self.store.commit(digest, partial)
+                    # Committed inside the source's context, so that a source
+                    # that reports completion (a lease) does so after the fact.
+                    self.store.commit(digest, partial)
                 if self._on_commit is not None:
                     self._on_commit(digest)
             except BaseException as exc:
