@@ -37,7 +37,7 @@ class Node:
         self.local = LocalStore(config.cache.dir, config.cache.max_size, config.upstream.ttl, clock)
         self.upstream = upstream or Upstream(config.upstream, clock=clock)
         self.fills = Fills(self.local, timeout=config.upstream.timeout, on_commit=lambda _: self._sweep_soon.set())
-        self.proxy = ProxyStore(self.local, self.fills, self.upstream, config.upstream, clock)
+        self.proxy = ProxyStore(self.local, self.fills, self.upstream, config.upstream, clock=clock)
         self._stop = threading.Event()
         self._sweep_soon = threading.Event()
         self._closed = False

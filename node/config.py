@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,11 +164,61 @@ class UpstreamConfig:
         return host in ("registry-1.docker.io", "docker.io", "index.docker.io")
 
 
+def _address_list(value: object) -> tuple[str, ...]:
+    addresses = _string_list(value)
+    for address in addresses:
+        parse_bind(address)
+    return addresses
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How the node joins a cluster; without coordinators it runs alone."""
+
+    # Coordinator addresses (HOST:PORT); the node fails over between them.
+    coordinators: tuple[str, ...] = _parsed(_address_list, default=())
+    # Shared by the nodes and coordinators; guards gRPC and the peer endpoint.
+    secret: str | None = _parsed(_optional_string, default=None, repr=False)
+    # Defaults to the host and port of advertise_url.
+    node_id: str | None = _parsed(_optional_string, default=None)
+    # How other nodes reach this one; defaults to http://<hostname>:<port of server.bind>.
+    advertise_url: str | None = _parsed(lambda v: None if not v else parse_url(v), default=None)
+    heartbeat_interval: float = _parsed(parse_duration, default=2.0)
+    # A fetch lease lives this long unless renewed; the holder renews it every
+    # third of it, so a dead holder's fetch is taken over within this time.
+    lease_ttl: float = _parsed(parse_duration, default=10.0)
+    # Deadline of one call to one coordinator.
+    timeout: float = _parsed(parse_duration, default=2.0)
+    # CA certificate (PEM) of the coordinators' TLS certificates; plaintext without.
+    tls_ca: str | None = _parsed(_optional_string, default=None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.coordinators)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def node_id(self) -> str:
+        if self.cluster.node_id:
+            return self.cluster.node_id
+        parts = urlsplit(self.advertise_url)
+        return f"{parts.hostname}-{parts.port or 80}"
+
+    @property
+    def advertise_url(self) -> str:
+        if self.cluster.advertise_url:
+            return self.cluster.advertise_url
+        host, _, port = self.server.bind.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{port}"
 
 
 # Distribution's proxy section, mapped onto ours.
@@ -213,7 +264,10 @@ def config_from_dict(raw: dict[str, Any], environ: Mapping[str, str] | None = No
         section = raw.setdefault(path[0], {})
         if isinstance(section, dict):
             section[path[1]] = value
-    return _build(NodeConfig, raw, "")
+    config: NodeConfig = _build(NodeConfig, raw, "")
+    if config.cluster.enabled and not config.cluster.secret:
+        raise ConfigError("cluster.secret: required when cluster.coordinators is set")
+    return config
 
 
 def _build(cls: type, raw: object, prefix: str) -> Any:

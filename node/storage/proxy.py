@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from node.config import UpstreamConfig
+from node.directory import Directory, Standalone
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
 from node.storage.fill import Fills, Following
@@ -64,12 +65,14 @@ class ProxyStore:
         fills: Fills,
         upstream: Upstream,
         config: UpstreamConfig,
+        directory: Directory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.local = local
         self.fills = fills
         self.upstream = upstream
         self.config = config
+        self.directory: Directory = directory or Standalone()
         self._clock = clock
 
     # Blobs.
@@ -79,7 +82,10 @@ class ProxyStore:
         if stored is not None:
             self.local.touch(digest)
             return Blob(digest, stored=stored)
-        following = self.fills.join(digest, lambda: self.upstream.open_blob(name, str(digest)))
+        following = self.fills.join(
+            digest,
+            lambda: self.directory.blob_source(digest, lambda: self.upstream.open_blob(name, str(digest))),
+        )
         if following is None:
             stored = self.local.open(digest)
             if stored is not None:
@@ -105,11 +111,20 @@ class ProxyStore:
             cached = self._cached_manifest(digest)
             if cached is not None:
                 return cached
-            fetched = self.upstream.get_manifest(name, str(digest))
-            if digest_of(fetched.data, digest.algorithm) != digest:
-                raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
-            self.local.put(digest, fetched.data, fetched.media_type)
-            return Manifest(fetched.data, fetched.media_type, digest)
+            fetched: list[Manifest] = []
+
+            def from_upstream() -> tuple[bytes, str]:
+                answer = self.upstream.get_manifest(name, str(digest))
+                return answer.data, answer.media_type
+
+            def store(data: bytes, media_type: str) -> None:
+                if digest_of(data, digest.algorithm) != digest:
+                    raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
+                self.local.put(digest, data, media_type)
+                fetched.append(Manifest(data, media_type, digest))
+
+            self.directory.fetch_manifest(digest, from_upstream, store)
+            return fetched[0]
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
         found = self.local.read(digest)
@@ -130,7 +145,8 @@ class ProxyStore:
                 return fresh
             pointer = self.local.read_tag(name, tag)
             try:
-                manifest = self._check_tag(name, tag, pointer)
+                digest = self.directory.resolve_tag(name, tag, lambda: self._check_tag(name, tag))
+                manifest = self._manifest_by_digest(name, parse_digest(digest))
             except _STALE_OK as exc:
                 stale = self._cached_manifest(parse_digest(pointer.digest)) if pointer else None
                 if stale is None or pointer is None:
@@ -148,21 +164,22 @@ class ProxyStore:
             return None
         return self._manifest_by_digest(name, parse_digest(pointer.digest))
 
-    def _check_tag(self, name: str, tag: str, pointer: TagPointer | None) -> Manifest:
-        """Ask the upstream what the tag points at; fetch only what changed.
+    def _check_tag(self, name: str, tag: str) -> str:
+        """Ask the upstream what the tag points at now.
 
         A HEAD is cheap and Docker Hub does not count it against the pull
         limit, so the manifest itself is fetched only when the digest is new.
+        An upstream that does not say the digest on HEAD gets a GET.
         """
         head = self.upstream.head_manifest(name, tag)
         if head.digest is not None:
-            return self._manifest_by_digest(name, parse_digest(head.digest))
+            return str(parse_digest(head.digest))
         fetched = self.upstream.get_manifest(name, tag)
         digest = digest_of(fetched.data)
         if fetched.digest is not None and fetched.digest != str(digest):
             raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
         self.local.put(digest, fetched.data, fetched.media_type)
-        return Manifest(fetched.data, fetched.media_type, digest)
+        return str(digest)
 
     # Tags and the catalog.
 

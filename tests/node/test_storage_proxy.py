@@ -100,7 +100,7 @@ def proxy(tmp_path, upstream: FakeUpstream, clock: FakeClock) -> Iterator[ProxyS
     local = LocalStore(str(tmp_path), max_size=1 << 30, clock=clock)
     fills = Fills(local, timeout=5)
     config = UpstreamConfig(url="http://upstream.test", tag_ttl=60)
-    yield ProxyStore(local, fills, upstream, config, clock)  # type: ignore[arg-type]
+    yield ProxyStore(local, fills, upstream, config, clock=clock)  # type: ignore[arg-type]
     fills.close()
 
 
