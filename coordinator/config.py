@@ -71,7 +71,7 @@ def _positive_int(value: object) -> int:
     return number
 
 
-def _bind(value: object) -> str:
+def parse_bind(value: object) -> str:
     text = str(value).strip()
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -124,8 +124,8 @@ def _string(value: object) -> str:
     return str(value)
 
 
-def _parsed(parse: Callable[[object], Any], **kwargs: Any) -> Any:
-    return field(metadata={"parse": parse}, **kwargs)
+def _parsed(parse: Callable[[object], Any], *, help: str, **kwargs: Any) -> Any:
+    return field(metadata={"parse": parse, "help": help}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -134,43 +134,68 @@ class CoordinatorConfig:
 
     Durations are seconds. Redis is reached either through ``redis_url`` or
     through Sentinel (``sentinels`` plus ``sentinel_service``), not both.
+    Each field's ``help`` is what ``--help`` prints, so it is written for
+    an operator.
     """
 
-    # Where the gRPC server listens; port 0 picks a free port (tests).
-    bind: str = _parsed(_bind, default="0.0.0.0:7000")
-    # A plain Redis; defaults to redis://127.0.0.1:6379/0 when no sentinels
-    # are configured either.
-    redis_url: str | None = _parsed(_redis_url, default=None)
-    redis_username: str | None = _parsed(_optional_string, default=None)
-    redis_password: str | None = _parsed(_optional_string, default=None, repr=False)
-    # Sentinel addresses (HOST:PORT) and the service name they monitor; the
-    # client asks them for the current master on every reconnect.
-    sentinels: tuple[str, ...] = _parsed(_sentinels, default=())
-    sentinel_service: str | None = _parsed(_optional_string, default=None)
-    # Every key lives under this prefix, so clusters can share one Redis.
-    key_prefix: str = _parsed(_string, default="shoal:")
-    # Nodes send it as "authorization: Bearer <secret>" on every call.
-    cluster_secret: str = _parsed(_string, default="", repr=False)
-    # A node that sends no heartbeat for this long is dropped, with its
-    # locations.
-    membership_ttl: float = _parsed(parse_duration, default=10.0)
-    # How often the scheduler renews leadership and sweeps expired content.
-    scheduler_interval: float = _parsed(parse_duration, default=1.0)
-    # How long a leader keeps the lead without renewing it: the longest a
-    # crashed leader's sweeps pause before another coordinator takes over.
-    leader_lease: float = _parsed(parse_duration, default=5.0)
-    # The TTL of announced content that has none yet (distribution's proxy
-    # ttl); 0 keeps content until a node drops it.
-    default_ttl: float = _parsed(parse_duration, default=168 * 3600.0)
-    # Evictions handed to a node per heartbeat; the rest wait for the next.
-    max_evictions: int = _parsed(_positive_int, default=1000)
-    # Threads serving calls: each call in progress holds one.
-    threads: int = _parsed(_positive_int, default=32)
-    # On SIGTERM, calls in progress get this long to finish.
-    shutdown_grace: float = _parsed(parse_duration, default=5.0)
-    # PEM files; when both are set the server speaks TLS only.
-    tls_cert: str | None = _parsed(_optional_string, default=None)
-    tls_key: str | None = _parsed(_optional_string, default=None)
+    bind: str = _parsed(
+        parse_bind, default="0.0.0.0:7000", help="HOST:PORT the gRPC server listens on; port 0 picks a free port"
+    )
+    redis_url: str | None = _parsed(
+        _redis_url,
+        default=None,
+        help=f"a plain Redis, redis://HOST:PORT/DB (default {DEFAULT_REDIS_URL} unless sentinels are set)",
+    )
+    redis_username: str | None = _parsed(_optional_string, default=None, help="Redis ACL user name")
+    redis_password: str | None = _parsed(
+        _optional_string, default=None, repr=False, help="Redis password (never logged)"
+    )
+    sentinels: tuple[str, ...] = _parsed(
+        _sentinels,
+        default=(),
+        help="Sentinel addresses HOST:PORT (a list, or comma-separated); the master is asked for on every reconnect",
+    )
+    sentinel_service: str | None = _parsed(
+        _optional_string, default=None, help="the service name the sentinels monitor (required with sentinels)"
+    )
+    key_prefix: str = _parsed(
+        _string, default="shoal:", help="every Redis key lives under this prefix, so clusters can share a Redis"
+    )
+    cluster_secret: str = _parsed(
+        _string,
+        default="",
+        repr=False,
+        help="required; nodes send it as 'authorization: Bearer <secret>' on every call (never logged)",
+    )
+    membership_ttl: float = _parsed(
+        parse_duration,
+        default=10.0,
+        help="a node without a heartbeat for this long is dropped, with all its locations",
+    )
+    scheduler_interval: float = _parsed(
+        parse_duration, default=1.0, help="how often the scheduler renews its lead and sweeps expired content"
+    )
+    leader_lease: float = _parsed(
+        parse_duration,
+        default=5.0,
+        help="how long the sweep pauses when the leading replica dies; longer than scheduler_interval",
+    )
+    default_ttl: float = _parsed(
+        parse_duration,
+        default=168 * 3600.0,
+        help="TTL of announced content not scheduled yet (distribution's proxy ttl); 0 = never expires",
+    )
+    max_evictions: int = _parsed(
+        _positive_int, default=1000, help="evictions handed to a node per heartbeat; the rest wait for the next"
+    )
+    threads: int = _parsed(_positive_int, default=32, help="threads serving calls; each call in progress holds one")
+    shutdown_grace: float = _parsed(
+        parse_duration, default=5.0, help="on SIGTERM or SIGINT, calls in progress get this long to finish"
+    )
+    tls_cert: str | None = _parsed(
+        _optional_string, default=None, help="PEM certificate file; with tls_key the server speaks TLS only"
+    )
+    tls_key: str | None = _parsed(_optional_string, default=None, help="PEM private key file for tls_cert")
 
     def __post_init__(self) -> None:
         if not self.cluster_secret:
@@ -208,6 +233,26 @@ class CoordinatorConfig:
         if self.sentinels:
             return f"sentinel service {self.sentinel_service} via {', '.join(self.sentinels)}"
         return self.effective_redis_url
+
+
+def describe_keys() -> str:
+    """Every key with its default, environment variable and meaning, for ``--help``."""
+    lines = []
+    for spec in dataclasses.fields(CoordinatorConfig):
+        default = spec.default
+        shown = "(none)" if default in (None, "", ()) or not spec.repr else _show(default)
+        lines.append(f"  {SECTION}.{spec.name} [{ENV_PREFIX}{spec.name.upper()}] default {shown}")
+        lines.append(f"      {spec.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, float):
+        for unit, seconds in (("h", 3600), ("m", 60)):
+            if value >= seconds and value % seconds == 0:
+                return f"{value / seconds:g}{unit}"
+        return f"{value:g}s"
+    return str(value)
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> CoordinatorConfig:

@@ -1,8 +1,10 @@
-"""The coordinator's domain errors, one hierarchy.
+"""The coordinator's errors, in one module.
 
-The domain modules raise these; only ``coordinator/servicer.py`` turns them
-into gRPC status codes. Messages go back to the caller, so they name the
-offending field and never contain a secret.
+The domain modules raise ``CoordinatorError`` subclasses; only
+``coordinator/servicer.py`` turns them into gRPC status codes. Their messages
+go back to the caller, so they name the offending field and never contain a
+secret. ``ConfigError`` stops the process at start and is never sent to a
+caller, so it stands apart from that hierarchy.
 """
 
 from __future__ import annotations
@@ -24,5 +26,5 @@ class LeaseLost(CoordinatorError):
     """
 
 
-class ConfigError(CoordinatorError, ValueError):
+class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed; the message names the key."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import redis
+from redis.typing import EncodableT
 
 from coordinator.digests import check_digest, check_name
 from coordinator.errors import InvalidArgument, LeaseLost
@@ -96,6 +97,14 @@ class Fetches:
             self._keys.loc(digest),
             self._keys.meta(digest),
         ]
-        args = [token, node_id, digest, content.size, content.media_type, to_ms(self._clock()), ttl_ms]
+        args: list[EncodableT] = [
+            token,
+            node_id,
+            digest,
+            content.size,
+            content.media_type,
+            to_ms(self._clock()),
+            ttl_ms,
+        ]
         if not token or not int(self._complete(keys=keys, args=args)):
             raise LeaseLost(f"the lease on {key} is no longer held under this token")

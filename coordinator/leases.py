@@ -27,6 +27,7 @@ import redis
 from coordinator.digests import check_name
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
+from coordinator.redis_client import text
 
 # The longest lease a caller may ask for; a holder renews long fetches.
 MAX_TTL_MS = 10 * 60 * 1000
@@ -147,7 +148,7 @@ class Leases:
         granted, detail = self._acquire(keys=[self._keys.lock(key), self._keys.fence()], args=[token, node_id, ttl_ms])
         if int(granted):
             return Lease(granted=True, token=token, fence=int(detail), holder=node_id)
-        _, fence, holder = parse_value(detail)
+        _, fence, holder = parse_value(text(detail))
         return Lease(granted=False, token="", fence=fence, holder=holder)
 
     def renew(self, key: str, token: str, ttl_ms: int) -> bool:
@@ -170,5 +171,5 @@ class Leases:
         value = self._redis.get(self._keys.lock(key))
         if value is None:
             return None
-        token, fence, holder = parse_value(value)
+        token, fence, holder = parse_value(text(value))
         return Lease(granted=True, token=token, fence=fence, holder=holder)

@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
+from redis.typing import EncodableT
 
 from coordinator.digests import check_digest, check_digests, check_name
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.leases import Leases
 from coordinator.membership import Membership
+from coordinator.redis_client import text_map, texts
 
 # Digests handled per script; each chunk is one atomic step (see announce).
 CHUNK = 500
@@ -36,8 +38,9 @@ CHUNK = 500
 # an eviction was already pending for the node, when its schedule entry is due,
 # or, when it has no schedule entry (Redis lost its data, or the entry was
 # swept while the node was away), when accessed_at + TTL has passed. Content
-# that lives is scheduled if it was not, and its expiry is pushed to
-# accessed_at + TTL as a touch would. Returns the expired digests.
+# that lives is scheduled if it was not; when it was, a given accessed_at
+# pushes its expiry as a touch at that time would, and an announcement
+# without one leaves the expiry alone. Returns the expired digests.
 _ANNOUNCE = """
 local node, now, default_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local held, schedule = KEYS[2], KEYS[3]
@@ -47,8 +50,9 @@ for i = 1, (#KEYS - 3) / 2 do
   local loc, meta = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local base = 3 + 5 * (i - 1)
   local digest, size, media_type = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
-  local accessed = tonumber(ARGV[base + 4])
-  if accessed == 0 or accessed > now then
+  local accessed = math.min(tonumber(ARGV[base + 4]), now)
+  local accessed_known = accessed > 0
+  if not accessed_known then
     accessed = now
   end
   local expired = ARGV[base + 5] == '1'
@@ -58,7 +62,7 @@ for i = 1, (#KEYS - 3) / 2 do
     if score then
       if tonumber(score) <= now then
         expired = true
-      elseif ttl and tonumber(ttl) > 0 then
+      elseif accessed_known and ttl and tonumber(ttl) > 0 then
         redis.call('ZADD', schedule, 'XX', 'GT', accessed + tonumber(ttl), digest)
       end
     else
@@ -197,6 +201,7 @@ class Locations:
         Returns the announced digests the node must delete because they
         expired; those are not registered. ``ttl_ms`` is the TTL of content
         not scheduled yet (None: the coordinator's default_ttl, 0: never).
+        Evictions pending for the node are delivered here, in the answer.
 
         Each chunk of digests is one atomic step, so Redis is never blocked
         by a large inventory; in between, a reader may see part of the old
@@ -204,28 +209,46 @@ class Locations:
         and schedule entry.
         """
         check_name(node_id, "node_id")
-        announced: dict[str, ContentInfo] = {}
-        for item in content:
-            check_digest(item.digest, "content.digest")
-            if item.size < 0 or item.accessed_at < 0:
-                raise InvalidArgument("content: size and accessed_at must not be negative")
-            announced[item.digest] = item
-        default_ms = self._default_ttl_ms if ttl_ms is None else ttl_ms
-        if default_ms < 0:
-            raise InvalidArgument("ttl_ms: must not be negative")
-        pending = set(self._take_pending(keys=[self._keys.evict(node_id)]))
-        gone = sorted(set(self._redis.smembers(self._keys.held(node_id))) - set(announced))
+        announced = _checked(content)
+        default_ms = self._ttl_ms(ttl_ms)
+        pending = set(texts(self._take_pending(keys=[self._keys.evict(node_id)])))
+        gone = sorted(set(texts(self._redis.smembers(self._keys.held(node_id)))) - set(announced))
         self._drop_chunks(node_id, gone)
+        return self._register(node_id, announced, default_ms, pending)
+
+    def add(self, node_id: str, content: Iterable[ContentInfo], ttl_ms: int | None = None) -> list[str]:
+        """Register ``content`` as held by ``node_id`` too, replacing nothing; return the expired digests.
+
+        For content a node got without a lease of its own (from a peer, or
+        while the coordinator was unreachable). Content with an eviction
+        pending for the node counts as expired; the eviction stays queued.
+        """
+        check_name(node_id, "node_id")
+        added = _checked(content)
+        default_ms = self._ttl_ms(ttl_ms)
+        pending = set(texts(self._redis.lrange(self._keys.evict(node_id), 0, -1))) & set(added)
+        return self._register(node_id, added, default_ms, pending)
+
+    def _ttl_ms(self, ttl_ms: int | None) -> int:
+        if ttl_ms is None:
+            return self._default_ttl_ms
+        if ttl_ms < 0:
+            raise InvalidArgument("ttl_ms: must not be negative")
+        return ttl_ms
+
+    def _register(
+        self, node_id: str, announced: dict[str, ContentInfo], default_ms: int, pending: set[str]
+    ) -> list[str]:
         now_ms = to_ms(self._clock())
         evict: list[str] = []
         for chunk in chunked(list(announced)):
             keys = [self._keys.nodes(), self._keys.held(node_id), self._keys.ttl()]
-            args: list[str | int] = [node_id, now_ms, default_ms]
+            args: list[EncodableT] = [node_id, now_ms, default_ms]
             for digest in chunk:
                 item = announced[digest]
                 keys += [self._keys.loc(digest), self._keys.meta(digest)]
                 args += [digest, item.size, item.media_type, to_ms(item.accessed_at), int(digest in pending)]
-            evict += self._announce(keys=keys, args=args)
+            evict += texts(self._announce(keys=keys, args=args))
         return evict
 
     def drop(self, node_id: str, digests: Iterable[str]) -> None:
@@ -239,7 +262,8 @@ class Locations:
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._keys.loc(digest))
         pipe.hgetall(self._keys.meta(digest))
-        holder_ids, meta = pipe.execute()
+        replies = pipe.execute()
+        holder_ids, meta = texts(replies[0]), text_map(replies[1])
         lease = self._leases.current(lease_key) if lease_key else None
         urls = self._membership.urls([*sorted(holder_ids), *([lease.holder] if lease else [])])
         holders = [Holder(node_id, urls[node_id]) for node_id in sorted(holder_ids) if node_id in urls]
@@ -253,15 +277,15 @@ class Locations:
 
     def holders(self, digest: str) -> set[str]:
         """Every node registered for ``digest``, alive or not (for tests and diagnostics)."""
-        return set(self._redis.smembers(self._keys.loc(check_digest(digest))))
+        return set(texts(self._redis.smembers(self._keys.loc(check_digest(digest)))))
 
     def held(self, node_id: str) -> set[str]:
         """Every digest registered for ``node_id``."""
-        return set(self._redis.smembers(self._keys.held(node_id)))
+        return set(texts(self._redis.smembers(self._keys.held(node_id))))
 
     def content(self, digest: str) -> ContentInfo | None:
         """The directory's meta for ``digest``, or None."""
-        meta = self._redis.hgetall(self._keys.meta(check_digest(digest)))
+        meta = text_map(self._redis.hgetall(self._keys.meta(check_digest(digest))))
         return _content(digest, meta) if meta else None
 
     def _drop_chunks(self, node_id: str, digests: Sequence[str]) -> None:
@@ -270,6 +294,16 @@ class Locations:
             for digest in chunk:
                 keys += [self._keys.loc(digest), self._keys.meta(digest)]
             self._drop(keys=keys, args=[node_id, *chunk])
+
+
+def _checked(content: Iterable[ContentInfo]) -> dict[str, ContentInfo]:
+    checked: dict[str, ContentInfo] = {}
+    for item in content:
+        check_digest(item.digest, "content.digest")
+        if item.size < 0 or item.accessed_at < 0:
+            raise InvalidArgument("content: size and accessed_at must not be negative")
+        checked[item.digest] = item
+    return checked
 
 
 def _content(digest: str, meta: dict[str, str]) -> ContentInfo:

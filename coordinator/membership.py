@@ -15,12 +15,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
+from redis.typing import EncodableT, FieldT
 
+from coordinator.digests import check_name
+from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
+from coordinator.redis_client import text_map, texts
 
 # Digests handled per cleanup script: large enough that a typical node goes
 # in one atomic step, small enough that one step never blocks Redis long.
 CLEANUP_CHUNK = 1000
+# Steps one cleanup may take before it leaves the rest to the next sweep; a
+# bound in case something keeps adding to a dead node's inventory.
+MAX_CLEANUP_STEPS = 1000
 
 # KEYS[1] the node's hash node:<id>
 # ARGV[1] url, ARGV[2] capacity bytes, ARGV[3] used bytes, ARGV[4] seen at (Unix seconds),
@@ -111,7 +118,7 @@ class Membership:
 
     def get(self, node_id: str) -> NodeInfo | None:
         """The live node's registration, or None when it is not a member."""
-        fields = self._redis.hgetall(self._keys.node(node_id))
+        fields = text_map(self._redis.hgetall(self._keys.node(node_id)))
         if not fields:
             return None
         return NodeInfo(
@@ -129,7 +136,7 @@ class Membership:
         pipe = self._redis.pipeline(transaction=False)
         for node_id in ids:
             pipe.hget(self._keys.node(node_id), "url")
-        return {node_id: url for node_id, url in zip(ids, pipe.execute(), strict=True) if url is not None}
+        return {node_id: str(url) for node_id, url in zip(ids, pipe.execute(), strict=True) if url is not None}
 
     def live(self, node_ids: Iterable[str]) -> set[str]:
         """The ids among ``node_ids`` whose membership exists."""
@@ -143,13 +150,13 @@ class Membership:
         keeps the locations not yet removed, and two coordinators running
         this at once only repeat each other's work.
         """
-        known = sorted(self._redis.smembers(self._keys.nodes()))
+        known = sorted(texts(self._redis.smembers(self._keys.nodes())))
         alive = self.live(known)
         return [node_id for node_id in known if node_id not in alive and self._drop(node_id)]
 
     def _drop(self, node_id: str) -> bool:
-        while True:
-            digests = self._redis.srandmember(self._keys.held(node_id), CLEANUP_CHUNK) or []
+        for _ in range(MAX_CLEANUP_STEPS):
+            digests = texts(self._redis.srandmember(self._keys.held(node_id), CLEANUP_CHUNK) or [])
             keys = [
                 self._keys.nodes(),
                 self._keys.node(node_id),
@@ -161,8 +168,13 @@ class Membership:
             result = int(self._drop_node(keys=keys, args=[node_id, *digests]))
             if result != 0:
                 return result == 1
+        return False
 
-    def _fields(self, node: NodeInfo) -> dict[str, str]:
+    def _fields(self, node: NodeInfo) -> dict[FieldT, EncodableT]:
+        check_name(node.id, "node.id")
+        check_name(node.url, "node.url")
+        if node.capacity_bytes < 0 or node.used_bytes < 0:
+            raise InvalidArgument("node: capacity_bytes and used_bytes must not be negative")
         return {
             "url": node.url,
             "capacity_bytes": str(node.capacity_bytes),

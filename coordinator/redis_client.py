@@ -9,6 +9,7 @@ the calls in flight (answered UNAVAILABLE) and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
@@ -43,3 +44,26 @@ def connect(config: CoordinatorConfig) -> redis.Redis:
         assert config.sentinel_service is not None  # Guaranteed by CoordinatorConfig validation.
         return sentinel.master_for(config.sentinel_service, **options)
     return redis.Redis.from_url(config.effective_redis_url, **options)
+
+
+# The client is made with decode_responses=True, so every reply is text;
+# redis-py's annotations cannot know that and say ``bytes | str``. These
+# narrow a reply at the point it is read, and fail loudly if a client made
+# without decoding ever slipped in.
+
+
+def text(value: object) -> str:
+    """One decoded reply."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a decoded Redis reply, got {type(value).__name__}")
+    return value
+
+
+def texts(values: Iterable[object]) -> list[str]:
+    """A decoded list or set reply, as a list."""
+    return [text(value) for value in values]
+
+
+def text_map(mapping: Mapping[Any, Any]) -> dict[str, str]:
+    """A decoded hash reply (HGETALL)."""
+    return {text(key): text(value) for key, value in mapping.items()}

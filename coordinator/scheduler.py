@@ -26,6 +26,7 @@ from coordinator.election import LeaderElection
 from coordinator.keys import Keys
 from coordinator.locations import chunked, to_ms
 from coordinator.membership import Membership
+from coordinator.redis_client import texts
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Schedule:
         now_ms = to_ms(self._clock())
         expired: list[str] = []
         for _ in range(MAX_ROUNDS):
-            due = self._redis.zrangebyscore(self._keys.ttl(), "-inf", now_ms, start=0, num=SWEEP_BATCH)
+            due = texts(self._redis.zrangebyscore(self._keys.ttl(), "-inf", now_ms, start=0, num=SWEEP_BATCH))
             handled = [digest for digest in due if self._expire_one(digest, now_ms)]
             expired += handled
             if len(due) < SWEEP_BATCH or not handled:
@@ -121,11 +122,11 @@ class Schedule:
 
     def pop_evictions(self, node_id: str, count: int) -> list[str]:
         """Take up to ``count`` pending evictions of ``node_id``, oldest first."""
-        return list(self._redis.lpop(self._keys.evict(node_id), count) or [])
+        return texts(self._redis.lpop(self._keys.evict(node_id), count) or [])
 
     def _expire_one(self, digest: str, now_ms: int) -> bool:
         for _ in range(MAX_ATTEMPTS):
-            holders = sorted(self._redis.smembers(self._keys.loc(digest)))
+            holders = sorted(texts(self._redis.smembers(self._keys.loc(digest))))
             keys = [self._keys.ttl(), self._keys.loc(digest), self._keys.meta(digest)]
             for node_id in holders:
                 keys += [self._keys.held(node_id), self._keys.evict(node_id)]
@@ -206,6 +207,10 @@ class Scheduler:
                 if self._healthy:
                     log.warning("scheduler round failed, retrying every %gs: %s", self._interval, type(exc).__name__)
                 self._healthy = False
+            except Exception:
+                # A bug in one round must not end the loop: the next round
+                # may well succeed, and a silently dead scheduler is worse.
+                log.exception("scheduler round failed")
             else:
                 if not self._healthy:
                     log.info("scheduler rounds succeed again")

@@ -15,7 +15,11 @@ from collections.abc import Callable
 from flask import Flask
 
 from node import api
+from node.cluster import Cluster
 from node.config import NodeConfig
+from node.coordinator_client import CoordinatorClient
+from node.directory import Directory, Standalone
+from node.peers import PeerClient, internal
 from node.storage.fill import Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
@@ -34,10 +38,15 @@ class Node:
 
     def __init__(self, config: NodeConfig, upstream: Upstream | None = None, clock: Callable[[], float] = time.time):
         self.config = config
-        self.local = LocalStore(config.cache.dir, config.cache.max_size, config.upstream.ttl, clock)
+        # In a cluster the coordinator's scheduler expires content; alone,
+        # the store's own sweep does.
+        local_ttl = 0.0 if config.cluster.enabled else config.upstream.ttl
+        self.local = LocalStore(config.cache.dir, config.cache.max_size, local_ttl, clock)
         self.upstream = upstream or Upstream(config.upstream, clock=clock)
         self.fills = Fills(self.local, timeout=config.upstream.timeout, on_commit=lambda _: self._sweep_soon.set())
-        self.proxy = ProxyStore(self.local, self.fills, self.upstream, config.upstream, clock=clock)
+        self.directory = _directory(config, self.local, clock)
+        self.proxy = ProxyStore(self.local, self.fills, self.upstream, config.upstream, self.directory, clock=clock)
+        self._interval = min(FLUSH_INTERVAL, config.cluster.heartbeat_interval)
         self._stop = threading.Event()
         self._sweep_soon = threading.Event()
         self._closed = False
@@ -47,8 +56,10 @@ class Node:
     def _background(self) -> None:
         """Flush hits every second; sweep after a fill and every minute."""
         last_sweep = time.monotonic()
-        while not self._stop.wait(FLUSH_INTERVAL):
-            self.local.flush_touches()
+        self.directory.tick()
+        while not self._stop.wait(self._interval):
+            self.directory.touched(self.local.flush_touches())
+            self.directory.tick()
             if self._sweep_soon.is_set() or time.monotonic() - last_sweep > SWEEP_INTERVAL:
                 self._sweep_soon.clear()
                 last_sweep = time.monotonic()
@@ -59,7 +70,8 @@ class Node:
                     continue
                 if removed:
                     log.info("evicted %d items from the cache", len(removed))
-        self.local.flush_touches()
+                    self.directory.dropped(removed)
+        self.directory.touched(self.local.flush_touches())
 
     def close(self) -> None:
         if self._closed:
@@ -68,7 +80,22 @@ class Node:
         self._stop.set()
         self._thread.join()
         self.fills.close()
+        self.directory.close()
         self.upstream.close()
+
+
+def _directory(config: NodeConfig, local: LocalStore, clock: Callable[[], float]) -> Directory:
+    if not config.cluster.enabled:
+        return Standalone()
+    secret = config.cluster.secret or ""
+    client = CoordinatorClient(
+        list(config.cluster.coordinators),
+        secret,
+        config.node_id,
+        timeout=config.cluster.timeout,
+        tls_ca=config.cluster.tls_ca,
+    )
+    return Cluster(config, local, client, PeerClient(secret, config.upstream.timeout), clock)
 
 
 def create_app(
@@ -79,5 +106,9 @@ def create_app(
     app.config["SHOAL"] = config
     app.extensions["shoal.node"] = node
     app.extensions["shoal.proxy"] = node.proxy
+    app.extensions["shoal.local"] = node.local
+    app.extensions["shoal.fills"] = node.fills
+    app.config["SHOAL_CLUSTER_SECRET"] = config.cluster.secret or ""
     api.register(app)
+    app.register_blueprint(internal)
     return app

@@ -15,6 +15,12 @@ from node.config import CONFIG_ENV, ConfigError, load_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["coordinator"]:
+        # The coordinator owns its options and their --help.
+        from coordinator.server import main as coordinator_main
+
+        return coordinator_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -53,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="threads per worker, one per download in flight (server.threads; default 16)",
     )
     node.set_defaults(run=run_node)
+
+    commands.add_parser(
+        "coordinator",
+        help="run a coordinator (gRPC, backed by Redis); see shoal coordinator --help",
+        add_help=False,
+    )
 
     up = commands.add_parser(
         "up",

@@ -72,6 +72,22 @@ class AnnounceInventoryResponse(_message.Message):
     evict: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, evict: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class AddContentRequest(_message.Message):
+    __slots__ = ("node_id", "content", "ttl_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    content: _containers.RepeatedCompositeFieldContainer[Content]
+    ttl_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., content: _Optional[_Iterable[_Union[Content, _Mapping]]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class AddContentResponse(_message.Message):
+    __slots__ = ("evict",)
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    evict: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, evict: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class DropContentRequest(_message.Message):
     __slots__ = ("node_id", "digests")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

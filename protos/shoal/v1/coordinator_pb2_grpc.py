@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AnnounceInventoryRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AnnounceInventoryResponse.FromString,
                 _registered_method=True)
+        self.AddContent = channel.unary_unary(
+                '/shoal.v1.Coordinator/AddContent',
+                request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AddContentRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AddContentResponse.FromString,
+                _registered_method=True)
         self.DropContent = channel.unary_unary(
                 '/shoal.v1.Coordinator/DropContent',
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentRequest.SerializeToString,
@@ -126,6 +131,16 @@ class CoordinatorServicer:
 
     def AnnounceInventory(self, request, context):
         """Everything a node holds; replaces its previous entries in the directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddContent(self, request, context):
+        """Content a node holds besides its announced inventory (copied from a
+        peer, or fetched while the coordinator was unreachable): registered like
+        an announcement of just these digests, replacing nothing else. Needs no
+        lease: the node verified the content against its digest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +246,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.AnnounceInventory,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AnnounceInventoryRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AnnounceInventoryResponse.SerializeToString,
+            ),
+            'AddContent': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddContent,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AddContentRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AddContentResponse.SerializeToString,
             ),
             'DropContent': grpc.unary_unary_rpc_method_handler(
                     servicer.DropContent,
@@ -369,6 +389,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/AnnounceInventory',
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.AnnounceInventoryRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.AnnounceInventoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/AddContent',
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.AddContentRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.AddContentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,404 @@
+"""The node's side of the coordinator contract, in plain dataclasses.
+
+The only node module that imports the generated gRPC code. Everything else
+in the node calls ``CoordinatorClient`` and gets dataclasses and the
+exceptions defined here back:
+
+- ``CoordinatorUnavailable`` when no coordinator answered (the node then
+  runs degraded: local hits, straight upstream fetches, re-announce later);
+- ``LeaseLost`` when a fenced act (complete_fetch, put_tag) presented a
+  token that no longer holds the lease;
+- ``CoordinatorError`` for anything else the coordinator refused.
+
+Failover: the client tries the addresses in turn, starting with the last
+one that answered, and moves on when a call fails UNAVAILABLE or
+DEADLINE_EXCEEDED. Every call the node makes can be retried safely, with one
+exception noted on ``heartbeat``.
+
+Channels are created on first use, never at import, and again in a forked
+child (a gunicorn worker), because a gRPC channel must not cross a fork.
+The cluster secret travels as metadata on every call and is never part of
+an exception message or a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from protos.shoal.v1 import coordinator_pb2 as pb
+from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# A coordinator that is restarted comes back within seconds; without these,
+# a channel would wait up to gRPC's default two minutes before it tries to
+# reconnect, answering UNAVAILABLE all that time.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+_FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class CoordinatorError(Exception):
+    """The coordinator refused a call; ``code`` is the gRPC status name (``INVALID_ARGUMENT``)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """No coordinator answered: every address was unreachable or too slow."""
+
+
+class LeaseLost(CoordinatorError):
+    """The lease token is not the current one: the lease expired and may belong to another node."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A live node, as other nodes reach it."""
+
+    node_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Content:
+    """Complete content on a node. ``accessed_at`` (Unix seconds) only matters in announcements."""
+
+    digest: str
+    size: int = 0
+    media_type: str = ""
+    accessed_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a digest is: live holders, the node fetching it now, and its meta when known."""
+
+    holders: list[Holder]
+    fetcher: Holder | None
+    fetching: bool
+    content: Content | None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An acquire's answer: the grant (token, fence), or who holds the lease instead.
+
+    ``holder`` is None when granted; when not, it is the current holder,
+    whose ``url`` is empty when its membership expired.
+    """
+
+    granted: bool
+    token: str
+    fence: int
+    holder: Holder | None
+
+
+@dataclass(frozen=True)
+class TagPointerInfo:
+    """Where a tag pointed when it was last checked against the upstream (Unix seconds)."""
+
+    digest: str
+    media_type: str = ""
+    size: int = 0
+    checked_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeMetrics:
+    node_id: str
+    counters: dict[str, int]
+    live: bool
+
+
+@dataclass(frozen=True)
+class ClusterMetrics:
+    nodes: list[NodeMetrics]
+    cluster: dict[str, int] = field(default_factory=dict)
+
+
+class CoordinatorClient:
+    """Calls the coordinator(s) at ``addresses`` ("host:port") on behalf of node ``node_id``.
+
+    ``timeout`` is the deadline of one attempt at one address, in seconds.
+    ``tls_ca`` is a PEM file of the CA that signed the coordinators'
+    certificates; without it the channels are plaintext. Safe to share
+    between threads; ``close`` is idempotent.
+    """
+
+    def __init__(
+        self,
+        addresses: list[str],
+        secret: str,
+        node_id: str,
+        *,
+        timeout: float = 2.0,
+        tls_ca: str | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one coordinator address is required")
+        if not secret:
+            raise ValueError("the cluster secret must not be empty")
+        self.addresses = list(addresses)
+        self.node_id = node_id
+        self.timeout = timeout
+        self._tls_ca = tls_ca
+        self._metadata = (("authorization", f"Bearer {secret}"),)
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[pb_grpc.CoordinatorStub] = []
+        self._preferred = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"CoordinatorClient(addresses={self.addresses!r}, node_id={self.node_id!r})"
+
+    # Membership.
+
+    def register(self, url: str, *, capacity_bytes: int = 0, used_bytes: int = 0) -> float:
+        """Join the cluster; returns how long the membership lives without a heartbeat (seconds)."""
+        response = self._call("Register", pb.RegisterRequest(node=self._node(url, capacity_bytes, used_bytes)))
+        return float(response.membership_ttl_ms) / 1000
+
+    def heartbeat(self, url: str, *, capacity_bytes: int = 0, used_bytes: int = 0) -> tuple[bool, list[str]]:
+        """Keep the membership alive; returns (known, digests to evict).
+
+        ``known`` False: register and announce the inventory again. The
+        evictions are handed out once: when a heartbeat times out after the
+        coordinator took them, they are lost, and the content stays on
+        disk until the node evicts it for space or it expires on announce.
+        """
+        response = self._call("Heartbeat", pb.HeartbeatRequest(node=self._node(url, capacity_bytes, used_bytes)))
+        return bool(response.known), list(response.evict)
+
+    def announce_inventory(self, content: Iterable[Content], *, ttl_ms: int | None = None) -> list[str]:
+        """Replace this node's entries with ``content``; returns the digests to delete (expired).
+
+        ``ttl_ms`` is the TTL of content the coordinator has not scheduled
+        (None: its default_ttl; 0: never expires).
+        """
+        request = pb.AnnounceInventoryRequest(node_id=self.node_id, content=_contents(content))
+        if ttl_ms is not None:
+            request.ttl_ms = ttl_ms
+        return list(self._call("AnnounceInventory", request).evict)
+
+    def add_content(self, content: Iterable[Content], *, ttl_ms: int | None = None) -> list[str]:
+        """Register content this node got besides its inventory (from a peer, or while degraded).
+
+        Replaces nothing; needs no lease. Returns the digests to delete
+        because they already expired. ``ttl_ms`` as in ``announce_inventory``.
+        """
+        request = pb.AddContentRequest(node_id=self.node_id, content=_contents(content))
+        if ttl_ms is not None:
+            request.ttl_ms = ttl_ms
+        return list(self._call("AddContent", request).evict)
+
+    def drop_content(self, digests: Iterable[str]) -> None:
+        """This node deleted ``digests`` on its own (evicted for space, or found them missing)."""
+        self._call("DropContent", pb.DropContentRequest(node_id=self.node_id, digests=list(digests)))
+
+    # The location directory and fetch leases.
+
+    def locate(self, digest: str, lease_key: str = "") -> Location:
+        """Who holds ``digest``, and who holds the lease ``lease_key`` (e.g. ``blob:<digest>``)."""
+        response = self._call("Locate", pb.LocateRequest(digest=digest, lease_key=lease_key))
+        content = None
+        if response.HasField("content"):
+            content = Content(
+                digest=response.content.digest, size=response.content.size, media_type=response.content.media_type
+            )
+        return Location(
+            holders=[_holder(holder) for holder in response.holders],
+            fetcher=_holder(response.fetcher) if response.HasField("fetcher") else None,
+            fetching=bool(response.fetching),
+            content=content,
+        )
+
+    def acquire_lease(self, key: str, ttl_ms: int) -> Lease:
+        """Try to become the one fetcher of ``key`` for ``ttl_ms``.
+
+        The token is chosen here, so the retry after a timeout (possibly on
+        another coordinator) gets the same grant instead of finding the
+        lease taken by this very call.
+        """
+        request = pb.AcquireLeaseRequest(key=key, node_id=self.node_id, ttl_ms=ttl_ms, token=secrets.token_hex(16))
+        response = self._call("AcquireLease", request)
+        if response.granted:
+            return Lease(granted=True, token=response.token, fence=int(response.fence), holder=None)
+        holder = _holder(response.holder) if response.HasField("holder") else None
+        return Lease(granted=False, token="", fence=int(response.fence), holder=holder)
+
+    def renew_lease(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Extend the lease to ``ttl_ms`` from now; False when it was lost."""
+        return bool(self._call("RenewLease", pb.RenewLeaseRequest(key=key, token=token, ttl_ms=ttl_ms)).renewed)
+
+    def complete_fetch(self, key: str, token: str, digest: str, size: int, media_type: str, ttl_ms: int) -> None:
+        """Register the fetched content on this node and release the lease, in one step.
+
+        ``ttl_ms`` 0 means the content never expires. Raises ``LeaseLost``
+        when the lease expired meanwhile; the content is then not registered.
+        """
+        request = pb.CompleteFetchRequest(
+            key=key,
+            token=token,
+            node_id=self.node_id,
+            content=pb.Content(digest=digest, size=size, media_type=media_type),
+            ttl_ms=ttl_ms,
+        )
+        self._call("CompleteFetch", request)
+
+    def abort_fetch(self, key: str, token: str) -> None:
+        """Release the lease (a no-op when it is no longer held under ``token``); also ends a tag lease."""
+        self._call("AbortFetch", pb.AbortFetchRequest(key=key, token=token))
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Push the TTL of ``digests`` forward; send hits batched, not one call per hit."""
+        self._call("Touch", pb.TouchRequest(node_id=self.node_id, digests=list(digests)))
+
+    # Tags.
+
+    def get_tag(self, upstream: str, repository: str, tag: str) -> TagPointerInfo | None:
+        """The cluster's pointer for the tag, or None when it has none."""
+        response = self._call("GetTag", pb.GetTagRequest(upstream=upstream, repository=repository, tag=tag))
+        if not response.found:
+            return None
+        pointer = response.pointer
+        return TagPointerInfo(
+            digest=pointer.digest, media_type=pointer.media_type, size=pointer.size, checked_at=pointer.checked_at
+        )
+
+    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointerInfo, lease_token: str) -> None:
+        """Move the tag; needs the token of the lease ``tag:<upstream>/<repository>:<tag>``.
+
+        Raises ``LeaseLost`` when that token is not the current one. The lease
+        stays held; release it with ``abort_fetch``.
+        """
+        request = pb.PutTagRequest(
+            upstream=upstream,
+            repository=repository,
+            tag=tag,
+            pointer=pb.TagPointer(
+                digest=pointer.digest, media_type=pointer.media_type, size=pointer.size, checked_at=pointer.checked_at
+            ),
+            lease_token=lease_token,
+        )
+        self._call("PutTag", request)
+
+    # Metrics.
+
+    def report_metrics(self, worker_id: str, sequence: int, counters: Mapping[str, int]) -> None:
+        """Add a delta of counters; resend the same ``sequence`` after a failure, never a new one.
+
+        ``worker_id`` names this process (unique per process lifetime) and
+        ``sequence`` grows by one per delta; the coordinator applies each
+        (node, worker, sequence) once.
+        """
+        request = pb.ReportMetricsRequest(
+            node_id=self.node_id, worker_id=worker_id, sequence=sequence, counters=dict(counters)
+        )
+        self._call("ReportMetrics", request)
+
+    def get_metrics(self) -> ClusterMetrics:
+        """The counters of every node that reported, and the cluster's totals."""
+        response = self._call("GetMetrics", pb.GetMetricsRequest())
+        return ClusterMetrics(
+            nodes=[
+                NodeMetrics(node_id=node.node_id, counters=dict(node.counters), live=bool(node.live))
+                for node in response.nodes
+            ],
+            cluster=dict(response.cluster),
+        )
+
+    # Plumbing.
+
+    def close(self) -> None:
+        """Close the channels; later calls raise ``CoordinatorError``. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            channels, self._channels, self._stubs = self._channels, [], []
+            owned = self._pid == os.getpid()
+        if owned:
+            for channel in channels:
+                channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _node(self, url: str, capacity_bytes: int, used_bytes: int) -> pb.NodeInfo:
+        return pb.NodeInfo(id=self.node_id, url=url, capacity_bytes=capacity_bytes, used_bytes=used_bytes)
+
+    def _call(self, method: str, request: Any) -> Any:
+        stubs, first = self._current_stubs()
+        failures: list[str] = []
+        for step in range(len(stubs)):
+            index = (first + step) % len(stubs)
+            try:
+                response = getattr(stubs[index], method)(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in _FAILOVER_CODES:
+                    log.debug("coordinator %s: %s %s", self.addresses[index], method, code.name)
+                    failures.append(f"{self.addresses[index]}: {code.name}")
+                    continue
+                raise _error(method, exc) from None
+            self._preferred = index
+            return response
+        raise CoordinatorUnavailable(f"{method}: no coordinator answered ({'; '.join(failures)})", "UNAVAILABLE")
+
+    def _current_stubs(self) -> tuple[list[pb_grpc.CoordinatorStub], int]:
+        with self._lock:
+            if self._closed:
+                raise CoordinatorError("the coordinator client is closed", "CANCELLED")
+            if self._pid != os.getpid():
+                # A fresh process, or a child forked after the parent made
+                # channels: the parent's channels are left alone (closing
+                # them here would disturb the parent) and new ones are made.
+                self._pid = os.getpid()
+                self._channels = [self._channel(address) for address in self.addresses]
+                self._stubs = [pb_grpc.CoordinatorStub(channel) for channel in self._channels]
+            return self._stubs, self._preferred
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._tls_ca is None:
+            return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        with open(self._tls_ca, "rb") as handle:
+            credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+        return grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+
+
+def _contents(content: Iterable[Content]) -> list[pb.Content]:
+    return [
+        pb.Content(digest=item.digest, size=item.size, media_type=item.media_type, accessed_at=item.accessed_at)
+        for item in content
+    ]
+
+
+def _holder(message: pb.Holder) -> Holder:
+    return Holder(node_id=message.node_id, url=message.url)
+
+
+def _error(method: str, exc: grpc.RpcError) -> CoordinatorError:
+    code = exc.code()
+    message = f"{method}: {code.name}: {exc.details()}"
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return LeaseLost(message, code.name)
+    return CoordinatorError(message, code.name)

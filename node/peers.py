@@ -1,0 +1,126 @@
+"""Moving content between the nodes of a cluster.
+
+Each node serves its content to the others at an internal endpoint,
+``GET /internal/v1/content/<digest>``: complete content with sendfile, or a
+fill in progress by following its growing file, so a node on the other side
+of the cluster gets the first bytes of a layer while it is still arriving
+from the upstream. The endpoint never starts a fetch of its own (a peer asks
+only the node the coordinator named), and it answers only callers that
+present the cluster secret.
+
+``PeerClient.open`` is the other side: a source for ``Fills`` that streams
+from a peer. The receiving node verifies the digest like any other fill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import Iterator
+
+import httpx
+from flask import Blueprint, Response, current_app, request
+
+from node.errors import BlobUnknown, ShoalError, UpstreamUnavailable
+from node.reference import parse_digest
+from node.responses import file_body
+from node.storage.fill import Fills, follow, follow_unsized
+from node.storage.local import LocalStore
+
+internal = Blueprint("internal", __name__)
+
+SECRET_HEADER = "X-Shoal-Secret"
+MEDIA_TYPE_HEADER = "X-Shoal-Media-Type"
+
+
+class PeerDenied(ShoalError):
+    code, status = "DENIED", 403
+
+
+@internal.route("/internal/v1/content/<reference>", methods=["GET"])
+def content(reference: str) -> Response:
+    secret: str = current_app.config["SHOAL_CLUSTER_SECRET"]
+    offered = request.headers.get(SECRET_HEADER, "")
+    if not secret or not hmac.compare_digest(offered.encode(), secret.encode()):
+        raise PeerDenied("this endpoint is for the nodes of the cluster")
+    digest = parse_digest(reference)
+    local: LocalStore = current_app.extensions["shoal.local"]
+    fills: Fills = current_app.extensions["shoal.fills"]
+    stored = local.open(digest)
+    if stored is not None:
+        local.touch(digest)
+        headers = {"Content-Length": str(stored.size), MEDIA_TYPE_HEADER: stored.media_type}
+        return Response(file_body(stored.file), headers=headers, direct_passthrough=True)
+    following = fills.in_progress(digest)
+    if following is None:
+        raise BlobUnknown("this node does not hold the content", {"digest": str(digest)})
+    headers = {}
+    if following.size is not None:
+        headers["Content-Length"] = str(following.size)
+        body = follow(following, 0, following.size)
+    else:
+        body = follow_unsized(following)
+    return Response(body, headers=headers, direct_passthrough=True)
+
+
+class PeerStream:
+    """A peer's answer, in the shape ``Fills`` reads from a source."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        length = response.headers.get("Content-Length")
+        self.size = int(length) if length is not None and length.isdigit() else None
+        self.media_type = response.headers.get(MEDIA_TYPE_HEADER, "application/octet-stream")
+
+    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        try:
+            yield from self._response.iter_raw()
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"the peer broke off the transfer ({type(exc).__name__})") from None
+
+
+class PeerClient:
+    """Streams content from other nodes; one per worker, shared by its threads."""
+
+    def __init__(self, secret: str, timeout: float) -> None:
+        self._client = httpx.Client(
+            headers={SECRET_HEADER: secret, "Accept-Encoding": "identity"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+        )
+        self._closed = False
+
+    @contextlib.contextmanager
+    def open(self, peer_url: str, digest: str) -> Iterator[PeerStream]:
+        """Stream ``digest`` from the node at ``peer_url``.
+
+        Raises ``BlobUnknown`` when the peer does not hold it (any longer)
+        and ``UpstreamUnavailable`` when it cannot be reached.
+        """
+        request = self._client.build_request("GET", f"{peer_url.rstrip('/')}/internal/v1/content/{digest}")
+        try:
+            response = self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"cannot reach peer {peer_url} ({type(exc).__name__})") from None
+        try:
+            if response.status_code == 404:
+                raise BlobUnknown(f"peer {peer_url} does not hold {digest}")
+            if response.status_code != 200:
+                raise UpstreamUnavailable(f"peer {peer_url} answered {response.status_code}")
+            yield PeerStream(response)
+        finally:
+            response.close()
+
+    def fetch(self, peer_url: str, digest: str, limit: int) -> tuple[bytes, str]:
+        """The whole content (a manifest) from a peer, at most ``limit`` bytes."""
+        with self.open(peer_url, digest) as stream:
+            data = bytearray()
+            for chunk in stream.iter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise UpstreamUnavailable(f"peer {peer_url} sent more than {limit} bytes")
+            return bytes(data), stream.media_type
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()

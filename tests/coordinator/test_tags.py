@@ -1,0 +1,84 @@
+"""Tag pointers against a real Redis: reads, lease-fenced writes, retention."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from coordinator.errors import InvalidArgument, LeaseLost
+from coordinator.keys import Keys
+from coordinator.leases import Leases
+from coordinator.tags import TagPointer, Tags, tag_lease_key
+from tests.coordinator.fakes import digest
+from tests.support.processes import wait_until
+
+UPSTREAM, REPO, TAG = "registry-1.docker.io", "library/alpine", "3.20"
+LEASE = tag_lease_key(UPSTREAM, REPO, TAG)
+
+
+@pytest.fixture
+def leases(redis_client: redis.Redis, keys: Keys) -> Leases:
+    return Leases(redis_client, keys)
+
+
+@pytest.fixture
+def tags(redis_client: redis.Redis, keys: Keys) -> Tags:
+    return Tags(redis_client, keys, retention=3600)
+
+
+def test_put_with_the_lease_then_get(tags: Tags, leases: Leases) -> None:
+    pointer = TagPointer(digest(1), "application/vnd.oci.image.index.v1+json", 512, checked_at=1_700_000_000.5)
+    assert tags.get(UPSTREAM, REPO, TAG) is None
+    lease = leases.acquire(LEASE, "node-a", 10_000)
+
+    tags.put(UPSTREAM, REPO, TAG, pointer, lease.token)
+
+    assert tags.get(UPSTREAM, REPO, TAG) == pointer
+    assert tags.get("ghcr.io", REPO, TAG) is None, "tags of different upstreams never mix"
+    assert leases.current(LEASE) is not None, "putting a tag keeps the lease held"
+
+
+def test_fencing_a_stale_lease_holder_cannot_move_the_tag(tags: Tags, leases: Leases) -> None:
+    stale = leases.acquire(LEASE, "node-a", 50)
+    wait_until(lambda: leases.current(LEASE) is None, timeout=5, message="lease never expired")
+    fresh = leases.acquire(LEASE, "node-b", 10_000)
+    tags.put(UPSTREAM, REPO, TAG, TagPointer(digest("new")), fresh.token)
+
+    with pytest.raises(LeaseLost):
+        tags.put(UPSTREAM, REPO, TAG, TagPointer(digest("old")), stale.token)
+
+    pointer = tags.get(UPSTREAM, REPO, TAG)
+    assert pointer is not None and pointer.digest == digest("new")
+
+
+def test_the_lease_of_another_tag_does_not_count(tags: Tags, leases: Leases) -> None:
+    other = leases.acquire(tag_lease_key(UPSTREAM, REPO, "latest"), "node-a", 10_000)
+
+    with pytest.raises(LeaseLost):
+        tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), other.token)
+    with pytest.raises(LeaseLost):
+        tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), "")
+
+
+def test_pointers_expire_after_the_retention(redis_client: redis.Redis, keys: Keys, leases: Leases) -> None:
+    tags = Tags(redis_client, keys, retention=0.05)
+    lease = leases.acquire(LEASE, "node-a", 10_000)
+    tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), lease.token)
+
+    wait_until(lambda: tags.get(UPSTREAM, REPO, TAG) is None, timeout=5, message="pointer never expired")
+
+
+def test_zero_retention_keeps_pointers(redis_client: redis.Redis, keys: Keys, leases: Leases) -> None:
+    tags = Tags(redis_client, keys, retention=0)
+    lease = leases.acquire(LEASE, "node-a", 10_000)
+    tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), lease.token)
+
+    assert redis_client.pttl(keys.tag(UPSTREAM, REPO, TAG)) == -1
+
+
+def test_bad_pointers_are_rejected(tags: Tags, leases: Leases) -> None:
+    lease = leases.acquire(LEASE, "node-a", 10_000)
+    with pytest.raises(InvalidArgument, match=r"pointer\.digest"):
+        tags.put(UPSTREAM, REPO, TAG, TagPointer("latest"), lease.token)
+    with pytest.raises(InvalidArgument, match="tag"):
+        tags.get(UPSTREAM, REPO, "")
