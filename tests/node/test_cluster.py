@@ -1,0 +1,207 @@
+"""A real cluster: redis-server, coordinators, three gunicorn nodes, a real upstream."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.cluster import Cluster, verify_store
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import Image, build_image, push, random_layer
+from tests.support.processes import wait_until
+from tests.support.registry import DistributionRegistry
+
+pytestmark = pytest.mark.integration
+
+
+def _pull(base_url: str, name: str, tag: str, image: Image) -> None:
+    """Pull an image as a client does and check every byte."""
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        manifest = http.get(f"/v2/{name}/manifests/{tag}")
+        assert manifest.status_code == 200, manifest.text
+        assert manifest.content == image.manifest
+        for digest, data in image.blobs.items():
+            body = http.get(f"/v2/{name}/blobs/{digest}").content
+            assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+            assert len(body) == len(data)
+
+
+def _upstream_gets(registry: DistributionRegistry, name: str, image: Image) -> dict[str, int]:
+    paths = [f"/v2/{name}/blobs/{digest}" for digest in image.blobs]
+    paths.append(f"/v2/{name}/manifests/{image.digest}")
+    return {path: registry.count("GET", path) for path in paths}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, upstream_registry: DistributionRegistry) -> Iterator[Cluster]:
+    with Cluster(tmp_path, upstream_registry.url) as started:
+        yield started
+
+
+def test_cold_burst_fetches_everything_once(cluster: Cluster, upstream_registry: DistributionRegistry) -> None:
+    image = build_image([4_000_000, 2_000_000, 1_000_000, 300_000, 20_000], seed="burst-32")
+    push(upstream_registry.url, "cluster/burst", "v1", image)
+    urls = [node.url for node in cluster.nodes]
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda i: _pull(urls[i % 3], "cluster/burst", "v1", image), range(32)))
+    elapsed = time.perf_counter() - started
+
+    counts = _upstream_gets(upstream_registry, "cluster/burst", image)
+    wait_until(lambda: all(_upstream_gets(upstream_registry, "cluster/burst", image).values()), message="no GETs")
+    counts = _upstream_gets(upstream_registry, "cluster/burst", image)
+    assert counts == dict.fromkeys(counts, 1), counts
+    assert upstream_registry.count("HEAD", "/v2/cluster/burst/manifests/v1") == 1
+    print(f"\n32 clients over 3 nodes: {elapsed:.2f}s, upstream GETs per item: {set(counts.values())}")
+    for node in cluster.nodes:
+        verify_store(node)
+
+
+def test_later_pulls_come_from_peers(cluster: Cluster, upstream_registry: DistributionRegistry) -> None:
+    image = build_image([500_000, 10_000], seed="peers")
+    push(upstream_registry.url, "cluster/peers", "v1", image)
+    _pull(cluster.nodes[0].url, "cluster/peers", "v1", image)
+    _pull(cluster.nodes[1].url, "cluster/peers", "v1", image)
+    _pull(cluster.nodes[2].url, "cluster/peers", "v1", image)
+    counts = _upstream_gets(upstream_registry, "cluster/peers", image)
+    assert counts == dict.fromkeys(counts, 1), counts
+    for digest in image.blobs:
+        assert digest in cluster.nodes[2].stored_digests()
+        wait_until(lambda digest=digest: len(cluster.holders(digest)) == 3, message=f"{digest} not on every node")
+
+
+def test_follower_on_another_node_streams_while_the_leader_fetches(tmp_path: Path) -> None:
+    data = random_layer(6 * 1024 * 1024, seed="follower")
+    with FakeUpstream() as upstream, Cluster(tmp_path, upstream.url, nodes=2) as cluster:
+        digest = upstream.add_blob("cluster/follow", data)
+        gate = threading.Event()
+        fault = upstream.set_fault(digest, gate=gate, chunk_size=256 * 1024)
+        path = f"/v2/cluster/follow/blobs/{digest}"
+        with httpx.Client(timeout=60) as http, http.stream("GET", cluster.nodes[0].url + path) as leader:
+            assert fault.reached.wait(20)
+            asked = time.perf_counter()
+            with http.stream("GET", cluster.nodes[1].url + path) as follower:
+                chunks = follower.iter_raw()
+                first = next(chunks)
+                first_byte = time.perf_counter() - asked
+                assert not gate.is_set(), "the follower waited for the whole layer"
+                assert first == data[: len(first)]
+                gate.set()
+                follower_body = first + b"".join(chunks)
+            leader_body = leader.read()
+        assert leader_body == follower_body == data
+        assert upstream.count("GET", path) == 1
+        print(f"\nfollower time to first byte: {first_byte * 1000:.1f} ms")
+
+
+def test_content_expires_from_every_node_after_its_ttl(tmp_path: Path, upstream_registry: DistributionRegistry) -> None:
+    image = build_image([200_000], seed="ttl")
+    push(upstream_registry.url, "cluster/ttl", "v1", image)
+    layer = image.layer_digests[0]
+    settings = {"upstream": {"ttl": "3s", "tag_ttl": "1h"}}
+    with Cluster(tmp_path, upstream_registry.url, nodes=2, node_settings=settings) as cluster:
+        path = f"/v2/cluster/ttl/blobs/{layer}"
+        for node in cluster.nodes:
+            assert httpx.get(node.url + path, timeout=30).content == image.blobs[layer]
+        wait_until(lambda: len(cluster.holders(layer)) == 2, message="both nodes should hold the layer")
+        for node in cluster.nodes:
+            wait_until(lambda node=node: layer not in node.stored_digests(), timeout=20, message="not evicted")
+        assert cluster.holders(layer) == set()
+        assert httpx.get(cluster.nodes[0].url + path, timeout=30).content == image.blobs[layer]
+        assert upstream_registry.count("GET", path) == 2
+
+
+def test_another_coordinator_sweeps_when_the_leader_stops(
+    tmp_path: Path, upstream_registry: DistributionRegistry
+) -> None:
+    image = build_image([100_000], seed="failover")
+    push(upstream_registry.url, "cluster/failover", "v1", image)
+    layer = image.layer_digests[0]
+    settings = {"upstream": {"ttl": "3s"}}
+    with Cluster(tmp_path, upstream_registry.url, nodes=2, coordinators=2, node_settings=settings) as cluster:
+        redis = cluster.redis.client()
+        leader_id = wait_until(lambda: redis.get(cluster.keys.leader()), message="no leader elected")
+        leader = next(c for c in cluster.coordinators if leader_id in c.log_text())
+        leader.stop()
+        path = f"/v2/cluster/failover/blobs/{layer}"
+        assert httpx.get(cluster.nodes[0].url + path, timeout=30).content == image.blobs[layer]
+        wait_until(lambda: cluster.holders(layer) == {"node-1"}, message="the layer was not registered")
+        wait_until(lambda: layer not in cluster.nodes[0].stored_digests(), timeout=20, message="no sweep")
+        assert redis.get(cluster.keys.leader()) not in (None, leader_id)
+
+
+def test_a_killed_fetcher_is_taken_over(tmp_path: Path) -> None:
+    data = random_layer(4 * 1024 * 1024, seed="killed")
+    with FakeUpstream() as upstream, Cluster(tmp_path, upstream.url, nodes=2) as cluster:
+        digest = upstream.add_blob("cluster/killed", data)
+        gate = threading.Event()
+        fault = upstream.set_fault(digest, gate=gate)
+        path = f"/v2/cluster/killed/blobs/{digest}"
+        first, second = cluster.nodes
+        with httpx.Client(timeout=60) as http:
+            with http.stream("GET", first.url + path):
+                assert fault.reached.wait(20)
+                with http.stream("GET", second.url + path) as follower:
+                    assert follower.status_code == 200
+                    first.kill()
+                    with pytest.raises(httpx.HTTPError):
+                        b"".join(follower.iter_raw())
+            upstream.clear_faults()
+            gate.set()
+            retried = http.get(second.url + path)
+        assert retried.status_code == 200
+        assert retried.content == data
+        assert upstream.count("GET", path) == 2
+        verify_store(second)
+        assert digest in second.stored_digests()
+        wait_until(lambda: cluster.holders(digest) == {"node-2"}, message="the takeover was not registered")
+
+
+def test_nodes_serve_and_fetch_while_the_coordinator_is_down(
+    cluster: Cluster, upstream_registry: DistributionRegistry
+) -> None:
+    cached = build_image([300_000, 5_000], seed="coordinator-down-cached")
+    fresh = build_image([200_000], seed="coordinator-down-fresh")
+    push(upstream_registry.url, "cluster/down", "cached", cached)
+    push(upstream_registry.url, "cluster/down", "fresh", fresh)
+    for node in cluster.nodes:
+        _pull(node.url, "cluster/down", "cached", cached)
+    before = _upstream_gets(upstream_registry, "cluster/down", cached)
+
+    cluster.coordinators[0].stop()
+    for node in cluster.nodes:
+        _pull(node.url, "cluster/down", "cached", cached)
+    assert _upstream_gets(upstream_registry, "cluster/down", cached) == before
+    _pull(cluster.nodes[0].url, "cluster/down", "fresh", fresh)
+    assert upstream_registry.count("GET", f"/v2/cluster/down/blobs/{fresh.layer_digests[0]}") == 1
+
+    cluster.coordinators[0].start()
+    # The node that fetched on its own announces it once the coordinator is back.
+    wait_until(lambda: "node-1" in cluster.holders(fresh.layer_digests[0]), timeout=20, message="no re-announce")
+    _pull(cluster.nodes[2].url, "cluster/down", "fresh", fresh)
+    assert upstream_registry.count("GET", f"/v2/cluster/down/blobs/{fresh.layer_digests[0]}") == 1
+
+
+def test_redis_restarted_empty_is_rebuilt_from_the_nodes(
+    cluster: Cluster, upstream_registry: DistributionRegistry
+) -> None:
+    image = build_image([150_000], seed="redis-restart")
+    push(upstream_registry.url, "cluster/redis", "v1", image)
+    _pull(cluster.nodes[1].url, "cluster/redis", "v1", image)
+    layer = image.layer_digests[0]
+    wait_until(lambda: cluster.holders(layer) == {"node-2"}, message="not registered")
+
+    cluster.redis.restart()
+    redis = cluster.redis.client()
+    assert redis.zscore(cluster.keys.ttl(), layer) is None
+    wait_until(lambda: cluster.holders(layer) == {"node-2"}, timeout=20, message="locations not rebuilt")
+    wait_until(lambda: redis.zscore(cluster.keys.ttl(), layer) is not None, message="schedule not rebuilt")
+    cluster.wait_for_members()
