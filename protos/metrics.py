@@ -1,0 +1,142 @@
+"""The metric counters nodes report and how every output names them.
+
+Part of the contract between nodes and coordinators, like the .proto: a
+node sends deltas keyed by the names below (``ReportMetrics``), the
+coordinator adds them up in Redis, and both render the same numbers as
+Prometheus text with ``families``. Only counters live here; node-local
+histograms and gauges are the node's own business.
+
+Counter keys are flat strings:
+
+- ``<type>.<counter>`` with type ``blob`` or ``manifest`` and counter one of
+  ``COUNTERS`` (``blob.hits``);
+- ``upstream.<kind>.<class>``: upstream requests by kind (``manifest``,
+  ``blob``, ``tags``, ``token``, ``ping``) and status class (``2xx``, ``3xx``,
+  ``4xx``, ``5xx``, ``error`` for no answer);
+- ``evictions.<reason>``: ``ttl`` or ``size``;
+- ``errors.<CODE>``: error answers to clients, by OCI code;
+- ``cached.distinct_bytes`` (cluster only, kept by the coordinator): the
+  bytes of every distinct digest the cluster came to hold, counted once per
+  digest from the moment the cluster first holds it until it expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+TYPES = ("blob", "manifest")
+# Requests = hits + misses + peer_hits, for each type.
+COUNTERS = (
+    "requests",  # client requests for content
+    "hits",  # served from the node's own store
+    "misses",  # fetched from the upstream by this node
+    "peer_hits",  # fetched from another node of the cluster
+    "bytes_pulled",  # bytes received from the upstream
+    "bytes_pushed",  # bytes sent to clients
+    "peer_bytes",  # bytes received from other nodes
+    "follower_joins",  # requests that rode on a fetch already running
+    "lease_waits",  # requests that waited for another node's fetch lease
+)
+DISTINCT_BYTES = "cached.distinct_bytes"
+
+# Distribution v3's names, so existing dashboards keep working.
+_DISTRIBUTION = {
+    "requests": "registry_proxy_requests",
+    "hits": "registry_proxy_hits",
+    "misses": "registry_proxy_misses",
+    "bytes_pulled": "registry_proxy_pulled_bytes",
+    "bytes_pushed": "registry_proxy_pushed_bytes",
+}
+_HELP = {
+    "requests": "Client requests for content",
+    "hits": "Requests served from the node's own store",
+    "misses": "Requests fetched from the upstream",
+    "peer_hits": "Requests fetched from another node",
+    "bytes_pulled": "Bytes received from the upstream",
+    "bytes_pushed": "Bytes sent to clients",
+    "peer_bytes": "Bytes received from other nodes",
+    "follower_joins": "Requests that rode on a fetch already running",
+    "lease_waits": "Requests that waited for another node's fetch lease",
+}
+
+
+def key(kind: str, counter: str) -> str:
+    return f"{kind}.{counter}"
+
+
+@dataclass(frozen=True)
+class NodeCounts:
+    node_id: str
+    counters: Mapping[str, int]
+    live: bool = True
+
+
+def _name(counter: str) -> str:
+    return _DISTRIBUTION.get(counter, f"shoal_{counter}")
+
+
+def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Metric]:
+    """Prometheus families: per node (label ``node``) and cluster totals (``shoal_cluster_*``).
+
+    Cluster totals have names of their own, so summing a per-node family
+    over its ``node`` label never counts anything twice.
+    """
+    nodes = list(nodes)
+    result: list[Metric] = []
+    for counter in COUNTERS:
+        name = _name(counter)
+        per_node = CounterMetricFamily(name, _HELP[counter], labels=["type", "node"])
+        total = CounterMetricFamily(f"shoal_cluster_{counter}", f"{_HELP[counter]}, whole cluster", labels=["type"])
+        for kind in TYPES:
+            for node in nodes:
+                per_node.add_metric([kind, node.node_id], node.counters.get(key(kind, counter), 0))
+            total.add_metric([kind], cluster.get(key(kind, counter), 0))
+        result += [per_node, total]
+    result += _grouped(
+        nodes, cluster, "upstream", "shoal_upstream_requests", "Requests to the upstream", ["kind", "class"]
+    )
+    result += _grouped(nodes, cluster, "evictions", "shoal_evictions", "Content evicted", ["reason"])
+    result += _grouped(nodes, cluster, "errors", "shoal_errors", "Error answers to clients", ["code"])
+    up = GaugeMetricFamily("shoal_node_up", "1 while the node heartbeats to the coordinator", labels=["node"])
+    for node in nodes:
+        up.add_metric([node.node_id], 1 if node.live else 0)
+    distinct = GaugeMetricFamily("shoal_cluster_cached_distinct_bytes", "Bytes of distinct content the cluster holds")
+    distinct.add_metric([], cluster.get(DISTINCT_BYTES, 0))
+    return [*result, up, distinct]
+
+
+def _grouped(
+    nodes: list[NodeCounts], cluster: Mapping[str, int], prefix: str, name: str, help_text: str, labels: list[str]
+) -> list[Metric]:
+    per_node = CounterMetricFamily(name, help_text, labels=[*labels, "node"])
+    total = CounterMetricFamily(
+        f"shoal_cluster_{name.removeprefix('shoal_')}", f"{help_text}, whole cluster", labels=labels
+    )
+    for source, family, extra in [(node.counters, per_node, [node.node_id]) for node in nodes] + [(cluster, total, [])]:
+        for counter, value in sorted(source.items()):
+            parts = counter.split(".")
+            if parts[0] == prefix and len(parts) == len(labels) + 1:
+                family.add_metric([*parts[1:], *extra], value)
+    return [per_node, total]
+
+
+def expvar(counters: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """Distribution's expvar objects, with the seed's field names.
+
+    Distribution counted every request as a hit; Shoal counts a request
+    served from anywhere in the cluster as a hit (local or peer), so that
+    Requests = Hits + Misses as the names promise.
+    """
+    objects = {}
+    for kind, plural in (("blob", "blobs"), ("manifest", "manifests")):
+        objects[plural] = {
+            "Requests": counters.get(key(kind, "requests"), 0),
+            "Hits": counters.get(key(kind, "hits"), 0) + counters.get(key(kind, "peer_hits"), 0),
+            "Misses": counters.get(key(kind, "misses"), 0),
+            "BytesPulled": counters.get(key(kind, "bytes_pulled"), 0),
+            "BytesPushed": counters.get(key(kind, "bytes_pushed"), 0),
+        }
+    return objects
