@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from node.errors import NotFound, PaginationInvalid, RangeInvalid, ShoalError, Unsupported
+from node.metrics import Metrics
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
 from node.responses import file_body
 from node.storage.fill import follow, follow_unsized
@@ -39,6 +41,11 @@ def proxy() -> ProxyStore:
     return store
 
 
+def _metrics() -> Metrics:
+    metrics: Metrics = current_app.extensions["shoal.metrics"]
+    return metrics
+
+
 @api.route("/v2/", methods=["GET", "HEAD", *WRITE_METHODS])
 def base() -> Response:
     if request.method in WRITE_METHODS:
@@ -51,22 +58,20 @@ def registry(path: str) -> Response:
     if request.method in WRITE_METHODS:
         raise Unsupported("this registry is a read-only mirror: pushes and deletes are not supported")
     if path == "_catalog":
+        g.endpoint = "catalog"
         return _page_response(proxy().catalog(*_pagination()), "repositories")
     tags = _TAGS.fullmatch(path)
     if tags:
+        g.endpoint = "tags"
         return _page_response(proxy().tags(_name(tags["name"]), *_pagination()), "tags", tags["name"])
     content = _CONTENT.fullmatch(path)
     if not content:
         raise NotFound("no such registry endpoint", {"path": path[:256]})
     name = _name(content["name"])
+    g.endpoint = content["kind"]
     if content["kind"] == "blobs":
         return _blob(name, parse_digest(content["reference"]))
     return _manifest(name, content["reference"])
-
-
-@api.route("/healthz", methods=["GET", "HEAD"])
-def health() -> Response:
-    return jsonify({"status": "ok"})
 
 
 def _name(raw: str) -> str:
@@ -109,6 +114,8 @@ def _manifest(name: str, reference: str) -> Response:
     }
     if _not_modified(manifest.digest):
         return Response(status=304, headers=headers)
+    if request.method == "GET":
+        _count("manifest", manifest.outcome, len(manifest.data), joined=False)
     # For HEAD, werkzeug sends the headers of this body and leaves the body out.
     return Response(manifest.data, headers=headers)
 
@@ -141,10 +148,30 @@ def _blob(name: str, digest: Digest) -> Response:
         _release(blob)
         return Response(status=status, headers=headers)
     if blob.stored is not None:
+        _count("blob", blob.outcome, (end or 0) - start, joined=False)
         return Response(file_body(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
+    _count("blob", blob.outcome, 0, joined=blob.following.joined)
     body = follow(blob.following, start, end) if end is not None else follow_unsized(blob.following)
-    return Response(_started(body), status=status, headers=headers, direct_passthrough=True)
+    return Response(_started(_pushed(body)), status=status, headers=headers, direct_passthrough=True)
+
+
+def _count(kind: str, outcome: str, pushed: int, *, joined: bool) -> None:
+    """Count a GET of content: requests = hits + misses + peer_hits."""
+    metrics = _metrics()
+    metrics.count(kind, "requests")
+    metrics.count(kind, outcome)
+    metrics.count(kind, "bytes_pushed", pushed)
+    if joined:
+        metrics.count(kind, "follower_joins")
+
+
+def _pushed(body: Iterator[bytes]) -> Iterator[bytes]:
+    """Count the bytes of a followed fill as they go out."""
+    metrics = _metrics()
+    for chunk in body:
+        metrics.count("blob", "bytes_pushed", len(chunk))
+        yield chunk
 
 
 def _started(body: Iterator[bytes]) -> Iterator[bytes]:
@@ -207,6 +234,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(ShoalError, _shoal_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+    app.before_request(_started_at)
     app.after_request(_api_version)
 
 
@@ -217,6 +245,7 @@ def error_response(code: str, message: str, status: int, detail: object | None =
 
 
 def _shoal_error(error: ShoalError) -> Response:
+    _metrics().add(f"errors.{error.code}")
     response = error_response(error.code, error.message, error.status, error.detail)
     if isinstance(error, RangeInvalid):
         response.headers["Content-Range"] = f"bytes */{error.size}"
@@ -224,6 +253,8 @@ def _shoal_error(error: ShoalError) -> Response:
 
 
 def _http_error(error: HTTPException) -> Response:
+    code = {405: "UNSUPPORTED", 404: "NOT_FOUND"}.get(error.code or 0, "UNKNOWN")
+    _metrics().add(f"errors.{code}")
     if error.code == 405:
         return error_response("UNSUPPORTED", "method not allowed", 405)
     if error.code == 404:
@@ -232,10 +263,19 @@ def _http_error(error: HTTPException) -> Response:
 
 
 def _unexpected_error(error: Exception) -> Response:
+    _metrics().add("errors.UNKNOWN")
     log.exception("unexpected error on %s %s", request.method, request.path)
     return error_response("UNKNOWN", "internal error", 500)
 
 
+def _started_at() -> None:
+    g.started = time.perf_counter()
+
+
 def _api_version(response: Response) -> Response:
     response.headers[API_VERSION[0]] = API_VERSION[1]
+    metrics = _metrics()
+    endpoint = g.get("endpoint") or (request.blueprint or "other")
+    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+    metrics.request_seconds.labels(endpoint, metrics.node_id).observe(elapsed)
     return response

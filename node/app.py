@@ -8,6 +8,7 @@ after the fork, so the threads made here belong to that worker.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from node.cluster import Cluster
 from node.config import NodeConfig
 from node.coordinator_client import CoordinatorClient
 from node.directory import Directory, Standalone
+from node.metrics import CoordinatorSink, LocalSink, Metrics, Sink
 from node.peers import PeerClient, internal
+from node.status import status
 from node.storage.fill import Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
@@ -42,9 +45,19 @@ class Node:
         # the store's own sweep does.
         local_ttl = 0.0 if config.cluster.enabled else config.upstream.ttl
         self.local = LocalStore(config.cache.dir, config.cache.max_size, local_ttl, clock)
-        self.upstream = upstream or Upstream(config.upstream, clock=clock)
+        client = _coordinator_client(config)
+        sink: Sink = (
+            CoordinatorSink(client)
+            if client is not None
+            else LocalSink(os.path.join(self.local.root, "metrics.json"), config.node_id, clock)
+        )
+        self.metrics = Metrics(sink, config.node_id, config.upstream.url)
+        self.upstream = upstream or Upstream(config.upstream, clock=clock, observer=self.metrics)
         self.fills = Fills(self.local, timeout=config.upstream.timeout, on_commit=lambda _: self._sweep_soon.set())
-        self.directory = _directory(config, self.local, clock)
+        self.directory: Directory = Standalone()
+        if client is not None:
+            peers = PeerClient(config.cluster.secret or "", config.upstream.timeout, self.metrics)
+            self.directory = Cluster(config, self.local, client, peers, self.metrics, clock)
         self.proxy = ProxyStore(self.local, self.fills, self.upstream, config.upstream, self.directory, clock=clock)
         self._interval = min(FLUSH_INTERVAL, config.cluster.heartbeat_interval)
         self._stop = threading.Event()
@@ -54,24 +67,31 @@ class Node:
         self._thread.start()
 
     def _background(self) -> None:
-        """Flush hits every second; sweep after a fill and every minute."""
+        """Every second: hits, metrics and the heartbeat; a sweep after a fill and every minute."""
         last_sweep = time.monotonic()
         self.directory.tick()
         while not self._stop.wait(self._interval):
             self.directory.touched(self.local.flush_touches())
+            self.metrics.flush()
             self.directory.tick()
             if self._sweep_soon.is_set() or time.monotonic() - last_sweep > SWEEP_INTERVAL:
                 self._sweep_soon.clear()
                 last_sweep = time.monotonic()
-                try:
-                    removed = self.local.sweep()
-                except OSError:
-                    log.exception("sweeping the cache failed")
-                    continue
-                if removed:
-                    log.info("evicted %d items from the cache", len(removed))
-                    self.directory.dropped(removed)
+                self._sweep()
         self.directory.touched(self.local.flush_touches())
+        self.metrics.flush()
+
+    def _sweep(self) -> None:
+        try:
+            removed = self.local.sweep()
+        except OSError:
+            log.exception("sweeping the cache failed")
+            return
+        if removed:
+            log.info("evicted %d items from the cache", len(removed))
+            for _, reason in removed:
+                self.metrics.add(f"evictions.{reason}")
+            self.directory.dropped([digest for digest, _ in removed])
 
     def close(self) -> None:
         if self._closed:
@@ -84,18 +104,16 @@ class Node:
         self.upstream.close()
 
 
-def _directory(config: NodeConfig, local: LocalStore, clock: Callable[[], float]) -> Directory:
+def _coordinator_client(config: NodeConfig) -> CoordinatorClient | None:
     if not config.cluster.enabled:
-        return Standalone()
-    secret = config.cluster.secret or ""
-    client = CoordinatorClient(
+        return None
+    return CoordinatorClient(
         list(config.cluster.coordinators),
-        secret,
+        config.cluster.secret or "",
         config.node_id,
         timeout=config.cluster.timeout,
         tls_ca=config.cluster.tls_ca,
     )
-    return Cluster(config, local, client, PeerClient(secret, config.upstream.timeout), clock)
 
 
 def create_app(
@@ -108,7 +126,9 @@ def create_app(
     app.extensions["shoal.proxy"] = node.proxy
     app.extensions["shoal.local"] = node.local
     app.extensions["shoal.fills"] = node.fills
+    app.extensions["shoal.metrics"] = node.metrics
     app.config["SHOAL_CLUSTER_SECRET"] = config.cluster.secret or ""
     api.register(app)
     app.register_blueprint(internal)
+    app.register_blueprint(status)
     return app

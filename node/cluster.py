@@ -44,6 +44,7 @@ from node.coordinator_client import (
 )
 from node.directory import ManifestFetch, ManifestStore, TagCheck, UpstreamOpener
 from node.errors import BlobUnknown, TooManyRequests, UpstreamUnavailable
+from node.metrics import Metrics
 from node.peers import PeerClient
 from node.reference import Digest, parse_digest
 from node.storage.fill import Source
@@ -65,9 +66,11 @@ class Cluster:
         local: LocalStore,
         client: CoordinatorClient,
         peers: PeerClient,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = config.node_id
+        self.metrics = metrics
         self.url = config.advertise_url
         self.local = local
         self.client = client
@@ -101,6 +104,7 @@ class Cluster:
         from_upstream: UpstreamOpener,
     ) -> tuple[Source, Callable[[], None]]:
         deadline = time.monotonic() + self.wait_timeout
+        waited = False
         while True:
             try:
                 location = self.client.locate(str(digest), key)
@@ -117,6 +121,9 @@ class Cluster:
                 stream = self._open_peer(stack, lease.holder, digest)
                 if stream is not None:
                     return stream, lambda: self._add(digest)
+            if not waited:
+                waited = True
+                self.metrics.count("blob", "lease_waits")
             if time.monotonic() > deadline:
                 log.warning("gave up waiting for the cluster's fetch of %s; fetching it myself", digest)
                 return stack.enter_context(from_upstream()), lambda: self._add(digest)
@@ -171,9 +178,10 @@ class Cluster:
 
     # Manifests.
 
-    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> None:
+    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> str:
         key = f"manifest:{self.upstream_name}/{digest}"
         deadline = time.monotonic() + self.wait_timeout
+        waited = False
         while True:
             try:
                 location = self.client.locate(str(digest), key)
@@ -185,13 +193,13 @@ class Cluster:
                         continue
                     store(data, media_type)
                     self._add(digest)
-                    return
+                    return "peer"
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
             except CoordinatorUnavailable as exc:
                 log.warning("coordinator unreachable, fetching %s from the upstream directly: %s", digest, exc)
                 store(*from_upstream())
                 self._mark_unannounced()
-                return
+                return "upstream"
             if lease.granted:
                 try:
                     store(*from_upstream())
@@ -200,11 +208,14 @@ class Cluster:
                         self.client.abort_fetch(key, lease.token)
                     raise
                 self._complete(key, lease.token, digest)
-                return
+                return "upstream"
+            if not waited:
+                waited = True
+                self.metrics.count("manifest", "lease_waits")
             if time.monotonic() > deadline:
                 store(*from_upstream())
                 self._add(digest)
-                return
+                return "upstream"
             time.sleep(_POLL)
 
     # Tags.
@@ -355,6 +366,7 @@ class Cluster:
         for text in digests:
             digest = parse_digest(text)
             if self.local.remove(digest):
+                self.metrics.add("evictions.ttl")
                 log.info("evicted %s (expired)", digest)
 
     def close(self) -> None:

@@ -35,8 +35,8 @@ class Directory(Protocol):
         """
         ...
 
-    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> None:
-        """Get the manifest from a peer or the upstream and ``store`` it."""
+    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> str:
+        """Get the manifest from a peer or the upstream and ``store`` it; say which (``peer``, ``upstream``)."""
         ...
 
     def resolve_tag(self, name: str, tag: str, check: TagCheck) -> str:
@@ -66,8 +66,9 @@ class Standalone:
         with from_upstream() as source:
             yield source
 
-    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> None:
+    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> str:
         store(*from_upstream())
+        return "upstream"
 
     def resolve_tag(self, name: str, tag: str, check: TagCheck) -> str:
         return check()

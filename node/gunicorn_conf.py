@@ -1,6 +1,12 @@
 """gunicorn settings the node always runs with; the CLI passes the rest."""
 
+import os
+import shutil
+
 from gunicorn.glogging import CONFIG_DEFAULTS
+
+# Set by ``shoal node``; prometheus-client's multiprocess mode reads it.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 worker_class = "gthread"
 sendfile = True
@@ -34,3 +40,23 @@ def worker_exit(server, worker):
     node = getattr(app, "extensions", {}).get("shoal.node") if app is not None else None
     if node is not None:
         node.close()
+
+
+def on_starting(server):
+    """Start with no histogram files of an earlier run (prometheus-client multiprocess mode)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+
+
+def child_exit(server, worker):
+    """Fold an exited worker's gauges out of /metrics.
+
+    Imported here, not at the top: the master must not load the node's
+    modules (and gRPC with them) before it forks its workers.
+    """
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -26,11 +26,14 @@ from node.reference import parse_digest
 from node.responses import file_body
 from node.storage.fill import Fills, follow, follow_unsized
 from node.storage.local import LocalStore
+from node.upstream import Observer
 
 internal = Blueprint("internal", __name__)
 
 SECRET_HEADER = "X-Shoal-Secret"
 MEDIA_TYPE_HEADER = "X-Shoal-Media-Type"
+# Set on answers that follow a fill still in progress on the peer.
+IN_PROGRESS_HEADER = "X-Shoal-In-Progress"
 
 
 class PeerDenied(ShoalError):
@@ -54,7 +57,7 @@ def content(reference: str) -> Response:
     following = fills.in_progress(digest)
     if following is None:
         raise BlobUnknown("this node does not hold the content", {"digest": str(digest)})
-    headers = {}
+    headers = {IN_PROGRESS_HEADER: "1"}
     if following.size is not None:
         headers["Content-Length"] = str(following.size)
         body = follow(following, 0, following.size)
@@ -66,15 +69,22 @@ def content(reference: str) -> Response:
 class PeerStream:
     """A peer's answer, in the shape ``Fills`` reads from a source."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    origin = "peer"
+
+    def __init__(self, response: httpx.Response, kind: str, observer: Observer) -> None:
         self._response = response
+        self._kind = kind
+        self._observer = observer
         length = response.headers.get("Content-Length")
         self.size = int(length) if length is not None and length.isdigit() else None
         self.media_type = response.headers.get(MEDIA_TYPE_HEADER, "application/octet-stream")
+        self.joined = response.headers.get(IN_PROGRESS_HEADER) == "1"
 
     def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
         try:
-            yield from self._response.iter_raw()
+            for chunk in self._response.iter_raw():
+                self._observer.count(self._kind, "peer_bytes", len(chunk))
+                yield chunk
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"the peer broke off the transfer ({type(exc).__name__})") from None
 
@@ -82,7 +92,8 @@ class PeerStream:
 class PeerClient:
     """Streams content from other nodes; one per worker, shared by its threads."""
 
-    def __init__(self, secret: str, timeout: float) -> None:
+    def __init__(self, secret: str, timeout: float, observer: Observer) -> None:
+        self._observer = observer
         self._client = httpx.Client(
             headers={SECRET_HEADER: secret, "Accept-Encoding": "identity"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
@@ -90,7 +101,7 @@ class PeerClient:
         self._closed = False
 
     @contextlib.contextmanager
-    def open(self, peer_url: str, digest: str) -> Iterator[PeerStream]:
+    def open(self, peer_url: str, digest: str, kind: str = "blob") -> Iterator[PeerStream]:
         """Stream ``digest`` from the node at ``peer_url``.
 
         Raises ``BlobUnknown`` when the peer does not hold it (any longer)
@@ -106,13 +117,13 @@ class PeerClient:
                 raise BlobUnknown(f"peer {peer_url} does not hold {digest}")
             if response.status_code != 200:
                 raise UpstreamUnavailable(f"peer {peer_url} answered {response.status_code}")
-            yield PeerStream(response)
+            yield PeerStream(response, kind, self._observer)
         finally:
             response.close()
 
     def fetch(self, peer_url: str, digest: str, limit: int) -> tuple[bytes, str]:
         """The whole content (a manifest) from a peer, at most ``limit`` bytes."""
-        with self.open(peer_url, digest) as stream:
+        with self.open(peer_url, digest, "manifest") as stream:
             data = bytearray()
             for chunk in stream.iter_bytes():
                 data += chunk

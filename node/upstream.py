@@ -25,9 +25,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -105,12 +105,38 @@ class TagPage:
     link: str | None
 
 
+class Observer(Protocol):
+    """Where the client reports what it did (``node.metrics.Metrics``)."""
+
+    def upstream_request(self, kind: str, status: int | None, seconds: float) -> None: ...
+
+    def count(self, kind: str, counter: str, value: int = 1) -> None: ...
+
+    def rate_limits(self, seen: Mapping[str, str]) -> None: ...
+
+
+class _Unobserved:
+    def upstream_request(self, kind: str, status: int | None, seconds: float) -> None:
+        pass
+
+    def count(self, kind: str, counter: str, value: int = 1) -> None:
+        pass
+
+    def rate_limits(self, seen: Mapping[str, str]) -> None:
+        pass
+
+
 class BlobStream:
     """An open blob download; valid only inside ``Upstream.open_blob``."""
 
-    def __init__(self, response: httpx.Response, on_error: Callable[[httpx.HTTPError], ShoalError]) -> None:
+    origin = "upstream"
+
+    def __init__(
+        self, response: httpx.Response, on_error: Callable[[httpx.HTTPError], ShoalError], observer: Observer
+    ) -> None:
         self._response = response
         self._on_error = on_error
+        self._observer = observer
         self.size = _content_length(response)
 
     def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
@@ -120,7 +146,9 @@ class BlobStream:
         a fill see the first bytes at once, not after a full chunk.
         """
         try:
-            yield from self._response.iter_bytes(chunk_size)
+            for chunk in self._response.iter_bytes(chunk_size):
+                self._observer.count("blob", "bytes_pulled", len(chunk))
+                yield chunk
         except httpx.HTTPError as exc:
             raise self._on_error(exc) from None
 
@@ -134,8 +162,10 @@ class Upstream:
         *,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self.url = config.url
+        self._observer: Observer = observer or _Unobserved()
         self._token_realms = frozenset(host.lower() for host in config.token_realms)
         self._host = (httpx.URL(config.url).host or "").lower()
         self._basic = _basic_authorization(config)
@@ -163,7 +193,7 @@ class Upstream:
         request = self._client.build_request(
             "HEAD", f"/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_MANIFESTS}
         )
-        with self._open(request, what, ManifestUnknown) as response:
+        with self._open(request, what, ManifestUnknown, "manifest") as response:
             return ManifestHead(
                 digest=response.headers.get("docker-content-digest"),
                 media_type=_content_type(response),
@@ -175,13 +205,14 @@ class Upstream:
         request = self._client.build_request(
             "GET", f"/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_MANIFESTS}
         )
-        with self._open(request, what, ManifestUnknown) as response:
+        with self._open(request, what, ManifestUnknown, "manifest") as response:
             length = _content_length(response)
             if length is not None and length > MANIFEST_MAX:
                 raise self._too_large(what, MANIFEST_MAX)
             data = _read_limited(response, MANIFEST_MAX)
             if len(data) > MANIFEST_MAX:
                 raise self._too_large(what, MANIFEST_MAX)
+            self._observer.count("manifest", "bytes_pulled", len(data))
             media_type = _content_type(response) or _media_type_field(data)
             if not media_type:
                 raise self._failure(UpstreamInvalid, f"{what}: no media type in the answer or the manifest")
@@ -192,8 +223,8 @@ class Upstream:
         """Stream a blob; the response is closed when the block ends."""
         what = f"blob {name}@{digest}"
         request = self._client.build_request("GET", f"/v2/{name}/blobs/{digest}")
-        with self._open(request, what, BlobUnknown) as response:
-            yield BlobStream(response, lambda exc: self._unavailable(what, exc))
+        with self._open(request, what, BlobUnknown, "blob") as response:
+            yield BlobStream(response, lambda exc: self._unavailable(what, exc), self._observer)
 
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
         what = f"tags of {name}"
@@ -203,7 +234,7 @@ class Upstream:
         if last is not None:
             params["last"] = last
         request = self._client.build_request("GET", f"/v2/{name}/tags/list", params=params)
-        with self._open(request, what, NameUnknown) as response:
+        with self._open(request, what, NameUnknown, "tags") as response:
             body = _read_limited(response, _TAGS_MAX)
             if len(body) > _TAGS_MAX:
                 raise self._too_large(what, _TAGS_MAX)
@@ -216,7 +247,7 @@ class Upstream:
 
     def ping(self) -> None:
         """Check that the upstream answers ``GET /v2/`` (with auth) with 200."""
-        with self._open(self._client.build_request("GET", "/v2/"), "ping", None):
+        with self._open(self._client.build_request("GET", "/v2/"), "ping", None, "ping"):
             pass
 
     def close(self) -> None:
@@ -230,20 +261,24 @@ class Upstream:
         request: httpx.Request,
         what: str,
         not_found: type[ShoalError] | None,
+        kind: str,
         *,
         use_auth: bool = True,
     ) -> Iterator[httpx.Response]:
         """Send ``request`` streaming; yield the response only if it is a 200.
 
         A transport failure, including one while the block reads the body,
-        becomes ``UpstreamUnavailable``.
+        becomes ``UpstreamUnavailable``. Each request is reported to the
+        observer with its kind, status and time to the end of the block.
         """
+        started = time.monotonic()
         try:
             if use_auth:
                 response = self._client.send(request, stream=True)
             else:
                 response = self._client.send(request, stream=True, auth=None)
         except httpx.HTTPError as exc:
+            self._observer.upstream_request(kind, None, time.monotonic() - started)
             raise self._unavailable(what, exc) from None
         try:
             self._check(response, what, not_found)
@@ -252,6 +287,7 @@ class Upstream:
             raise self._unavailable(what, exc) from None
         finally:
             response.close()
+            self._observer.upstream_request(kind, response.status_code, time.monotonic() - started)
 
     def _check(self, response: httpx.Response, what: str, not_found: type[ShoalError] | None) -> None:
         status = response.status_code
@@ -294,7 +330,7 @@ class Upstream:
         # Merged, not passed as params: httpx would replace a query the realm
         # already has.
         request = self._client.build_request("GET", realm.copy_merge_params(params), headers=headers)
-        with self._open(request, what, None, use_auth=False) as response:
+        with self._open(request, what, None, "token", use_auth=False) as response:
             body = _read_limited(response, _TOKEN_MAX)
         if len(body) > _TOKEN_MAX:
             raise self._too_large(what, _TOKEN_MAX)
@@ -320,6 +356,7 @@ class Upstream:
         if seen:
             with self._rate_lock:
                 self.rate_limits = {**self.rate_limits, **seen}
+            self._observer.rate_limits(seen)
 
     def _unavailable(self, what: str, exc: httpx.HTTPError) -> ShoalError:
         return self._failure(UpstreamUnavailable, f"{what}: {_describe(exc)}")

@@ -89,7 +89,8 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
     for counter in COUNTERS:
         name = _name(counter)
         per_node = CounterMetricFamily(name, _HELP[counter], labels=["type", "node"])
-        total = CounterMetricFamily(f"shoal_cluster_{counter}", f"{_HELP[counter]}, whole cluster", labels=["type"])
+        short = name.removeprefix("registry_proxy_").removeprefix("shoal_")
+        total = CounterMetricFamily(f"shoal_cluster_{short}", f"{_HELP[counter]}, whole cluster", labels=["type"])
         for kind in TYPES:
             for node in nodes:
                 per_node.add_metric([kind, node.node_id], node.counters.get(key(kind, counter), 0))

@@ -87,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--cache-size", default="20GiB", metavar="SIZE", help="cache size limit per node (default 20GiB)")
     up.set_defaults(run=_run_up)
 
+    stats = commands.add_parser(
+        "stats",
+        help="show the cluster's counters as a table",
+        description=(
+            "Show requests, hit ratio, bytes pushed to clients and pulled from the upstream for every node "
+            "and the whole cluster, and the upstream amplification (bytes pulled / distinct bytes cached), "
+            "read from any node's /debug/vars."
+        ),
+    )
+    stats.add_argument("--url", default="http://127.0.0.1:5000", help="any node of the cluster (default %(default)s)")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    stats.set_defaults(run=_run_stats)
+
     return parser
 
 
@@ -123,6 +137,9 @@ def run_node(args: argparse.Namespace) -> int:
     # Validate here, in one process, so a bad key fails with one clear line
     # instead of a traceback from every gunicorn worker.
     config = load_config(env.get(CONFIG_ENV), env)
+    # The workers keep their histograms in files here (prometheus-client's
+    # multiprocess mode), so that /metrics shows the whole node.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(os.path.abspath(config.cache.dir), "prometheus"))
     command = gunicorn_command(config.server.bind, config.server.workers, config.server.threads)
     os.execve(sys.executable, command, env)
     return 0  # not reached
@@ -133,4 +150,10 @@ def _run_up(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise SystemExit("shoal up: --nodes must be at least 1")
+    return run(args)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from shoal.stats import run
+
     return run(args)

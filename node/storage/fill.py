@@ -56,9 +56,15 @@ _POLL_FIRST, _POLL_LAST = 0.001, 0.02
 
 
 class Source(Protocol):
-    """An open stream of a blob's bytes, as ``Upstream.open_blob`` yields."""
+    """An open stream of a blob's bytes, as ``Upstream.open_blob`` yields.
+
+    ``origin`` says where the bytes come from (``upstream`` or ``peer``);
+    ``joined`` is true when the source itself rides on a fetch already
+    running elsewhere (a peer's fill in progress).
+    """
 
     size: int | None
+    origin: str
 
     def iter_bytes(self, chunk_size: int | None = ...) -> Iterator[bytes]: ...
 
@@ -81,6 +87,10 @@ class Following:
     digest: Digest
     content_path: str
     lock_path: str
+    # Where the fill's bytes come from: "upstream" or "peer".
+    origin: str = "upstream"
+    # True when this client rode on a fetch that was already running.
+    joined: bool = False
 
 
 class Fills:
@@ -134,7 +144,8 @@ class Fills:
             fd = os.open(os.path.join(self.store.fills_dir(), info["partial"]), os.O_RDONLY)
         except (FileNotFoundError, ValueError, KeyError):
             return None
-        return Following(fd, info["size"], digest, self.store.content_path(digest), base + ".lock")
+        origin = info.get("origin", "upstream")
+        return Following(fd, info["size"], digest, self.store.content_path(digest), base + ".lock", origin, True)
 
     def _lead(self, digest: Digest, opener: Opener, lock: int) -> Following:
         base = self._base(digest)
@@ -147,14 +158,18 @@ class Fills:
             try:
                 with opener() as source:
                     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    origin = getattr(source, "origin", "upstream")
                     outcome["following"] = Following(
                         os.open(partial, os.O_RDONLY),
                         source.size,
                         digest,
                         self.store.content_path(digest),
                         base + ".lock",
+                        origin,
+                        bool(getattr(source, "joined", False)),
                     )
-                    _write_json(base + ".json", {"size": source.size, "partial": os.path.basename(partial)})
+                    info = {"size": source.size, "partial": os.path.basename(partial), "origin": origin}
+                    _write_json(base + ".json", info)
                     ready.set()
                     with os.fdopen(fd, "wb") as out:
                         _copy_verified(source, out, digest)

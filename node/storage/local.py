@@ -145,14 +145,15 @@ class LocalStore:
                 os.utime(self.content_path(digest), (now, now))
         return sorted(touched, key=str)
 
-    def sweep(self) -> list[Digest]:
+    def sweep(self) -> list[tuple[Digest, str]]:
         """Remove expired content, then least recently used content over the limit.
 
+        Returns what was removed, each with its reason: ``ttl`` or ``size``.
         Runs under a lock file so that the workers of one node never sweep
         at once. Content served right now stays readable: unlinking an open
         file does not disturb its readers.
         """
-        removed: list[Digest] = []
+        removed: list[tuple[Digest, str]] = []
         with self._exclusive("sweep.lock"):
             entries = sorted(self._entries(), key=lambda entry: entry[1])
             total = sum(size for _, _, size in entries)
@@ -163,7 +164,7 @@ class LocalStore:
                 if not (over or expired):
                     continue
                 if self.remove(digest):
-                    removed.append(digest)
+                    removed.append((digest, "ttl" if expired else "size"))
                     total -= size
         return removed
 

@@ -13,6 +13,7 @@ Single flight on a node spans all its gunicorn workers: blobs through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -50,12 +51,24 @@ class Blob:
             return self.stored.size
         return self.following.size if self.following is not None else None
 
+    @property
+    def outcome(self) -> str:
+        """The metric this request counts as: hits, misses or peer_hits."""
+        if self.following is None:
+            return "hits"
+        return _OUTCOMES[self.following.origin]
+
 
 @dataclass(frozen=True)
 class Manifest:
     data: bytes
     media_type: str
     digest: Digest
+    # The metric this request counts as: hits, misses or peer_hits.
+    outcome: str = "hits"
+
+
+_OUTCOMES = {"upstream": "misses", "peer": "peer_hits"}
 
 
 class ProxyStore:
@@ -123,8 +136,8 @@ class ProxyStore:
                 self.local.put(digest, data, media_type)
                 fetched.append(Manifest(data, media_type, digest))
 
-            self.directory.fetch_manifest(digest, from_upstream, store)
-            return fetched[0]
+            origin = self.directory.fetch_manifest(digest, from_upstream, store)
+            return dataclasses.replace(fetched[0], outcome=_OUTCOMES[origin])
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
         found = self.local.read(digest)

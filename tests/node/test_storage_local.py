@@ -41,7 +41,7 @@ def test_sweep_evicts_least_recently_used_over_the_limit(tmp_path) -> None:
     clock.now += 10
     store.touch(digests[0])
     store.flush_touches()
-    assert store.sweep() == [digests[1]]
+    assert store.sweep() == [(digests[1], "size")]
     assert store.has(digests[0]) and store.has(digests[2]) and not store.has(digests[1])
     assert store.used_bytes() == 200
 
@@ -54,7 +54,7 @@ def test_sweep_expires_content_older_than_the_ttl(tmp_path) -> None:
     store.put(new, b"new")
     os.utime(store.content_path(old), (clock.now - 61, clock.now - 61))
     os.utime(store.content_path(new), (clock.now - 59, clock.now - 59))
-    assert store.sweep() == [old]
+    assert store.sweep() == [(old, "ttl")]
 
 
 def test_ttl_zero_never_expires(tmp_path) -> None:

@@ -1,0 +1,111 @@
+"""Counting and flushing deltas, with fake sinks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from node.coordinator_client import CoordinatorUnavailable
+from node.metrics import LocalSink, Metrics
+from protos.metrics import NodeCounts, expvar
+
+
+class FlakySink:
+    """Applies each (worker, sequence) once; can fail before or after applying."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.applied: set[tuple[str, int]] = set()
+        self.fail_before = False
+        self.fail_after = False
+        self.sent: list[int] = []
+
+    def send(self, worker_id: str, sequence: int, counters: Mapping[str, int]) -> None:
+        self.sent.append(sequence)
+        if self.fail_before:
+            raise CoordinatorUnavailable("down")
+        if (worker_id, sequence) not in self.applied:
+            self.applied.add((worker_id, sequence))
+            for name, value in counters.items():
+                self.totals[name] = self.totals.get(name, 0) + value
+        if self.fail_after:
+            # The delta landed, but the answer was lost on the way back.
+            raise CoordinatorUnavailable("timed out")
+
+    def snapshot(self) -> tuple[list[NodeCounts], dict[str, int]]:
+        return [NodeCounts("n1", self.totals)], dict(self.totals)
+
+
+def test_a_failed_flush_is_retried_unchanged_and_counted_once() -> None:
+    sink = FlakySink()
+    metrics = Metrics(sink, "n1", "http://upstream.test")
+    metrics.count("blob", "hits", 2)
+    sink.fail_after = True
+    assert not metrics.flush()
+    metrics.count("blob", "hits", 5)
+    sink.fail_after = False
+    sink.fail_before = True
+    assert not metrics.flush()
+    sink.fail_before = False
+    assert metrics.flush()
+    # The retried delta kept its number; the later counts went in the next one.
+    assert sink.sent == [1, 1, 1]
+    assert sink.totals == {"blob.hits": 2}
+    assert metrics.flush()
+    assert sink.totals == {"blob.hits": 7}
+    assert sink.sent[-1] == 2
+
+
+def test_no_increment_is_lost_under_concurrency() -> None:
+    sink = FlakySink()
+    metrics = Metrics(sink, "n1", "http://upstream.test")
+    stop = threading.Event()
+
+    def flusher() -> None:
+        while not stop.is_set():
+            metrics.flush()
+
+    def counter() -> None:
+        for _ in range(2000):
+            metrics.count("manifest", "requests")
+
+    background = threading.Thread(target=flusher)
+    background.start()
+    workers = [threading.Thread(target=counter) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    background.join()
+    metrics.flush()
+    assert sink.totals == {"manifest.requests": 16000}
+
+
+def test_local_sink_applies_each_sequence_once(tmp_path) -> None:
+    sink = LocalSink(str(tmp_path / "metrics.json"), "alone")
+    sink.send("w1", 1, {"blob.hits": 3})
+    sink.send("w1", 1, {"blob.hits": 3})
+    sink.send("w2", 1, {"blob.hits": 1, "blob.requests": 4})
+    sink.send("w1", 2, {"blob.requests": 3})
+    nodes, cluster = sink.snapshot()
+    assert cluster == {"blob.hits": 4, "blob.requests": 7}
+    assert nodes == [NodeCounts("alone", cluster)]
+
+
+def test_upstream_requests_are_counted_by_kind_and_status_class() -> None:
+    sink = FlakySink()
+    metrics = Metrics(sink, "n1", "http://upstream.test")
+    metrics.upstream_request("blob", 200, 0.1)
+    metrics.upstream_request("manifest", 404, 0.1)
+    metrics.upstream_request("manifest", None, 0.1)
+    metrics.flush()
+    assert sink.totals == {"upstream.blob.2xx": 1, "upstream.manifest.4xx": 1, "upstream.manifest.error": 1}
+
+
+def test_expvar_keeps_the_seed_field_names() -> None:
+    counters = {"blob.requests": 5, "blob.hits": 2, "blob.peer_hits": 1, "blob.misses": 2, "blob.bytes_pulled": 10}
+    objects = expvar(counters)
+    assert set(objects) == {"blobs", "manifests"}
+    assert objects["blobs"] == {"Requests": 5, "Hits": 3, "Misses": 2, "BytesPulled": 10, "BytesPushed": 0}
+    assert set(objects["manifests"]) == {"Requests", "Hits", "Misses", "BytesPulled", "BytesPushed"}
