@@ -79,6 +79,16 @@ def parse_bind(value: object) -> str:
     return text
 
 
+def _optional_bind(value: object) -> str:
+    if value is None or str(value).strip() == "":
+        return ""
+    return parse_bind(value)
+
+
+def _port(bind: str) -> int:
+    return int(bind.rpartition(":")[2])
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -140,6 +150,12 @@ class CoordinatorConfig:
 
     bind: str = _parsed(
         parse_bind, default="0.0.0.0:7000", help="HOST:PORT the gRPC server listens on; port 0 picks a free port"
+    )
+    metrics_bind: str = _parsed(
+        _optional_bind,
+        default="0.0.0.0:7001",
+        help="HOST:PORT serving the cluster's counters as Prometheus text at /metrics; "
+        "port 0 picks a free port; empty disables it",
     )
     redis_url: str | None = _parsed(
         _redis_url,
@@ -208,6 +224,8 @@ class CoordinatorConfig:
             # The leader renews once per interval; a lease shorter than that
             # would lapse between renewals and flap between coordinators.
             raise ConfigError(f"{SECTION}.leader_lease: must be longer than scheduler_interval")
+        if self.metrics_bind and _port(self.metrics_bind) != 0 and _port(self.metrics_bind) == _port(self.bind):
+            raise ConfigError(f"{SECTION}.metrics_bind: must use another port than {SECTION}.bind")
         if self.sentinels and self.redis_url:
             raise ConfigError(f"{SECTION}.redis_url: set either redis_url or sentinels, not both")
         if self.sentinels and not self.sentinel_service:

@@ -16,24 +16,28 @@ import redis
 from redis.typing import EncodableT
 
 from coordinator.digests import check_digest, check_name
+from coordinator.distinct_bytes import META_FUNCTIONS
 from coordinator.errors import InvalidArgument, LeaseLost
 from coordinator.keys import Keys
 from coordinator.leases import OWNS_LEASE
 from coordinator.locations import ContentInfo, to_ms
 
 # KEYS[1] lock:<lease key>, KEYS[2] the nodes set, KEYS[3] held:<node>,
-# KEYS[4] the ttl schedule, KEYS[5] loc:<digest>, KEYS[6] meta:<digest>
+# KEYS[4] the ttl schedule, KEYS[5] loc:<digest>, KEYS[6] meta:<digest>,
+# KEYS[7] metrics:cluster
 # ARGV[1] token, ARGV[2] node id, ARGV[3] digest, ARGV[4] size, ARGV[5] media type,
 # ARGV[6] now (Unix ms), ARGV[7] TTL (ms; 0 = never)
 # Registers the node as a holder, records the meta, schedules the expiry and
 # deletes the lease, when the token still holds it. When content is fetched
 # again under different TTLs (two upstreams sharing a blob), the longest
 # wins and "never" beats everything; a new expiry never shortens the
-# scheduled one. Returns 1 when registered, 2 when the lease is gone but the
-# node is a holder already (a retry of a call that succeeded), 0 when the
-# lease was lost.
+# scheduled one. Content new to the cluster adds its size to the distinct
+# bytes cached (see distinct_bytes). Returns 1 when registered, 2 when the
+# lease is gone but the node is a holder already (a retry of a call that
+# succeeded), 0 when the lease was lost.
 _COMPLETE = (
     OWNS_LEASE
+    + META_FUNCTIONS
     + """
 local node, digest, now = ARGV[2], ARGV[3], tonumber(ARGV[6])
 if not owns(redis.call('GET', KEYS[1]), ARGV[1]) then
@@ -45,11 +49,11 @@ end
 redis.call('SADD', KEYS[2], node)
 redis.call('SADD', KEYS[3], digest)
 redis.call('SADD', KEYS[5], node)
-redis.call('HSET', KEYS[6], 'size', ARGV[4])
+meta_set_size(KEYS[6], KEYS[7], ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[6], 'media_type', ARGV[5])
 end
-redis.call('HSETNX', KEYS[6], 'first_cached', ARGV[6])
+meta_created(KEYS[6], KEYS[7], ARGV[6])
 local ttl = tonumber(ARGV[7])
 local old = redis.call('HGET', KEYS[6], 'ttl_ms')
 if old then
@@ -96,6 +100,7 @@ class Fetches:
             self._keys.ttl(),
             self._keys.loc(digest),
             self._keys.meta(digest),
+            self._keys.metrics_cluster(),
         ]
         args: list[EncodableT] = [
             token,

@@ -22,7 +22,8 @@ key                                type    holds
 ``tag:<upstream>/<repo>:<tag>``    hash    digest, media type, size, checked_at
 ``metrics:nodes``                  set     ids of nodes that reported metrics
 ``metrics:node:<id>``              hash    that node's counters
-``metrics:cluster``                hash    counters summed over all nodes
+``metrics:cluster``                hash    counters summed over all nodes, and
+                                           ``cached.distinct_bytes`` (coordinator's)
 ``metrics:seq:<id>:<worker>``      string  last applied sequence of a sender; has PX
 =================================  ======  ==========================================
 """

@@ -19,6 +19,7 @@ import redis
 from redis.typing import EncodableT
 
 from coordinator.digests import check_digest, check_digests, check_name
+from coordinator.distinct_bytes import META_FUNCTIONS
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.leases import Leases
@@ -29,7 +30,8 @@ from coordinator.redis_client import text_map, texts
 CHUNK = 500
 
 # KEYS[1] the nodes set, KEYS[2] held:<node>, KEYS[3] the ttl schedule,
-# then for each digest i: KEYS[2 + 2i] loc:<digest>, KEYS[3 + 2i] meta:<digest>
+# KEYS[4] metrics:cluster,
+# then for each digest i: KEYS[3 + 2i] loc:<digest>, KEYS[4 + 2i] meta:<digest>
 # ARGV[1] node id, ARGV[2] now (Unix ms), ARGV[3] TTL (ms) for content not
 # scheduled yet, 0 = never; then five per digest i, from ARGV[4 + 5(i-1)]:
 # digest, size, media type, accessed at (Unix ms; 0 or a future time = now),
@@ -40,14 +42,18 @@ CHUNK = 500
 # swept while the node was away), when accessed_at + TTL has passed. Content
 # that lives is scheduled if it was not; when it was, a given accessed_at
 # pushes its expiry as a touch at that time would, and an announcement
-# without one leaves the expiry alone. Returns the expired digests.
-_ANNOUNCE = """
+# without one leaves the expiry alone. Content new to the cluster adds its
+# size to the distinct bytes cached, content forgotten here subtracts it (see
+# distinct_bytes). Returns the expired digests.
+_ANNOUNCE = (
+    META_FUNCTIONS
+    + """
 local node, now, default_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local held, schedule = KEYS[2], KEYS[3]
+local held, schedule, cluster = KEYS[2], KEYS[3], KEYS[4]
 local evict = {}
 redis.call('SADD', KEYS[1], node)
-for i = 1, (#KEYS - 3) / 2 do
-  local loc, meta = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+for i = 1, (#KEYS - 4) / 2 do
+  local loc, meta = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local base = 3 + 5 * (i - 1)
   local digest, size, media_type = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local accessed = math.min(tonumber(ARGV[base + 4]), now)
@@ -83,41 +89,46 @@ for i = 1, (#KEYS - 3) / 2 do
     redis.call('SREM', loc, node)
     redis.call('SREM', held, digest)
     if redis.call('SCARD', loc) == 0 and not redis.call('ZSCORE', schedule, digest) then
-      redis.call('DEL', meta)
+      meta_delete(meta, cluster)
     end
     evict[#evict + 1] = digest
   else
     redis.call('SADD', loc, node)
     redis.call('SADD', held, digest)
-    if size ~= '0' then
-      redis.call('HSETNX', meta, 'size', size)
+    if size ~= '0' and redis.call('HEXISTS', meta, 'size') == 0 then
+      meta_set_size(meta, cluster, size)
     end
     if media_type ~= '' and (redis.call('HGET', meta, 'media_type') or '') == '' then
       redis.call('HSET', meta, 'media_type', media_type)
     end
-    redis.call('HSETNX', meta, 'first_cached', ARGV[2])
+    meta_created(meta, cluster, ARGV[2])
   end
 end
 return evict
 """
+)
 
-# KEYS[1] held:<node>, KEYS[2] the ttl schedule,
-# then for each digest i: KEYS[1 + 2i] loc:<digest>, KEYS[2 + 2i] meta:<digest>
+# KEYS[1] held:<node>, KEYS[2] the ttl schedule, KEYS[3] metrics:cluster,
+# then for each digest i: KEYS[2 + 2i] loc:<digest>, KEYS[3 + 2i] meta:<digest>
 # ARGV[1] node id, ARGV[1 + i] digest i
 # Removes the node from the digests' locations. Content whose last holder
-# dropped it is gone from the cluster: its meta and schedule entry go too.
-_DROP = """
+# dropped it is gone from the cluster: its meta and schedule entry go too,
+# and its size leaves the distinct bytes cached.
+_DROP = (
+    META_FUNCTIONS
+    + """
 local node = ARGV[1]
-for i = 1, (#KEYS - 2) / 2 do
-  local loc, meta, digest = KEYS[1 + 2 * i], KEYS[2 + 2 * i], ARGV[1 + i]
+for i = 1, (#KEYS - 3) / 2 do
+  local loc, meta, digest = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[1 + i]
   redis.call('SREM', KEYS[1], digest)
   if redis.call('SREM', loc, node) == 1 and redis.call('SCARD', loc) == 0 then
-    redis.call('DEL', meta)
+    meta_delete(meta, KEYS[3])
     redis.call('ZREM', KEYS[2], digest)
   end
 end
 return 0
 """
+)
 
 # KEYS[1] evict:<node>
 # Takes every pending eviction of the node at once; an announce delivers
@@ -242,7 +253,7 @@ class Locations:
         now_ms = to_ms(self._clock())
         evict: list[str] = []
         for chunk in chunked(list(announced)):
-            keys = [self._keys.nodes(), self._keys.held(node_id), self._keys.ttl()]
+            keys = [self._keys.nodes(), self._keys.held(node_id), self._keys.ttl(), self._keys.metrics_cluster()]
             args: list[EncodableT] = [node_id, now_ms, default_ms]
             for digest in chunk:
                 item = announced[digest]
@@ -290,7 +301,7 @@ class Locations:
 
     def _drop_chunks(self, node_id: str, digests: Sequence[str]) -> None:
         for chunk in chunked(digests):
-            keys = [self._keys.held(node_id), self._keys.ttl()]
+            keys = [self._keys.held(node_id), self._keys.ttl(), self._keys.metrics_cluster()]
             for digest in chunk:
                 keys += [self._keys.loc(digest), self._keys.meta(digest)]
             self._drop(keys=keys, args=[node_id, *chunk])

@@ -18,6 +18,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from coordinator.digests import check_name
+from coordinator.distinct_bytes import META_FUNCTIONS
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.redis_client import text_map, texts
@@ -45,26 +46,30 @@ return 1
 """
 
 # KEYS[1] the nodes set, KEYS[2] node:<id>, KEYS[3] held:<id>, KEYS[4] evict:<id>,
-# then for each digest i: KEYS[3 + 2i] loc:<digest>, KEYS[4 + 2i] meta:<digest>
+# KEYS[5] metrics:cluster,
+# then for each digest i: KEYS[4 + 2i] loc:<digest>, KEYS[5 + 2i] meta:<digest>
 # ARGV[1] the node id, ARGV[1 + i] digest i
 # Removes a dead node from the locations of a chunk of the digests it held,
 # and, once it holds nothing, forgets the node. A location left without
 # holders keeps its meta and its schedule entry, so the node's content keeps
 # its expiry when the node comes back and announces it; only content that
-# never expires (ttl_ms 0) loses its meta, as no sweep would remove it.
+# never expires (ttl_ms 0) loses its meta, as no sweep would remove it,
+# and with it its share of the distinct bytes cached (see distinct_bytes).
 # Returns -1 when the node registered again meanwhile (nothing changed),
 # 0 when it still holds digests (call again), 1 when it is forgotten.
-_DROP_NODE = """
+_DROP_NODE = (
+    META_FUNCTIONS
+    + """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return -1
 end
 local node = ARGV[1]
-for i = 1, (#KEYS - 4) / 2 do
-  local loc, meta, digest = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[1 + i]
+for i = 1, (#KEYS - 5) / 2 do
+  local loc, meta, digest = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[1 + i]
   redis.call('SREM', loc, node)
   redis.call('SREM', KEYS[3], digest)
   if redis.call('SCARD', loc) == 0 and redis.call('HGET', meta, 'ttl_ms') == '0' then
-    redis.call('DEL', meta)
+    meta_delete(meta, KEYS[5])
   end
 end
 if redis.call('SCARD', KEYS[3]) > 0 then
@@ -74,6 +79,7 @@ redis.call('SREM', KEYS[1], node)
 redis.call('DEL', KEYS[4])
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ class Membership:
                 self._keys.node(node_id),
                 self._keys.held(node_id),
                 self._keys.evict(node_id),
+                self._keys.metrics_cluster(),
             ]
             for digest in digests:
                 keys += [self._keys.loc(digest), self._keys.meta(digest)]

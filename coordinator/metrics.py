@@ -7,6 +7,9 @@ records the new one and adds the delta to ``metrics:node:<id>`` and
 ``metrics:cluster`` with HINCRBY, so a delta retried after a timeout (or
 on another coordinator) is acknowledged without being counted twice, and
 concurrent senders never lose an increment.
+
+``metrics:cluster`` also holds ``cached.distinct_bytes``, which only the
+coordinator writes (see ``distinct_bytes``); a node may not report it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.membership import Membership
 from coordinator.redis_client import text_map, texts
+from protos.metrics import DISTINCT_BYTES
 
 # How long a sender's last sequence is remembered after its last delta. A
 # retry comes within seconds; a worker id is never reused by a new process,
@@ -82,6 +86,8 @@ class Metrics:
         args: list[EncodableT] = [node_id, sequence, SEQUENCE_RETENTION_MS]
         for name, delta in sorted(counters.items()):
             check_name(name, "counters")
+            if name == DISTINCT_BYTES:
+                raise InvalidArgument(f"counters: {DISTINCT_BYTES} is kept by the coordinator, not reported")
             if not -_INT64 <= delta < _INT64:
                 raise InvalidArgument(f"counters: the delta of {name} is out of the int64 range")
             if delta:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 from coordinator.digests import check_digests
+from coordinator.distinct_bytes import META_FUNCTIONS
 from coordinator.election import LeaderElection
 from coordinator.keys import Keys
 from coordinator.locations import chunked, to_ms
@@ -55,14 +56,18 @@ return 0
 """
 
 # KEYS[1] the ttl schedule, KEYS[2] loc:<digest>, KEYS[3] meta:<digest>,
-# then for each holder i: KEYS[2 + 2i] held:<holder>, KEYS[3 + 2i] evict:<holder>
+# KEYS[4] metrics:cluster,
+# then for each holder i: KEYS[3 + 2i] held:<holder>, KEYS[4 + 2i] evict:<holder>
 # ARGV[1] digest, ARGV[2] now (Unix ms), ARGV[2 + i] holder i
 # Expires the digest when it is still due and its holders are exactly the
 # ones passed (read just before; the keys of a set's members cannot be
-# derived inside the script without building key names here). Returns 1 when
-# expired, 0 when no longer due (touched meanwhile), -1 when the holders
+# derived inside the script without building key names here). Expired
+# content leaves the distinct bytes cached (see distinct_bytes). Returns 1
+# when expired, 0 when no longer due (touched meanwhile), -1 when the holders
 # changed (read them again and retry).
-_EXPIRE = """
+_EXPIRE = (
+    META_FUNCTIONS
+    + """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then
   return 0
@@ -77,13 +82,15 @@ for i = 3, #ARGV do
   end
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2])
+meta_delete(KEYS[3], KEYS[4])
 for i = 1, holders do
-  redis.call('SREM', KEYS[2 + 2 * i], ARGV[1])
-  redis.call('RPUSH', KEYS[3 + 2 * i], ARGV[1])
+  redis.call('SREM', KEYS[3 + 2 * i], ARGV[1])
+  redis.call('RPUSH', KEYS[4 + 2 * i], ARGV[1])
 end
 return 1
 """
+)
 
 
 class Schedule:
@@ -127,7 +134,7 @@ class Schedule:
     def _expire_one(self, digest: str, now_ms: int) -> bool:
         for _ in range(MAX_ATTEMPTS):
             holders = sorted(texts(self._redis.smembers(self._keys.loc(digest))))
-            keys = [self._keys.ttl(), self._keys.loc(digest), self._keys.meta(digest)]
+            keys = [self._keys.ttl(), self._keys.loc(digest), self._keys.meta(digest), self._keys.metrics_cluster()]
             for node_id in holders:
                 keys += [self._keys.held(node_id), self._keys.evict(node_id)]
             result = int(self._expire(keys=keys, args=[digest, now_ms, *holders]))

@@ -1,14 +1,15 @@
-"""The coordinator process: a gRPC server, its scheduler thread, and ``main``.
+"""The coordinator process: a gRPC server, ``/metrics``, its scheduler thread, and ``main``.
 
 ``CoordinatorServer`` builds every collaborator from a ``CoordinatorConfig``
 (or takes a ready Redis client, for tests), serves until ``close``, and
-runs the scheduler loop beside the server. ``main`` is the command line::
+runs the scheduler loop and the ``/metrics`` HTTP server beside the gRPC
+server. ``main`` is the command line::
 
     python -m coordinator.server --config shoal.yaml
 
 SIGTERM and SIGINT stop it gracefully: calls in progress get
-``shutdown_grace`` seconds, the scheduler thread is joined and resigns its
-lead, and the process exits 0.
+``shutdown_grace`` seconds, ``/metrics`` stops, the scheduler thread is
+joined and resigns its lead, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from coordinator.leases import Leases
 from coordinator.locations import Locations
 from coordinator.membership import Membership
 from coordinator.metrics import Metrics
+from coordinator.metrics_server import MetricsServer
 from coordinator.redis_client import connect
 from coordinator.scheduler import Schedule, Scheduler
 from coordinator.servicer import CoordinatorServicer, add_to_server
@@ -47,10 +49,12 @@ log = logging.getLogger("coordinator")
 
 
 class CoordinatorServer:
-    """One coordinator replica: the gRPC server plus the scheduler loop.
+    """One coordinator replica: the gRPC server, ``/metrics`` and the scheduler loop.
 
-    ``start`` binds and serves; ``close`` stops both and is safe to call
-    twice. Usable as a context manager.
+    The constructor binds both ports (``port``, and ``metrics_port`` unless
+    ``metrics_bind`` is empty), so an address in use fails at once with
+    ``OSError``; ``start`` serves; ``close`` stops everything and is safe to
+    call twice. Usable as a context manager.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class CoordinatorServer:
             LeaderElection(self.redis, keys, config.leader_lease, identity),
             config.scheduler_interval,
         )
+        metrics = Metrics(self.redis, keys, membership)
         self.servicer = CoordinatorServicer(
             membership=membership,
             locations=Locations(self.redis, keys, membership, leases, config.default_ttl, clock),
@@ -81,9 +86,12 @@ class CoordinatorServer:
             fetches=Fetches(self.redis, keys, clock),
             schedule=schedule,
             tags=Tags(self.redis, keys, retention=config.default_ttl),
-            metrics=Metrics(self.redis, keys, membership),
+            metrics=metrics,
             max_evictions=config.max_evictions,
         )
+        # Bound before the gRPC port: a gRPC server that never started keeps
+        # its port until the process exits, even after stop().
+        self.metrics_server = MetricsServer(metrics, config.metrics_bind) if config.metrics_bind else None
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="shoal-rpc"),
             interceptors=[AuthInterceptor(config.cluster_secret)],
@@ -92,7 +100,12 @@ class CoordinatorServer:
             options=[("grpc.so_reuseport", 0)],
         )
         add_to_server(self.servicer, self._server)
-        self.port = self._bind(config)
+        try:
+            self.port = self._bind(config)
+        except OSError:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            raise
         self._lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -100,10 +113,19 @@ class CoordinatorServer:
     @property
     def address(self) -> str:
         """HOST:PORT clients reach this server at (the bound port, even when 0 was asked for)."""
-        host = self.config.bind.rpartition(":")[0]
-        if host in ("0.0.0.0", "[::]", "::"):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
+        return _reachable(self.config.bind, self.port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (the bound one, even when 0 was asked for); None when disabled."""
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    @property
+    def metrics_address(self) -> str | None:
+        """HOST:PORT Prometheus reaches ``/metrics`` at; None when disabled."""
+        if self.metrics_server is None:
+            return None
+        return _reachable(self.config.metrics_bind, self.metrics_server.port)
 
     def start(self) -> None:
         with self._lock:
@@ -112,15 +134,19 @@ class CoordinatorServer:
             self._started = True
             self._server.start()
             self.scheduler.start()
+            if self.metrics_server is not None:
+                self.metrics_server.start()
 
     def close(self, grace: float | None = None) -> None:
-        """Stop serving (calls in progress get ``grace`` seconds) and stop the scheduler."""
+        """Stop serving (calls in progress get ``grace`` seconds), ``/metrics`` and the scheduler."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         grace = self.config.shutdown_grace if grace is None else grace
         self._server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.scheduler.close()
         if self._owns_client:
             self.redis.close()
@@ -152,12 +178,21 @@ class CoordinatorServer:
         return int(port)
 
 
+def _reachable(bind: str, port: int) -> str:
+    """HOST:PORT for ``bind`` with its bound ``port``; a wildcard host becomes the loopback address."""
+    host = bind.rpartition(":")[0]
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m coordinator.server",
         description=textwrap.fill(
             "Run a Shoal coordinator: the gRPC service nodes ask where content is, "
-            "who fetches it, and what to evict. All state is in Redis, so any number "
+            "who fetches it, and what to evict, and /metrics with the cluster's counters "
+            "for Prometheus. All state is in Redis, so any number "
             "of replicas can run against one Redis; one of them (the elected leader) "
             "runs the TTL scheduler. SIGTERM or SIGINT stops it gracefully."
         ),
@@ -229,6 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.key_prefix,
             server.scheduler.election.identity,
         )
+        if server.metrics_server is not None:
+            log.info(
+                "serving /metrics on %s",
+                config.metrics_bind.rpartition(":")[0] + f":{server.metrics_server.port}",
+            )
         stop.wait()
     log.info("stopped")
     return 0

@@ -24,6 +24,7 @@ def test_defaults() -> None:
     config = CoordinatorConfig(cluster_secret=SECRET)
 
     assert config.bind == "0.0.0.0:7000"
+    assert config.metrics_bind == "0.0.0.0:7001"
     assert config.effective_redis_url == "redis://127.0.0.1:6379/0"
     assert config.key_prefix == "shoal:"
     assert (config.membership_ttl, config.scheduler_interval, config.leader_lease) == (10.0, 1.0, 5.0)
@@ -68,6 +69,17 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
     assert load_config(None, {"SHOAL_CONFIG": path}).cluster_secret == "from-file"
 
 
+def test_metrics_bind_empty_disables_and_port_zero_is_allowed(tmp_path: Path) -> None:
+    path = write(tmp_path, "coordinator:\n  metrics_bind: 127.0.0.1:7001\n")
+    environ = {"SHOAL_COORDINATOR__CLUSTER_SECRET": SECRET}
+
+    assert load_config(path, environ).metrics_bind == "127.0.0.1:7001"
+    assert load_config(path, {**environ, "SHOAL_COORDINATOR__METRICS_BIND": ""}).metrics_bind == ""
+    assert config_from_dict({"cluster_secret": SECRET, "metrics_bind": None}).metrics_bind == ""
+    both_free = config_from_dict({"cluster_secret": SECRET, "bind": "127.0.0.1:0", "metrics_bind": "127.0.0.1:0"})
+    assert both_free.metrics_bind == "127.0.0.1:0"
+
+
 def test_sentinels() -> None:
     config = config_from_dict(
         {"cluster_secret": SECRET, "sentinels": ["10.0.0.1:26379", "10.0.0.2:26379"], "sentinel_service": "shoal"}
@@ -91,6 +103,8 @@ def test_sentinels() -> None:
         ({"scheduler_interval": "2s", "leader_lease": "1s"}, "coordinator.leader_lease: must be longer"),
         ({"max_evictions": 0}, "coordinator.max_evictions: expected a positive whole number"),
         ({"bind": "7000"}, "coordinator.bind: expected HOST:PORT"),
+        ({"metrics_bind": "7001"}, "coordinator.metrics_bind: expected HOST:PORT"),
+        ({"metrics_bind": "127.0.0.1:7000"}, "coordinator.metrics_bind: must use another port than coordinator.bind"),
         ({"redis_url": "http://redis:6379"}, "coordinator.redis_url: expected a redis://"),
         ({"redis_url": "redis://:pw@redis:6379"}, "coordinator.redis_url: put credentials in"),
         ({"sentinels": ["nohost"]}, "coordinator.sentinels: expected HOST:PORT"),

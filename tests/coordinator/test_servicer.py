@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import redis
 
@@ -49,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def make_config(keys: Keys, **overrides: object) -> CoordinatorConfig:
     settings: dict[str, object] = {
         "bind": "127.0.0.1:0",
+        # Never the fixed default port: tests and other coordinators run side by side.
+        "metrics_bind": "127.0.0.1:0",
         "key_prefix": keys.prefix,
         "cluster_secret": SECRET,
         # The tests run sweeps themselves, with the fake clock.
@@ -319,12 +322,13 @@ def test_tls(tmp_path: Path, redis_client: redis.Redis, keys: Keys, clock: FakeC
 
 
 def test_the_server_process_stops_gracefully_on_sigterm(tmp_path: Path, redis_server: RedisServer, keys: Keys) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = tmp_path / "shoal.yaml"
     config.write_text(
         "node:\n  ignored: true\n"
         "coordinator:\n"
         f"  redis_url: {redis_server.url}\n"
+        f"  metrics_bind: 127.0.0.1:{metrics_port}\n"
         f"  key_prefix: '{keys.prefix}'\n"
         f"  cluster_secret: {SECRET}\n"
         "  shutdown_grace: 2s\n"
@@ -339,6 +343,8 @@ def test_the_server_process_stops_gracefully_on_sigterm(tmp_path: Path, redis_se
                 message=lambda: f"the coordinator never answered\n{process.describe()}",
             )
             client.register("http://a:5000")
+        scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert scrape.status_code == 200 and "shoal_node_up" in scrape.text
 
         process.popen.send_signal(signal.SIGTERM)
         code = process.popen.wait(timeout=10)
@@ -350,6 +356,8 @@ def test_the_server_process_stops_gracefully_on_sigterm(tmp_path: Path, redis_se
     assert SECRET not in log
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # The port is free again.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
 
 
 def _answers(client: CoordinatorClient, process: Process) -> bool:

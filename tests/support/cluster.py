@@ -33,6 +33,7 @@ class CoordinatorProcess:
             "scheduler_interval": "0.2s",
             "leader_lease": "1s",
             "membership_ttl": "3s",
+            "metrics_bind": "127.0.0.1:0",
             **(settings or {}),
         }
         self.config_path = self.workdir / "coordinator.yml"
@@ -63,7 +64,11 @@ class CoordinatorProcess:
                     return False
                 return True
 
-        wait_until(answers, timeout=20, message="the coordinator did not answer")
+        try:
+            wait_until(answers, timeout=20, message="the coordinator did not answer")
+        except BaseException:
+            process.stop()
+            raise
 
     def stop(self) -> None:
         if self.process is not None:
@@ -105,10 +110,11 @@ class Cluster:
         node_settings: dict[str, dict[str, Any]] | None,
         coordinator_settings: dict[str, Any] | None,
     ) -> None:
-        self.coordinators = [
-            CoordinatorProcess(self.workdir / f"coordinator-{index + 1}", self.redis.url, coordinator_settings)
-            for index in range(coordinators)
-        ]
+        for index in range(coordinators):
+            # One at a time, so that close() stops those started when a later one fails.
+            self.coordinators.append(
+                CoordinatorProcess(self.workdir / f"coordinator-{index + 1}", self.redis.url, coordinator_settings)
+            )
         for index in range(nodes):
             settings: dict[str, dict[str, Any]] = {
                 "cluster": {
