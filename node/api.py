@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from node.errors import NotFound, PaginationInvalid, RangeInvalid, ShoalError, Unsupported
+from node.errors import NotFound, PaginationInvalid, RangeInvalid, RegistryUnknown, ShoalError, Unsupported
 from node.metrics import Metrics
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
 from node.responses import file_body
@@ -36,8 +36,33 @@ PAGE_MAX = 10000
 api = Blueprint("registry", __name__)
 
 
-def proxy() -> ProxyStore:
-    store: ProxyStore = current_app.extensions["shoal.proxy"]
+def _route(path: str) -> tuple[ProxyStore, str]:
+    """Which registry a request is for, and the path within it.
+
+    In this order: containerd's ``ns`` query parameter; a first path
+    component that is a registry host (it has a dot or a colon, or is
+    localhost, as Docker tells registries from repositories), for podman and
+    CRI-O mirrors with a location like ``mirror:5000/ghcr.io``; else the
+    default upstream. A registry that is not configured is never answered
+    from another one.
+    """
+    proxies: dict[str, ProxyStore] = current_app.extensions["shoal.proxies"]
+    namespace = request.args.get("ns")
+    if namespace is not None:
+        return _registry(proxies, namespace.strip().lower()), path
+    first, _, rest = path.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return _registry(proxies, first.lower()), rest
+    default = current_app.config["SHOAL"].default_upstream
+    if default is None:
+        raise RegistryUnknown("this mirror has no default registry: name one with ?ns= or a path prefix")
+    return proxies[default], path
+
+
+def _registry(proxies: dict[str, ProxyStore], name: str) -> ProxyStore:
+    store = proxies.get(name)
+    if store is None:
+        raise RegistryUnknown("this mirror does not mirror that registry", {"registry": name[:255]})
     return store
 
 
@@ -57,26 +82,26 @@ def base() -> Response:
 def registry(path: str) -> Response:
     if request.method in WRITE_METHODS:
         raise Unsupported("this registry is a read-only mirror: pushes and deletes are not supported")
+    store, path = _route(path)
     if path == "_catalog":
         g.endpoint = "catalog"
-        return _page_response(proxy().catalog(*_pagination()), "repositories")
+        return _page_response(store.catalog(*_pagination()), "repositories")
     tags = _TAGS.fullmatch(path)
     if tags:
         g.endpoint = "tags"
-        return _page_response(proxy().tags(_name(tags["name"]), *_pagination()), "tags", tags["name"])
+        return _page_response(store.tags(_name(store, tags["name"]), *_pagination()), "tags", tags["name"])
     content = _CONTENT.fullmatch(path)
     if not content:
         raise NotFound("no such registry endpoint", {"path": path[:256]})
-    name = _name(content["name"])
+    name = _name(store, content["name"])
     g.endpoint = content["kind"]
     if content["kind"] == "blobs":
-        return _blob(name, parse_digest(content["reference"]))
-    return _manifest(name, content["reference"])
+        return _blob(store, name, parse_digest(content["reference"]))
+    return _manifest(store, name, content["reference"])
 
 
-def _name(raw: str) -> str:
-    config = current_app.config["SHOAL"]
-    return normalize_name(parse_name(raw), config.upstream.is_docker_hub)
+def _name(store: ProxyStore, raw: str) -> str:
+    return normalize_name(parse_name(raw), store.config.is_docker_hub)
 
 
 def _pagination() -> tuple[int | None, str | None]:
@@ -102,10 +127,10 @@ def _page_response(page: TagPage, field: str, name: str | None = None) -> Respon
     return response
 
 
-def _manifest(name: str, reference: str) -> Response:
+def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
     if not is_digest(reference):
         parse_tag(reference)
-    manifest = proxy().manifest(name, reference)
+    manifest = store.manifest(name, reference)
     headers = {
         "Docker-Content-Digest": str(manifest.digest),
         "ETag": f'"{manifest.digest}"',
@@ -120,8 +145,8 @@ def _manifest(name: str, reference: str) -> Response:
     return Response(manifest.data, headers=headers)
 
 
-def _blob(name: str, digest: Digest) -> Response:
-    blob = proxy().blob(name, digest)
+def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
+    blob = store.blob(name, digest)
     size = blob.size
     headers = {
         "Docker-Content-Digest": str(digest),

@@ -51,14 +51,29 @@ class Node:
             if client is not None
             else LocalSink(os.path.join(self.local.root, "metrics.json"), config.node_id, clock)
         )
-        self.metrics = Metrics(sink, config.node_id, config.upstream.url)
-        self.upstream = upstream or Upstream(config.upstream, clock=clock, observer=self.metrics)
+        self.metrics = Metrics(sink, config.node_id)
         self.fills = Fills(self.local, timeout=config.upstream.timeout, on_commit=lambda _: self._sweep_soon.set())
         self.directory: Directory = Standalone()
         if client is not None:
             peers = PeerClient(config.cluster.secret or "", config.upstream.timeout, self.metrics)
             self.directory = Cluster(config, self.local, client, peers, self.metrics, clock)
-        self.proxy = ProxyStore(self.local, self.fills, self.upstream, config.upstream, self.directory, clock=clock)
+        # One upstream client and one proxy store per registry; the local
+        # store, the fills and the directory are shared (content by digest
+        # is the same whichever registry it came from).
+        self.upstreams = {
+            settings.name: (
+                upstream
+                if upstream is not None and settings.name == config.upstream.name
+                else Upstream(settings, clock=clock, observer=self.metrics)
+            )
+            for settings in config.upstreams
+        }
+        self.proxies = {
+            settings.name: ProxyStore(
+                self.local, self.fills, self.upstreams[settings.name], settings, self.directory, clock=clock
+            )
+            for settings in config.upstreams
+        }
         self._interval = min(FLUSH_INTERVAL, config.cluster.heartbeat_interval)
         self._stop = threading.Event()
         self._sweep_soon = threading.Event()
@@ -101,7 +116,8 @@ class Node:
         self._thread.join()
         self.fills.close()
         self.directory.close()
-        self.upstream.close()
+        for client in self.upstreams.values():
+            client.close()
 
 
 def _coordinator_client(config: NodeConfig) -> CoordinatorClient | None:
@@ -123,7 +139,7 @@ def create_app(
     app = Flask("shoal.node")
     app.config["SHOAL"] = config
     app.extensions["shoal.node"] = node
-    app.extensions["shoal.proxy"] = node.proxy
+    app.extensions["shoal.proxies"] = node.proxies
     app.extensions["shoal.local"] = node.local
     app.extensions["shoal.fills"] = node.fills
     app.extensions["shoal.metrics"] = node.metrics

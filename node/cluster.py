@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from node.config import NodeConfig
+from node.config import NodeConfig, UpstreamConfig
 from node.coordinator_client import (
     Content,
     CoordinatorClient,
@@ -75,9 +75,9 @@ class Cluster:
         self.local = local
         self.client = client
         self.peers = peers
-        self.upstream_name = _upstream_name(config.upstream.url)
+        # Content announced without a fetch (inventory) gets the default
+        # upstream's TTL; fetched content gets its own upstream's.
         self.content_ttl_ms = int(config.upstream.ttl * 1000)
-        self.tag_ttl = config.upstream.tag_ttl
         self.lease_ttl_ms = int(config.cluster.lease_ttl * 1000)
         self.heartbeat_interval = config.cluster.heartbeat_interval
         # How long to wait for another node's fetch before fetching anyway.
@@ -89,10 +89,13 @@ class Cluster:
     # Blobs.
 
     @contextlib.contextmanager
-    def blob_source(self, digest: Digest, from_upstream: UpstreamOpener) -> Iterator[Source]:
+    def blob_source(self, upstream: UpstreamConfig, digest: Digest, from_upstream: UpstreamOpener) -> Iterator[Source]:
+        # Blobs are keyed by digest alone: the same bytes from two registries
+        # are fetched and stored once.
         key = f"blob:{digest}"
+        ttl_ms = int(upstream.ttl * 1000)
         with contextlib.ExitStack() as stack:
-            source, done = self._choose_blob_source(stack, key, digest, from_upstream)
+            source, done = self._choose_blob_source(stack, key, digest, from_upstream, ttl_ms)
             yield source
             done()
 
@@ -102,6 +105,7 @@ class Cluster:
         key: str,
         digest: Digest,
         from_upstream: UpstreamOpener,
+        ttl_ms: int,
     ) -> tuple[Source, Callable[[], None]]:
         deadline = time.monotonic() + self.wait_timeout
         waited = False
@@ -111,22 +115,22 @@ class Cluster:
                 for peer in self._peers(location.holders, location.fetcher):
                     stream = self._open_peer(stack, peer, digest)
                     if stream is not None:
-                        return stream, lambda: self._add(digest)
+                        return stream, lambda: self._add(digest, ttl_ms)
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
             except CoordinatorUnavailable as exc:
                 return self._degraded(stack, from_upstream, exc), self._mark_unannounced
             if lease.granted:
-                return self._leased(stack, key, lease.token, digest, from_upstream)
+                return self._leased(stack, key, lease.token, digest, from_upstream, ttl_ms)
             if lease.holder is not None and lease.holder.url and lease.holder.node_id != self.node_id:
                 stream = self._open_peer(stack, lease.holder, digest)
                 if stream is not None:
-                    return stream, lambda: self._add(digest)
+                    return stream, lambda: self._add(digest, ttl_ms)
             if not waited:
                 waited = True
                 self.metrics.count("blob", "lease_waits")
             if time.monotonic() > deadline:
                 log.warning("gave up waiting for the cluster's fetch of %s; fetching it myself", digest)
-                return stack.enter_context(from_upstream()), lambda: self._add(digest)
+                return stack.enter_context(from_upstream()), lambda: self._add(digest, ttl_ms)
             time.sleep(_POLL)
 
     def _peers(self, holders: list[Holder], fetcher: Holder | None) -> list[Holder]:
@@ -151,6 +155,7 @@ class Cluster:
         token: str,
         digest: Digest,
         from_upstream: UpstreamOpener,
+        ttl_ms: int,
     ) -> tuple[Source, Callable[[], None]]:
         renewer = _LeaseRenewer(self.client, key, token, self.lease_ttl_ms)
 
@@ -166,7 +171,7 @@ class Cluster:
 
         def complete() -> None:
             renewer.stop()
-            self._complete(key, token, digest)
+            self._complete(key, token, digest, ttl_ms)
 
         return source, complete
 
@@ -178,8 +183,11 @@ class Cluster:
 
     # Manifests.
 
-    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> str:
-        key = f"manifest:{self.upstream_name}/{digest}"
+    def fetch_manifest(
+        self, upstream: UpstreamConfig, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore
+    ) -> str:
+        key = f"manifest:{upstream.name}/{digest}"
+        ttl_ms = int(upstream.ttl * 1000)
         deadline = time.monotonic() + self.wait_timeout
         waited = False
         while True:
@@ -192,7 +200,7 @@ class Cluster:
                         log.info("peer %s cannot serve %s: %s", peer.node_id, digest, exc.message)
                         continue
                     store(data, media_type)
-                    self._add(digest)
+                    self._add(digest, ttl_ms)
                     return "peer"
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
             except CoordinatorUnavailable as exc:
@@ -207,35 +215,35 @@ class Cluster:
                     with contextlib.suppress(CoordinatorError):
                         self.client.abort_fetch(key, lease.token)
                     raise
-                self._complete(key, lease.token, digest)
+                self._complete(key, lease.token, digest, ttl_ms)
                 return "upstream"
             if not waited:
                 waited = True
                 self.metrics.count("manifest", "lease_waits")
             if time.monotonic() > deadline:
                 store(*from_upstream())
-                self._add(digest)
+                self._add(digest, ttl_ms)
                 return "upstream"
             time.sleep(_POLL)
 
     # Tags.
 
-    def resolve_tag(self, name: str, tag: str, check: TagCheck) -> str:
+    def resolve_tag(self, upstream: UpstreamConfig, name: str, tag: str, check: TagCheck) -> str:
         """A fresh shared pointer, or the answer of the one node that asks the upstream."""
-        key = f"tag:{self.upstream_name}/{name}:{tag}"
+        key = f"tag:{upstream.name}/{name}:{tag}"
         deadline = time.monotonic() + self.wait_timeout
         pointer: TagPointerInfo | None = None
         while True:
             try:
-                pointer = self.client.get_tag(self.upstream_name, name, tag)
-                if pointer is not None and self._clock() - pointer.checked_at < self.tag_ttl:
+                pointer = self.client.get_tag(upstream.name, name, tag)
+                if pointer is not None and self._clock() - pointer.checked_at < upstream.tag_ttl:
                     return pointer.digest
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
             except CoordinatorUnavailable:
                 return check()
             if lease.granted:
                 try:
-                    return self._check_shared_tag(name, tag, key, lease.token, check, pointer)
+                    return self._check_shared_tag(upstream.name, name, tag, key, lease.token, check, pointer)
                 finally:
                     with contextlib.suppress(CoordinatorError):
                         self.client.abort_fetch(key, lease.token)
@@ -244,7 +252,14 @@ class Cluster:
             time.sleep(_POLL)
 
     def _check_shared_tag(
-        self, name: str, tag: str, key: str, token: str, check: TagCheck, pointer: TagPointerInfo | None
+        self,
+        registry: str,
+        name: str,
+        tag: str,
+        key: str,
+        token: str,
+        check: TagCheck,
+        pointer: TagPointerInfo | None,
     ) -> str:
         try:
             digest = check()
@@ -256,9 +271,7 @@ class Cluster:
         stored = self.local.read(parse_digest(digest))
         media_type, size = (stored[1], len(stored[0])) if stored else ("", 0)
         try:
-            self.client.put_tag(
-                self.upstream_name, name, tag, TagPointerInfo(digest, media_type, size, self._clock()), token
-            )
+            self.client.put_tag(registry, name, tag, TagPointerInfo(digest, media_type, size, self._clock()), token)
         except LeaseLost:
             log.warning("lost the lease on %s while checking it; not sharing the answer", key)
         except CoordinatorUnavailable:
@@ -267,14 +280,12 @@ class Cluster:
 
     # Bookkeeping.
 
-    def _complete(self, key: str, token: str, digest: Digest) -> None:
+    def _complete(self, key: str, token: str, digest: Digest, ttl_ms: int) -> None:
         content = self._content(digest)
         if content is None:
             return
         try:
-            self.client.complete_fetch(
-                key, token, content.digest, content.size, content.media_type, self.content_ttl_ms
-            )
+            self.client.complete_fetch(key, token, content.digest, content.size, content.media_type, ttl_ms)
         except LeaseLost:
             # Another node took the lease over; the coordinator keeps its
             # registration. This copy is verified, and the next inventory
@@ -284,12 +295,12 @@ class Cluster:
         except CoordinatorUnavailable:
             self._mark_unannounced()
 
-    def _add(self, digest: Digest) -> None:
+    def _add(self, digest: Digest, ttl_ms: int) -> None:
         content = self._content(digest)
         if content is None:
             return
         try:
-            self.client.add_content([content], ttl_ms=self.content_ttl_ms)
+            self.client.add_content([content], ttl_ms=ttl_ms)
         except CoordinatorError:
             self._mark_unannounced()
 
@@ -401,7 +412,3 @@ class _LeaseRenewer:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-
-
-def _upstream_name(url: str) -> str:
-    return url.split("://", 1)[1].split("/", 1)[0]

@@ -142,8 +142,11 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    """The registry the node mirrors."""
+    """A registry the node mirrors."""
 
+    # The registry's name as clients say it: containerd's ns parameter
+    # (docker.io, ghcr.io) and the path prefix of podman mirrors.
+    name: str = _parsed(lambda value: parse_registry_name(value), default="docker.io")
     url: str = _parsed(parse_url, default="https://registry-1.docker.io")
     username: str | None = _parsed(_optional_string, default=None)
     password: str | None = _parsed(_optional_string, default=None, repr=False)
@@ -160,8 +163,8 @@ class UpstreamConfig:
 
     @property
     def is_docker_hub(self) -> bool:
-        host = urlsplit(self.url).hostname or ""
-        return host in ("registry-1.docker.io", "docker.io", "index.docker.io")
+        """Docker Hub keeps official images under library/; only its names get it."""
+        return self.name == DOCKER_HUB or registry_name_of(self.url) == DOCKER_HUB
 
 
 def _address_list(value: object) -> tuple[str, ...]:
@@ -197,12 +200,40 @@ class ClusterConfig:
         return bool(self.coordinators)
 
 
+_REGISTRY_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
+DOCKER_HUB = "docker.io"
+
+
+def parse_registry_name(value: object) -> str:
+    name = str(value).strip().lower()
+    if not _REGISTRY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError("expected a registry name such as docker.io, ghcr.io or registry.local:5000")
+    return name
+
+
+def registry_name_of(url: str) -> str:
+    """The name clients use for the registry at ``url``: docker.io for Docker Hub."""
+    host = urlsplit(url).netloc.lower()
+    return DOCKER_HUB if host in ("registry-1.docker.io", "index.docker.io", "docker.io") else host
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
-    upstream: UpstreamConfig = UpstreamConfig()
+    # The registries this node mirrors, by name; see ``load_config``.
+    upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(),)
+    # Where requests that name no registry go; None answers them 404.
+    default_upstream: str | None = DOCKER_HUB
     cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """The default upstream, or the first: where node-wide defaults (timeouts) come from."""
+        return self.find_upstream(self.default_upstream) or self.upstreams[0]
+
+    def find_upstream(self, name: str | None) -> UpstreamConfig | None:
+        return next((upstream for upstream in self.upstreams if upstream.name == name), None)
 
     @property
     def node_id(self) -> str:
@@ -245,29 +276,103 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
 
 
 def config_from_dict(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> NodeConfig:
-    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    """Build the configuration from parsed YAML and ``SHOAL_*`` overrides.
+
+    Upstreams come in one of three forms: ``upstreams:`` (a mapping from
+    registry name to settings, with ``default_upstream`` naming the one for
+    requests that name no registry; a single upstream is the default);
+    ``upstream:`` (one registry, named after its URL: docker.io for Docker
+    Hub); or distribution's ``proxy:`` (the same, with distribution's keys).
+    """
+    raw = {key: _copy(value) for key, value in raw.items()}
     if "proxy" in raw:
         proxy = raw.pop("proxy")
         if not isinstance(proxy, dict):
             raise ConfigError("proxy: expected a mapping")
         upstream = raw.setdefault("upstream", {})
+        if not isinstance(upstream, dict):
+            raise ConfigError("upstream: expected a mapping")
         for key, value in proxy.items():
             if key not in _PROXY_KEYS:
                 raise ConfigError(f"proxy.{key}: unknown key (known: {', '.join(_PROXY_KEYS)})")
             upstream.setdefault(_PROXY_KEYS[key], value)
-    for name, value in (environ or {}).items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        if len(path) != 2:
-            continue
-        section = raw.setdefault(path[0], {})
-        if isinstance(section, dict):
-            section[path[1]] = value
+    _apply_environment(raw, environ or {})
+    # A shared file (and environment) may configure the coordinator too;
+    # that part is the coordinator's own.
+    raw.pop("coordinator", None)
+    upstreams = _upstreams(raw)
     config: NodeConfig = _build(NodeConfig, raw, "")
+    config = dataclasses.replace(config, **upstreams)
     if config.cluster.enabled and not config.cluster.secret:
         raise ConfigError("cluster.secret: required when cluster.coordinators is set")
     return config
+
+
+def _copy(value: Any) -> Any:
+    return {key: _copy(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+
+def _env_name(registry: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", registry.upper())
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``SHOAL_KEY``, ``SHOAL_SECTION__KEY`` and ``SHOAL_UPSTREAMS__<NAME>__KEY``.
+
+    In the last form NAME is a registry of the file's ``upstreams:`` in
+    capitals with every other character as ``_`` (GHCR_IO for ghcr.io).
+    """
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or variable == CONFIG_ENV:
+            continue
+        path = variable[len(ENV_PREFIX) :].split("__")
+        if len(path) == 1:
+            raw[path[0].lower()] = value
+        elif len(path) == 2:
+            section = raw.setdefault(path[0].lower(), {})
+            if isinstance(section, dict):
+                section[path[1].lower()] = value
+        elif len(path) == 3 and path[0] == "UPSTREAMS":
+            upstreams = raw.get("upstreams")
+            declared: dict[str, Any] = upstreams if isinstance(upstreams, dict) else {}
+            names = [name for name in declared if _env_name(str(name)) == path[1]]
+            if not names:
+                raise ConfigError(f"{variable}: no upstream in upstreams: is named like {path[1]}")
+            settings = declared[names[0]]
+            if settings is None:
+                settings = declared[names[0]] = {}
+            if isinstance(settings, dict):
+                settings[path[2].lower()] = value
+
+
+def _upstreams(raw: dict[str, Any]) -> dict[str, Any]:
+    """Take the upstream settings out of ``raw`` and build them."""
+    single, several = raw.pop("upstream", None), raw.pop("upstreams", None)
+    default = raw.pop("default_upstream", None)
+    if single is not None and several is not None:
+        raise ConfigError("upstreams: give either upstream (one registry) or upstreams (several), not both")
+    if several is None:
+        settings = _build(UpstreamConfig, single or {}, "upstream.")
+        if single and "name" not in single:
+            settings = dataclasses.replace(settings, name=registry_name_of(settings.url))
+        return {"upstreams": (settings,), "default_upstream": settings.name}
+    if not isinstance(several, dict) or not several:
+        raise ConfigError("upstreams: expected a mapping from registry name to its settings")
+    built = []
+    for name, settings in several.items():
+        try:
+            registry = parse_registry_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"upstreams.{name}: {exc}") from None
+        if not isinstance(settings, dict) or "url" not in settings:
+            raise ConfigError(f"upstreams.{name}.url: required")
+        built.append(dataclasses.replace(_build(UpstreamConfig, settings, f"upstreams.{name}."), name=registry))
+    names = [upstream.name for upstream in built]
+    if default is None and len(built) == 1:
+        default = names[0]
+    if default is not None and default not in names:
+        raise ConfigError(f"default_upstream: {default} is not one of upstreams ({', '.join(names)})")
+    return {"upstreams": tuple(built), "default_upstream": default}
 
 
 def _build(cls: type, raw: object, prefix: str) -> Any:

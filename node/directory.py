@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
+from node.config import UpstreamConfig
 from node.reference import Digest
 from node.storage.fill import Source
 
@@ -27,7 +28,9 @@ TagCheck = Callable[[], str]
 
 
 class Directory(Protocol):
-    def blob_source(self, digest: Digest, from_upstream: UpstreamOpener) -> AbstractContextManager[Source]:
+    def blob_source(
+        self, upstream: UpstreamConfig, digest: Digest, from_upstream: UpstreamOpener
+    ) -> AbstractContextManager[Source]:
         """A source of the blob's bytes for a fill.
 
         The fill commits the verified content inside the returned context;
@@ -35,11 +38,13 @@ class Directory(Protocol):
         """
         ...
 
-    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> str:
+    def fetch_manifest(
+        self, upstream: UpstreamConfig, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore
+    ) -> str:
         """Get the manifest from a peer or the upstream and ``store`` it; say which (``peer``, ``upstream``)."""
         ...
 
-    def resolve_tag(self, name: str, tag: str, check: TagCheck) -> str:
+    def resolve_tag(self, upstream: UpstreamConfig, name: str, tag: str, check: TagCheck) -> str:
         """The digest the tag points at, asking the upstream (``check``) only when needed."""
         ...
 
@@ -62,15 +67,17 @@ class Standalone:
     """A node on its own: every miss goes to the upstream."""
 
     @contextmanager
-    def blob_source(self, digest: Digest, from_upstream: UpstreamOpener) -> Iterator[Source]:
+    def blob_source(self, upstream: UpstreamConfig, digest: Digest, from_upstream: UpstreamOpener) -> Iterator[Source]:
         with from_upstream() as source:
             yield source
 
-    def fetch_manifest(self, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore) -> str:
+    def fetch_manifest(
+        self, upstream: UpstreamConfig, digest: Digest, from_upstream: ManifestFetch, store: ManifestStore
+    ) -> str:
         store(*from_upstream())
         return "upstream"
 
-    def resolve_tag(self, name: str, tag: str, check: TagCheck) -> str:
+    def resolve_tag(self, upstream: UpstreamConfig, name: str, tag: str, check: TagCheck) -> str:
         return check()
 
     def touched(self, digests: list[Digest]) -> None:

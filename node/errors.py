@@ -55,6 +55,15 @@ class NameUnknown(ShoalError):
     code, status = "NAME_UNKNOWN", 404
 
 
+class RegistryUnknown(ShoalError):
+    """The request names a registry this mirror does not mirror.
+
+    404, so that containerd falls back to the registry itself.
+    """
+
+    code, status = "NAME_UNKNOWN", 404
+
+
 class BlobUnknown(ShoalError):
     code, status = "BLOB_UNKNOWN", 404
 

@@ -28,7 +28,9 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 logconfig_dict = {
     **CONFIG_DEFAULTS,
     "loggers": {
-        **CONFIG_DEFAULTS["loggers"],
+        # gunicorn's defaults pass its lines on to the root logger too, which
+        # would print each of them twice.
+        **{name: {**spec, "propagate": False} for name, spec in CONFIG_DEFAULTS["loggers"].items()},
         "node": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
     },
 }

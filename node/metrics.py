@@ -111,7 +111,7 @@ class LocalSink:
 class Metrics:
     """One worker's counters, flushed as idempotent deltas; and its histograms."""
 
-    def __init__(self, sink: Sink, node_id: str, upstream: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, sink: Sink, node_id: str, registry: CollectorRegistry | None = None) -> None:
         self.sink = sink
         self.node_id = node_id
         self.worker_id = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -130,18 +130,17 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "shoal_upstream_fetch_duration_seconds",
             "Time of an upstream request, to the end of its body",
-            ["kind", "node"],
+            ["registry", "kind", "node"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
         self._rate_limit = Gauge(
             "shoal_upstream_ratelimit",
             "The last rate-limit header the upstream sent (ratelimit-limit, ratelimit-remaining)",
-            ["upstream", "header", "node"],
+            ["registry", "header", "node"],
             multiprocess_mode="mostrecent",
             registry=self.registry,
         )
-        self._upstream = upstream
 
     # Counting, from any thread.
 
@@ -153,16 +152,16 @@ class Metrics:
     def count(self, kind: str, counter: str, value: int = 1) -> None:
         self.add(key(kind, counter), value)
 
-    def upstream_request(self, kind: str, status: int | None, seconds: float) -> None:
+    def upstream_request(self, registry: str, kind: str, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status is not None else "error"
-        self.add(f"upstream.{kind}.{status_class}")
-        self.upstream_seconds.labels(kind, self.node_id).observe(seconds)
+        self.add(f"upstream.{kind}.{status_class}.{registry}")
+        self.upstream_seconds.labels(registry, kind, self.node_id).observe(seconds)
 
-    def rate_limits(self, seen: Mapping[str, str]) -> None:
+    def rate_limits(self, registry: str, seen: Mapping[str, str]) -> None:
         for header, value in seen.items():
             number = value.split(";", 1)[0].strip()
             if number.isdigit():
-                self._rate_limit.labels(self._upstream, header, self.node_id).set(int(number))
+                self._rate_limit.labels(registry, header, self.node_id).set(int(number))
 
     # Flushing, from the background thread and at shutdown.
 

@@ -108,21 +108,21 @@ class TagPage:
 class Observer(Protocol):
     """Where the client reports what it did (``node.metrics.Metrics``)."""
 
-    def upstream_request(self, kind: str, status: int | None, seconds: float) -> None: ...
+    def upstream_request(self, registry: str, kind: str, status: int | None, seconds: float) -> None: ...
 
     def count(self, kind: str, counter: str, value: int = 1) -> None: ...
 
-    def rate_limits(self, seen: Mapping[str, str]) -> None: ...
+    def rate_limits(self, registry: str, seen: Mapping[str, str]) -> None: ...
 
 
 class _Unobserved:
-    def upstream_request(self, kind: str, status: int | None, seconds: float) -> None:
+    def upstream_request(self, registry: str, kind: str, status: int | None, seconds: float) -> None:
         pass
 
     def count(self, kind: str, counter: str, value: int = 1) -> None:
         pass
 
-    def rate_limits(self, seen: Mapping[str, str]) -> None:
+    def rate_limits(self, registry: str, seen: Mapping[str, str]) -> None:
         pass
 
 
@@ -165,6 +165,7 @@ class Upstream:
         observer: Observer | None = None,
     ) -> None:
         self.url = config.url
+        self.name = config.name
         self._observer: Observer = observer or _Unobserved()
         self._token_realms = frozenset(host.lower() for host in config.token_realms)
         self._host = (httpx.URL(config.url).host or "").lower()
@@ -278,7 +279,7 @@ class Upstream:
             else:
                 response = self._client.send(request, stream=True, auth=None)
         except httpx.HTTPError as exc:
-            self._observer.upstream_request(kind, None, time.monotonic() - started)
+            self._observer.upstream_request(self.name, kind, None, time.monotonic() - started)
             raise self._unavailable(what, exc) from None
         try:
             self._check(response, what, not_found)
@@ -287,7 +288,7 @@ class Upstream:
             raise self._unavailable(what, exc) from None
         finally:
             response.close()
-            self._observer.upstream_request(kind, response.status_code, time.monotonic() - started)
+            self._observer.upstream_request(self.name, kind, response.status_code, time.monotonic() - started)
 
     def _check(self, response: httpx.Response, what: str, not_found: type[ShoalError] | None) -> None:
         status = response.status_code
@@ -356,7 +357,7 @@ class Upstream:
         if seen:
             with self._rate_lock:
                 self.rate_limits = {**self.rate_limits, **seen}
-            self._observer.rate_limits(seen)
+            self._observer.rate_limits(self.name, seen)
 
     def _unavailable(self, what: str, exc: httpx.HTTPError) -> ShoalError:
         return self._failure(UpstreamUnavailable, f"{what}: {_describe(exc)}")

@@ -10,9 +10,10 @@ Counter keys are flat strings:
 
 - ``<type>.<counter>`` with type ``blob`` or ``manifest`` and counter one of
   ``COUNTERS`` (``blob.hits``);
-- ``upstream.<kind>.<class>``: upstream requests by kind (``manifest``,
-  ``blob``, ``tags``, ``token``, ``ping``) and status class (``2xx``, ``3xx``,
-  ``4xx``, ``5xx``, ``error`` for no answer);
+- ``upstream.<kind>.<class>.<registry>``: upstream requests by kind
+  (``manifest``, ``blob``, ``tags``, ``token``, ``ping``), status class
+  (``2xx``, ``3xx``, ``4xx``, ``5xx``, ``error`` for no answer) and registry
+  (the upstream's name, which may itself hold dots: it comes last);
 - ``evictions.<reason>``: ``ttl`` or ``size``;
 - ``errors.<CODE>``: error answers to clients, by OCI code;
 - ``cached.distinct_bytes`` (cluster only, kept by the coordinator): the
@@ -96,9 +97,8 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
                 per_node.add_metric([kind, node.node_id], node.counters.get(key(kind, counter), 0))
             total.add_metric([kind], cluster.get(key(kind, counter), 0))
         result += [per_node, total]
-    result += _grouped(
-        nodes, cluster, "upstream", "shoal_upstream_requests", "Requests to the upstream", ["kind", "class"]
-    )
+    labels = ["kind", "class", "registry"]
+    result += _grouped(nodes, cluster, "upstream", "shoal_upstream_requests", "Requests to the upstream", labels)
     result += _grouped(nodes, cluster, "evictions", "shoal_evictions", "Content evicted", ["reason"])
     result += _grouped(nodes, cluster, "errors", "shoal_errors", "Error answers to clients", ["code"])
     up = GaugeMetricFamily("shoal_node_up", "1 while the node heartbeats to the coordinator", labels=["node"])
@@ -118,7 +118,7 @@ def _grouped(
     )
     for source, family, extra in [(node.counters, per_node, [node.node_id]) for node in nodes] + [(cluster, total, [])]:
         for counter, value in sorted(source.items()):
-            parts = counter.split(".")
+            parts = counter.split(".", len(labels))
             if parts[0] == prefix and len(parts) == len(labels) + 1:
                 family.add_metric([*parts[1:], *extra], value)
     return [per_node, total]

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class LocalCluster:
         self.host = args.host
         self.children: list[Child] = []
         self.node_urls: list[str] = []
+        self.coordinator_metrics_port = 0
 
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> Child:
         log = open(os.path.join(self.state, f"{name}.log"), "ab")  # noqa: SIM115 - closed in stop()
@@ -146,6 +148,7 @@ class LocalCluster:
         _wait("redis", lambda: _accepts("127.0.0.1", redis_port), self.children)
 
         coordinator_port = free_port("127.0.0.1")
+        self.coordinator_metrics_port = free_port("127.0.0.1")
         coordinator_config = os.path.join(self.state, "coordinator.yml")
         with open(coordinator_config, "w", encoding="utf-8") as handle:
             yaml.safe_dump(
@@ -153,6 +156,7 @@ class LocalCluster:
                     "coordinator": {
                         "bind": f"127.0.0.1:{coordinator_port}",
                         "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                        "metrics_bind": f"127.0.0.1:{self.coordinator_metrics_port}",
                     }
                 },
                 handle,
@@ -189,22 +193,13 @@ class LocalCluster:
             local = url.replace("0.0.0.0", "127.0.0.1")
             _wait(f"the node at {url}", functools.partial(_healthy, local), self.children, timeout=60)
 
-    def wait(self) -> int:
-        """Block until a child dies or this process is asked to stop."""
-        stop = False
-
-        def request_stop(signum: int, frame: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-        while not stop:
+    def wait(self, stop: threading.Event) -> int:
+        """Block until a child dies or ``stop`` is set (by a signal)."""
+        while not stop.wait(0.2):
             for child in self.children:
                 if child.process.poll() is not None:
                     print(f"{child.name} exited with {child.process.returncode}; see {child.log.name}", file=sys.stderr)
                     return 1
-            time.sleep(0.2)
         return 0
 
     def stop(self) -> None:
@@ -224,20 +219,32 @@ class LocalCluster:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The handlers are in place before anything starts, so a Ctrl-C at any
+    # moment ends in stop() and leaves nothing running.
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     cluster = LocalCluster(args)
     try:
         cluster.start()
+        if stop.is_set():
+            return 0
+        print(_banner(args, cluster), flush=True)
+        return cluster.wait(stop)
     except UpError as exc:
-        cluster.stop()
         print(f"shoal up: {exc}", file=sys.stderr)
         return 1
-    except BaseException:
+    finally:
         cluster.stop()
-        raise
+        print("Shoal stopped.", flush=True)
+
+
+def _banner(args: argparse.Namespace, cluster: LocalCluster) -> str:
     first = cluster.node_urls[0].split("://", 1)[1]
     lines = [f"Shoal is up: {len(cluster.node_urls)} nodes mirroring {args.upstream}"]
     lines += [f"  node {index + 1}: {url}" for index, url in enumerate(cluster.node_urls)]
     lines += [
+        f"  coordinator metrics: http://127.0.0.1:{cluster.coordinator_metrics_port}/metrics",
         f"  state:  {cluster.state} (logs: *.log)",
         "",
         "Point clients at any node (or at a load balancer in front of them):",
@@ -249,9 +256,4 @@ def run(args: argparse.Namespace) -> int:
         "",
         "Ctrl-C stops everything.",
     ]
-    print("\n".join(lines), flush=True)
-    try:
-        return cluster.wait()
-    finally:
-        cluster.stop()
-        print("Shoal stopped.", flush=True)
+    return "\n".join(lines)

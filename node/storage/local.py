@@ -5,8 +5,8 @@ Layout under the cache directory::
     blobs/<algorithm>/<hex[:2]>/<hex>        complete, verified content
     blobs/<algorithm>/<hex[:2]>/<hex>.type   media type of a manifest
     fills/                                   fills in progress (see fill.py)
-    repos/<name>/_tags/<tag>.json            tag pointers
-    repos/<name>/_tags.json                  the last tag list the upstream sent
+    repos/<registry>/<name>/_tags/<tag>.json tag pointers
+    repos/<registry>/<name>/_tags.json       the last tag list the upstream sent
 
 Invariant: a file exists at its content path only if its bytes hash to its
 name. Content reaches that path only by ``os.replace`` of a file already
@@ -234,9 +234,9 @@ class LocalStore:
         os.makedirs(self._repo_dir(name), exist_ok=True)
         _write_atomic(os.path.join(self._repo_dir(name), "_tags.json"), json.dumps(sorted(tags)).encode())
 
-    def repositories(self) -> list[str]:
-        """Names of the repositories the cache has served a manifest of."""
-        base = os.path.join(self.root, "repos")
+    def repositories(self, registry: str) -> list[str]:
+        """Names of the repositories of ``registry`` the cache has served a manifest of."""
+        base = os.path.join(self.root, "repos", registry)
         names = []
         for folder, subfolders, files in os.walk(base):
             subfolders[:] = [s for s in subfolders if s != "_tags"]

@@ -97,7 +97,7 @@ class ProxyStore:
             return Blob(digest, stored=stored)
         following = self.fills.join(
             digest,
-            lambda: self.directory.blob_source(digest, lambda: self.upstream.open_blob(name, str(digest))),
+            lambda: self.directory.blob_source(self.config, digest, lambda: self.upstream.open_blob(name, str(digest))),
         )
         if following is None:
             stored = self.local.open(digest)
@@ -113,7 +113,7 @@ class ProxyStore:
             manifest = self._manifest_by_digest(name, parse_digest(reference))
         else:
             manifest = self._manifest_by_tag(name, reference)
-        self.local.remember_repository(name)
+        self.local.remember_repository(self._scoped(name))
         return manifest
 
     def _manifest_by_digest(self, name: str, digest: Digest) -> Manifest:
@@ -136,7 +136,7 @@ class ProxyStore:
                 self.local.put(digest, data, media_type)
                 fetched.append(Manifest(data, media_type, digest))
 
-            origin = self.directory.fetch_manifest(digest, from_upstream, store)
+            origin = self.directory.fetch_manifest(self.config, digest, from_upstream, store)
             return dataclasses.replace(fetched[0], outcome=_OUTCOMES[origin])
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
@@ -156,9 +156,9 @@ class ProxyStore:
             fresh = self._fresh_tag(name, tag)
             if fresh is not None:
                 return fresh
-            pointer = self.local.read_tag(name, tag)
+            pointer = self.local.read_tag(self._scoped(name), tag)
             try:
-                digest = self.directory.resolve_tag(name, tag, lambda: self._check_tag(name, tag))
+                digest = self.directory.resolve_tag(self.config, name, tag, lambda: self._check_tag(name, tag))
                 manifest = self._manifest_by_digest(name, parse_digest(digest))
             except _STALE_OK as exc:
                 stale = self._cached_manifest(parse_digest(pointer.digest)) if pointer else None
@@ -167,12 +167,14 @@ class ProxyStore:
                 log.warning("serving %s:%s as %s from the cache: %s", name, tag, pointer.digest, exc.message)
                 return stale
             self.local.write_tag(
-                name, tag, TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self._clock())
+                self._scoped(name),
+                tag,
+                TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self._clock()),
             )
             return manifest
 
     def _fresh_tag(self, name: str, tag: str) -> Manifest | None:
-        pointer = self.local.read_tag(name, tag)
+        pointer = self.local.read_tag(self._scoped(name), tag)
         if pointer is None or self._clock() - pointer.checked_at >= self.config.tag_ttl:
             return None
         return self._manifest_by_digest(name, parse_digest(pointer.digest))
@@ -200,7 +202,7 @@ class ProxyStore:
         try:
             page = self.upstream.tags(name, n, last)
         except _STALE_OK as exc:
-            known = self.local.known_tags(name)
+            known = self.local.known_tags(self._scoped(name))
             if not known:
                 raise
             log.warning("answering the tag list of %s from the cache: %s", name, exc.message)
@@ -209,13 +211,17 @@ class ProxyStore:
         # the order its storage walks, and ignores n and last.
         tags = sorted(page.tags)
         if n is None and last is None:
-            self.local.write_tag_list(name, tags)
+            self.local.write_tag_list(self._scoped(name), tags)
         elif page.link is None:
             return paginate(tags, n, last, f"/v2/{name}/tags/list")
         return TagPage(tags, page.link)
 
     def catalog(self, n: int | None, last: str | None) -> TagPage:
-        return paginate(self.local.repositories(), n, last, "/v2/_catalog")
+        return paginate(self.local.repositories(self.config.name), n, last, "/v2/_catalog")
+
+    def _scoped(self, name: str) -> str:
+        """Tags and repositories are kept per registry: the same name is another repository elsewhere."""
+        return f"{self.config.name}/{name}"
 
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:

@@ -38,7 +38,7 @@ class FlakySink:
 
 def test_a_failed_flush_is_retried_unchanged_and_counted_once() -> None:
     sink = FlakySink()
-    metrics = Metrics(sink, "n1", "http://upstream.test")
+    metrics = Metrics(sink, "n1")
     metrics.count("blob", "hits", 2)
     sink.fail_after = True
     assert not metrics.flush()
@@ -58,7 +58,7 @@ def test_a_failed_flush_is_retried_unchanged_and_counted_once() -> None:
 
 def test_no_increment_is_lost_under_concurrency() -> None:
     sink = FlakySink()
-    metrics = Metrics(sink, "n1", "http://upstream.test")
+    metrics = Metrics(sink, "n1")
     stop = threading.Event()
 
     def flusher() -> None:
@@ -95,12 +95,16 @@ def test_local_sink_applies_each_sequence_once(tmp_path) -> None:
 
 def test_upstream_requests_are_counted_by_kind_and_status_class() -> None:
     sink = FlakySink()
-    metrics = Metrics(sink, "n1", "http://upstream.test")
-    metrics.upstream_request("blob", 200, 0.1)
-    metrics.upstream_request("manifest", 404, 0.1)
-    metrics.upstream_request("manifest", None, 0.1)
+    metrics = Metrics(sink, "n1")
+    metrics.upstream_request("ghcr.io", "blob", 200, 0.1)
+    metrics.upstream_request("ghcr.io", "manifest", 404, 0.1)
+    metrics.upstream_request("docker.io", "manifest", None, 0.1)
     metrics.flush()
-    assert sink.totals == {"upstream.blob.2xx": 1, "upstream.manifest.4xx": 1, "upstream.manifest.error": 1}
+    assert sink.totals == {
+        "upstream.blob.2xx.ghcr.io": 1,
+        "upstream.manifest.4xx.ghcr.io": 1,
+        "upstream.manifest.error.docker.io": 1,
+    }
 
 
 def test_expvar_keeps_the_seed_field_names() -> None:

@@ -58,6 +58,7 @@ def test_exact_counts_in_every_output(cluster: Cluster, upstream_registry: Distr
     blob_bytes = sum(len(data) for data in image.blobs.values())
     manifest_bytes = len(image.manifest)
     first, second = cluster.nodes
+    registry = upstream_registry.host
 
     _pull(first.url, "metrics/exact", image)  # cold: misses
     _pull(first.url, "metrics/exact", image)  # warm: hits
@@ -75,8 +76,8 @@ def test_exact_counts_in_every_output(cluster: Cluster, upstream_registry: Distr
             "manifest.misses": 1,
             "manifest.bytes_pulled": manifest_bytes,
             "manifest.bytes_pushed": 2 * manifest_bytes,
-            "upstream.blob.2xx": k,
-            "upstream.manifest.2xx": 2,  # the tag's HEAD and the manifest's GET
+            f"upstream.blob.2xx.{registry}": k,
+            f"upstream.manifest.2xx.{registry}": 2,  # the tag's HEAD and the manifest's GET
         },
         "node-2": {
             "blob.requests": k,
@@ -138,7 +139,8 @@ def test_exact_counts_in_every_output(cluster: Cluster, upstream_registry: Distr
     assert samples[("shoal_peer_hits_total", (("node", "node-2"), ("type", "blob")))] == k
     assert samples[("shoal_cluster_requests_total", (("type", "blob"),))] == 3 * k
     assert samples[("shoal_cluster_pushed_bytes_total", (("type", "manifest"),))] == 3 * manifest_bytes
-    assert samples[("shoal_upstream_requests_total", (("class", "2xx"), ("kind", "blob"), ("node", "node-1")))] == k
+    labels = (("class", "2xx"), ("kind", "blob"), ("node", "node-1"), ("registry", registry))
+    assert samples[("shoal_upstream_requests_total", labels)] == k
     assert any(name == "shoal_request_duration_seconds_count" for name, _ in samples)
 
     # shoal stats, as a user runs it.

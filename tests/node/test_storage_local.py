@@ -69,11 +69,14 @@ def test_ttl_zero_never_expires(tmp_path) -> None:
 def test_tags_and_repositories(tmp_path) -> None:
     store = LocalStore(str(tmp_path), max_size=1 << 20)
     pointer = TagPointer("sha256:" + "a" * 64, "application/json", 10, 5.0)
-    store.write_tag("library/alpine", "3.19", pointer)
-    store.remember_repository("library")
-    store.remember_repository("team/app")
-    store.write_tag_list("library/alpine", ["3.18", "3.19"])
-    assert store.read_tag("library/alpine", "3.19") == pointer
-    assert store.read_tag("library/alpine", "nope") is None
-    assert store.known_tags("library/alpine") == ["3.18", "3.19"]
-    assert store.repositories() == ["library", "library/alpine", "team/app"]
+    store.write_tag("docker.io/library/alpine", "3.19", pointer)
+    store.remember_repository("docker.io/library")
+    store.remember_repository("docker.io/team/app")
+    store.remember_repository("ghcr.io/other")
+    store.write_tag_list("docker.io/library/alpine", ["3.18", "3.19"])
+    assert store.read_tag("docker.io/library/alpine", "3.19") == pointer
+    assert store.read_tag("docker.io/library/alpine", "nope") is None
+    assert store.known_tags("docker.io/library/alpine") == ["3.18", "3.19"]
+    assert store.repositories("docker.io") == ["library", "library/alpine", "team/app"]
+    assert store.repositories("ghcr.io") == ["other"]
+    assert store.repositories("quay.io") == []

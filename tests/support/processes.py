@@ -78,9 +78,11 @@ def wait_for_http(url: str, timeout: float = 20.0, *, alive: Callable[[], bool] 
             last_error = exc
             return None
 
-    return wait_until(
+    response = wait_until(
         answered, timeout=timeout, interval=0.05, message=lambda: f"no HTTP answer from {url}: {last_error!r}"
     )
+    assert response is not None  # wait_until returns only a truthy answer
+    return response
 
 
 def require_binary(name: str, debian_package: str) -> str:
