@@ -75,9 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3, metavar="N", help="how many nodes to start (default 3)")
     up.add_argument(
         "--upstream",
-        default="https://registry-1.docker.io",
-        metavar="URL",
-        help="registry to mirror (default: Docker Hub)",
+        action="append",
+        metavar="[NAME=]URL",
+        help=(
+            "a registry to mirror; give it several times for several registries, e.g. "
+            "--upstream docker.io=https://registry-1.docker.io --upstream ghcr.io=https://ghcr.io. "
+            "NAME is what clients call the registry (containerd's ns parameter, the path prefix of podman "
+            "mirrors); without it, the URL's host (docker.io for Docker Hub). The first is the default for "
+            "requests that name no registry (default: Docker Hub)"
+        ),
     )
     up.add_argument("--port", type=int, default=5000, help="port of the first node; the others follow (default 5000)")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -30,6 +30,8 @@ from typing import IO
 import httpx
 import yaml
 
+from node.config import parse_registry_name, parse_url, registry_name_of
+
 
 class UpError(RuntimeError):
     """The cluster could not be started; the message says what to do."""
@@ -40,6 +42,23 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log: IO[bytes] = field(repr=False)
+
+
+def parse_upstreams(values: list[str]) -> list[tuple[str, str]]:
+    """``NAME=URL`` or ``URL`` (named after its host) for each --upstream."""
+    parsed = []
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep:
+            name, url = registry_name_of(value), value
+        try:
+            parsed.append((parse_registry_name(name), parse_url(url)))
+        except ValueError as exc:
+            raise UpError(f"--upstream {value}: {exc}") from None
+    names = [name for name, _ in parsed]
+    if len(set(names)) != len(names):
+        raise UpError("--upstream: each registry name may be given once")
+    return parsed
 
 
 def find_redis_server() -> str:
@@ -105,6 +124,7 @@ class LocalCluster:
         self.children: list[Child] = []
         self.node_urls: list[str] = []
         self.coordinator_metrics_port = 0
+        self.upstreams = parse_upstreams(args.upstream or ["https://registry-1.docker.io"])
 
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> Child:
         log = open(os.path.join(self.state, f"{name}.log"), "ab")  # noqa: SIM115 - closed in stop()
@@ -177,7 +197,8 @@ class LocalCluster:
             settings = {
                 "server": {"bind": f"{self.host}:{port}", "workers": 2, "threads": 16},
                 "cache": {"dir": os.path.join(folder, "cache"), "max_size": self.args.cache_size},
-                "upstream": {"url": self.args.upstream},
+                "upstreams": {name: {"url": url} for name, url in self.upstreams},
+                "default_upstream": self.upstreams[0][0],
                 "cluster": {
                     "coordinators": [f"127.0.0.1:{coordinator_port}"],
                     "node_id": f"node-{index + 1}",
@@ -224,7 +245,11 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    cluster = LocalCluster(args)
+    try:
+        cluster = LocalCluster(args)
+    except UpError as exc:
+        print(f"shoal up: {exc}", file=sys.stderr)
+        return 2
     try:
         cluster.start()
         if stop.is_set():
@@ -241,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _banner(args: argparse.Namespace, cluster: LocalCluster) -> str:
     first = cluster.node_urls[0].split("://", 1)[1]
-    lines = [f"Shoal is up: {len(cluster.node_urls)} nodes mirroring {args.upstream}"]
+    mirrored = ", ".join(f"{name} ({url})" for name, url in cluster.upstreams)
+    lines = [f"Shoal is up: {len(cluster.node_urls)} nodes mirroring {mirrored}; the first is the default"]
     lines += [f"  node {index + 1}: {url}" for index, url in enumerate(cluster.node_urls)]
     lines += [
         f"  coordinator metrics: http://127.0.0.1:{cluster.coordinator_metrics_port}/metrics",
