@@ -88,7 +88,7 @@ class Cluster:
         *,
         nodes: int = 3,
         coordinators: int = 1,
-        node_settings: dict[str, dict[str, Any]] | None = None,
+        node_settings: dict[str, Any] | None = None,
         coordinator_settings: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
@@ -107,7 +107,7 @@ class Cluster:
         upstream_url: str,
         nodes: int,
         coordinators: int,
-        node_settings: dict[str, dict[str, Any]] | None,
+        node_settings: dict[str, Any] | None,
         coordinator_settings: dict[str, Any] | None,
     ) -> None:
         for index in range(coordinators):
@@ -116,7 +116,7 @@ class Cluster:
                 CoordinatorProcess(self.workdir / f"coordinator-{index + 1}", self.redis.url, coordinator_settings)
             )
         for index in range(nodes):
-            settings: dict[str, dict[str, Any]] = {
+            settings: dict[str, Any] = {
                 "cluster": {
                     "coordinators": [coordinator.address for coordinator in self.coordinators],
                     "heartbeat_interval": "0.2s",
@@ -126,7 +126,10 @@ class Cluster:
                 "upstream": {"tag_ttl": "1h"},
             }
             for section, values in (node_settings or {}).items():
-                settings.setdefault(section, {}).update(values)
+                if isinstance(values, dict):
+                    settings.setdefault(section, {}).update(values)
+                else:
+                    settings[section] = values
             self.nodes.append(
                 NodeProcess(
                     self.workdir / f"node-{index + 1}",

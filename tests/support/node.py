@@ -32,7 +32,13 @@ class NodeProcess:
             "upstream": {"url": upstream_url, "timeout": "10s"},
         }
         for section, values in (settings or {}).items():
-            config.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        if "upstreams" in config:
+            # Several upstreams replace the single one.
+            del config["upstream"]
         if "cluster" in config:
             config["cluster"].setdefault("advertise_url", self.url)
             config["cluster"].setdefault("node_id", self.workdir.name)
