@@ -309,7 +309,7 @@ class Cluster:
         if stored is None:
             return None
         os.close(stored.file)
-        return Content(str(digest), stored.size, stored.media_type)
+        return Content(str(digest), stored.size, self.local.media_type(digest))
 
     def _mark_unannounced(self) -> None:
         open(os.path.join(self.local.fills_dir(), _UNANNOUNCED), "a").close()

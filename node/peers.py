@@ -52,7 +52,7 @@ def content(reference: str) -> Response:
     stored = local.open(digest)
     if stored is not None:
         local.touch(digest)
-        headers = {"Content-Length": str(stored.size), MEDIA_TYPE_HEADER: stored.media_type}
+        headers = {"Content-Length": str(stored.size), MEDIA_TYPE_HEADER: local.media_type(digest)}
         return Response(file_body(stored.file), headers=headers, direct_passthrough=True)
     following = fills.in_progress(digest)
     if following is None:

@@ -42,7 +42,6 @@ class Stored:
 
     file: int
     size: int
-    media_type: str
 
 
 @dataclass(frozen=True)
@@ -73,15 +72,15 @@ class LocalStore:
         return os.path.join(self.root, "fills")
 
     def open(self, digest: Digest) -> Stored | None:
-        """Open complete content, or None when the store does not hold it."""
-        path = self.content_path(digest)
+        """Open complete content, or None when the store does not hold it.
+
+        The blob hit path: one open and one fstat, nothing else.
+        """
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self.content_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        size = os.fstat(fd).st_size
-        media_type = self._read_media_type(path)
-        return Stored(fd, size, media_type)
+        return Stored(fd, os.fstat(fd).st_size)
 
     def has(self, digest: Digest) -> bool:
         return os.path.exists(self.content_path(digest))
@@ -92,7 +91,7 @@ class LocalStore:
         if stored is None:
             return None
         with os.fdopen(stored.file, "rb") as handle:
-            return handle.read(), stored.media_type
+            return handle.read(), self.media_type(digest)
 
     def commit(self, digest: Digest, verified_path: str, media_type: str | None = None) -> None:
         """Move a file whose bytes were verified against ``digest`` into place."""
@@ -122,9 +121,10 @@ class LocalStore:
             return False
         return True
 
-    def _read_media_type(self, path: str) -> str:
+    def media_type(self, digest: Digest) -> str:
+        """The media type a manifest was stored with; blobs have none of their own."""
         try:
-            with open(path + ".type", encoding="utf-8") as handle:
+            with open(self.content_path(digest) + ".type", encoding="utf-8") as handle:
                 return handle.read().strip() or OCTET_STREAM
         except FileNotFoundError:
             return OCTET_STREAM

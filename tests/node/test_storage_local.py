@@ -20,7 +20,7 @@ def test_put_and_open(tmp_path) -> None:
     stored = store.open(digest)
     assert stored is not None
     assert stored.size == 5
-    assert stored.media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert store.media_type(digest) == "application/vnd.oci.image.manifest.v1+json"
     assert os.read(stored.file, 10) == b"hello"
     os.close(stored.file)
     assert store.read(digest) == (b"hello", "application/vnd.oci.image.manifest.v1+json")
