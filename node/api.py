@@ -20,7 +20,7 @@ from node.errors import NotFound, PaginationInvalid, RangeInvalid, RegistryUnkno
 from node.metrics import Metrics
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
 from node.responses import file_body
-from node.storage.fill import follow, follow_unsized
+from node.storage.fill import follow
 from node.storage.proxy import Blob, ProxyStore
 from node.upstream import TagPage
 
@@ -177,7 +177,7 @@ def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
         return Response(file_body(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
     _count("blob", blob.outcome, 0, joined=blob.following.joined)
-    body = follow(blob.following, start, end) if end is not None else follow_unsized(blob.following)
+    body = follow(blob.following, start, end)
     return Response(_started(_pushed(body)), status=status, headers=headers, direct_passthrough=True)
 
 

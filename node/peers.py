@@ -24,7 +24,7 @@ from flask import Blueprint, Response, current_app, request
 from node.errors import BlobUnknown, ShoalError, UpstreamUnavailable
 from node.reference import parse_digest
 from node.responses import file_body
-from node.storage.fill import Fills, follow, follow_unsized
+from node.storage.fill import Fills, follow
 from node.storage.local import LocalStore
 from node.upstream import Observer
 
@@ -60,9 +60,7 @@ def content(reference: str) -> Response:
     headers = {IN_PROGRESS_HEADER: "1"}
     if following.size is not None:
         headers["Content-Length"] = str(following.size)
-        body = follow(following, 0, following.size)
-    else:
-        body = follow_unsized(following)
+    body = follow(following, 0, following.size)
     return Response(body, headers=headers, direct_passthrough=True)
 
 

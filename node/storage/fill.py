@@ -225,49 +225,34 @@ class Fills:
             thread.join(timeout)
 
 
-def follow(fill: Following, start: int, end: int, *, stall_timeout: float = 30.0) -> Iterator[bytes]:
-    """Yield bytes ``[start, end)`` of a fill as they arrive.
+def follow(fill: Following, start: int = 0, end: int | None = None, *, stall_timeout: float = 30.0) -> Iterator[bytes]:
+    """Yield bytes ``[start, end)`` of a fill as they arrive (to its end when ``end`` is None).
 
-    The last chunk is yielded only once the fill is committed; a fill that
-    fails, or a leader that stalls for ``stall_timeout``, raises
+    Bytes that may be the last ones (the end of the range, or anything of a
+    fill whose size is unknown) are held back until the fill is committed;
+    a fill that fails, or a leader that stalls for ``stall_timeout``, raises
     ``FillFailed`` so the caller's response is cut short.
     """
     try:
-        position = start
-        wait = _POLL_FIRST
-        stalled_since = time.monotonic()
-        while position < end:
-            chunk = os.pread(fill.file, min(CHUNK, end - position), position)
-            if chunk and (position + len(chunk) < end or _committed(fill)):
-                position += len(chunk)
-                wait, stalled_since = _POLL_FIRST, time.monotonic()
-                yield chunk
-                continue
-            if _failed(fill):
-                raise FillFailed("the upstream fetch failed before the blob was complete", {"digest": str(fill.digest)})
-            if time.monotonic() - stalled_since > stall_timeout:
-                raise FillFailed("the upstream fetch stalled", {"digest": str(fill.digest)})
-            time.sleep(wait)
-            wait = min(wait * 2, _POLL_LAST)
-    finally:
-        os.close(fill.file)
-
-
-def follow_unsized(fill: Following, *, stall_timeout: float = 30.0) -> Iterator[bytes]:
-    """Like ``follow`` for a source that sent no length: until committed."""
-    try:
-        position, held = 0, b""
+        position, held = start, b""
         wait = _POLL_FIRST
         stalled_since = time.monotonic()
         while True:
-            chunk = os.pread(fill.file, CHUNK, position)
+            want = CHUNK if end is None else min(CHUNK, end - position)
+            chunk = os.pread(fill.file, want, position) if want > 0 else b""
             if chunk:
                 position += len(chunk)
                 if held:
                     yield held
-                held, wait, stalled_since = chunk, _POLL_FIRST, time.monotonic()
+                    held = b""
+                if end is not None and position < end:
+                    yield chunk
+                else:
+                    held = chunk
+                wait, stalled_since = _POLL_FIRST, time.monotonic()
                 continue
-            if _committed(fill) and os.fstat(fill.file).st_size == position:
+            at_end = position == end if end is not None else os.fstat(fill.file).st_size == position
+            if at_end and _committed(fill):
                 if held:
                     yield held
                 return

@@ -28,6 +28,8 @@ class FakeClock:
 
 
 class FakeStream:
+    origin = "upstream"
+
     def __init__(self, data: bytes, size: int | None) -> None:
         self.data, self.size = data, size
 
@@ -46,6 +48,7 @@ class FakeUpstream:
         self.tag_list: list[str] = []
         self.calls: list[tuple[str, str]] = []
         self.down = False
+        self.unsized = False
 
     def _check(self, call: str, ref: str) -> None:
         self.calls.append((call, ref))
@@ -78,7 +81,7 @@ class FakeUpstream:
         if digest not in self.blobs:
             raise BlobUnknown("unknown")
         data = self.blobs[digest]
-        yield FakeStream(data, len(data))
+        yield FakeStream(data, None if self.unsized else len(data))
 
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
         self._check("tags", name)
@@ -202,3 +205,19 @@ def test_tag_list_falls_back_to_known_tags(proxy: ProxyStore, upstream: FakeUpst
     assert page.tags == ["b", "c"]
     assert page.link == '</v2/app/tags/list?n=2&last=c>; rel="next"'
     assert proxy.tags("app", None, "c").tags == ["d"]
+
+
+def test_blob_of_unknown_size_is_held_back_until_verified(proxy: ProxyStore, upstream: FakeUpstream) -> None:
+    data = os.urandom(50)
+    digest = digest_of(data)
+    upstream.blobs[str(digest)] = data
+    upstream.unsized = True
+    blob = proxy.blob("app", digest)
+    assert blob.following is not None and blob.size is None
+    assert b"".join(follow(blob.following)) == data
+    bad = digest_of(b"other")
+    upstream.blobs[str(bad)] = data
+    broken = proxy.blob("app", bad)
+    assert broken.following is not None
+    with pytest.raises(FillFailed):
+        b"".join(follow(broken.following))
