@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from node.config import CONFIG_ENV, ConfigError, load_config
+from shoal import warm as warm_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--cache-size", default="20GiB", metavar="SIZE", help="cache size limit per node (default 20GiB)")
     up.set_defaults(run=_run_up)
+
+    warm = commands.add_parser("warm", help=warm_command.HELP, description=warm_command.DESCRIPTION)
+    warm_command.add_arguments(warm)
+    warm.set_defaults(run=warm_command.run)
 
     stats = commands.add_parser(
         "stats",
