@@ -39,9 +39,10 @@ def _upstream_gets(registry: DistributionRegistry, name: str, image: Image) -> d
     return {path: registry.count("GET", path) for path in paths}
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, upstream_registry: DistributionRegistry) -> Iterator[Cluster]:
-    with Cluster(tmp_path, upstream_registry.url) as started:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, upstream_registry: DistributionRegistry) -> Iterator[Cluster]:
+    """One cluster for the tests that leave it as they found it (each uses its own repository)."""
+    with Cluster(tmp_path_factory.mktemp("cluster"), upstream_registry.url) as started:
         yield started
 
 

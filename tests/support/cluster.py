@@ -136,8 +136,12 @@ class Cluster:
                     upstream_url,
                     settings,
                     env={"SHOAL_CLUSTER__SECRET": SECRET},
+                    wait=False,
                 )
             )
+        # The nodes start side by side; then each must answer.
+        for node in self.nodes:
+            node.wait_ready()
         self.wait_for_members()
 
     def client(self) -> CoordinatorClient:
@@ -158,6 +162,8 @@ class Cluster:
             return {holder.node_id for holder in client.locate(digest).holders}
 
     def close(self) -> None:
+        for node in self.nodes:
+            node.begin_stop()
         for node in self.nodes:
             node.stop()
         for coordinator in self.coordinators:

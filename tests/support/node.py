@@ -21,7 +21,15 @@ class NodeProcess:
     section (``{"upstream": {"tag_ttl": "1s"}}``).
     """
 
-    def __init__(self, workdir: Path, upstream_url: str, settings: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        settings: dict[str, Any] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -44,22 +52,33 @@ class NodeProcess:
             config["cluster"].setdefault("node_id", self.workdir.name)
         self.config_path = self.workdir / "node.yml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.env = dict(os.environ, **kwargs.get("env", {}))
+        self.env = dict(os.environ, **(env or {}))
         self.process: Process | None = None
-        self.start()
+        self.start(wait=wait)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start gunicorn; ``wait=False`` returns at once (then call ``wait_ready``)."""
         self.process = Process(
             [sys.executable, "-m", "shoal", "node", "--config", self.config_path],
             self.workdir / "node.log",
             env=self.env,
         )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         process = self.process
+        assert process is not None
         wait_for_http(f"{self.url}/healthz", alive=process.alive)
+
+    def begin_stop(self) -> None:
+        """Send SIGTERM without waiting, so that several nodes stop at once."""
+        if self.process is not None and self.process.alive():
+            self.process.popen.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
         if self.process is not None:
