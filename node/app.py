@@ -44,7 +44,13 @@ class Node:
         # In a cluster the coordinator's scheduler expires content; alone,
         # the store's own sweep does.
         local_ttl = 0.0 if config.cluster.enabled else config.upstream.ttl
-        self.local = LocalStore(config.cache.dir, config.cache.max_size, local_ttl, clock)
+        self.local = LocalStore(
+            config.cache.dir,
+            config.cache.max_size,
+            local_ttl,
+            clock,
+            extend_ttl_on_hit=config.cache.extend_ttl_on_hit,
+        )
         client = _coordinator_client(config)
         sink: Sink = (
             CoordinatorSink(client)

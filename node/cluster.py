@@ -78,6 +78,7 @@ class Cluster:
         # Content announced without a fetch (inventory) gets the default
         # upstream's TTL; fetched content gets its own upstream's.
         self.content_ttl_ms = int(config.upstream.ttl * 1000)
+        self.extend_ttl_on_hit = config.cache.extend_ttl_on_hit
         self.lease_ttl_ms = int(config.cluster.lease_ttl * 1000)
         self.heartbeat_interval = config.cluster.heartbeat_interval
         # How long to wait for another node's fetch before fetching anyway.
@@ -315,7 +316,7 @@ class Cluster:
         open(os.path.join(self.local.fills_dir(), _UNANNOUNCED), "a").close()
 
     def touched(self, digests: list[Digest]) -> None:
-        if digests:
+        if digests and self.extend_ttl_on_hit:
             with contextlib.suppress(CoordinatorError):
                 self.client.touch([str(digest) for digest in digests])
 

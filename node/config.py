@@ -103,6 +103,17 @@ def _positive_int(value: object) -> int:
     return number
 
 
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _string_list(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(",") if item.strip())
@@ -138,6 +149,10 @@ class CacheConfig:
     # Above this many bytes of complete content the least recently used
     # content is evicted.
     max_size: int = _parsed(parse_size, default=20 * 1024**3)
+    # A hit pushes the content's expiry (upstream.ttl) forward, so content in
+    # use never expires. False counts the TTL from the fetch, as distribution's
+    # proxy does (which evicts popular layers a week after they were fetched).
+    extend_ttl_on_hit: bool = _parsed(_bool, default=True)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,12 @@ name. Content reaches that path only by ``os.replace`` of a file already
 verified, so a reader that finds the path never sees a partial file, and a
 crash leaves at most an orphan in ``fills/``.
 
-Least-recently-used order is the files' modification time. Hits do not
-touch files themselves (the hit path is a stat and sendfile); they record
-the digest with ``touch`` and ``flush_touches`` updates the times in the
-background.
+Least-recently-used order is the files' access time; their modification
+time is when they were stored. Hits do not touch files themselves (the hit
+path is an open, a stat and sendfile); they record the digest with
+``touch``, and ``flush_touches`` sets the access times in the background.
+The TTL counts from the last access (``extend_ttl_on_hit``, the default)
+or from when the content was stored, as distribution's proxy does.
 """
 
 from __future__ import annotations
@@ -52,11 +54,28 @@ class TagPointer:
     checked_at: float
 
 
+@dataclass(frozen=True)
+class _Entry:
+    digest: Digest
+    accessed: float
+    stored: float
+    size: int
+
+
 class LocalStore:
-    def __init__(self, root: str, max_size: int, ttl: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        root: str,
+        max_size: int,
+        ttl: float = 0.0,
+        clock: Callable[[], float] = time.time,
+        *,
+        extend_ttl_on_hit: bool = True,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.max_size = max_size
         self.ttl = ttl
+        self.extend_ttl_on_hit = extend_ttl_on_hit
         self._clock = clock
         self._touched: set[Digest] = set()
         self._touched_lock = threading.Lock()
@@ -141,8 +160,9 @@ class LocalStore:
             touched, self._touched = self._touched, set()
         now = self._clock()
         for digest in touched:
+            path = self.content_path(digest)
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self.content_path(digest), (now, now))
+                os.utime(path, (now, os.stat(path).st_mtime))
         return sorted(touched, key=str)
 
     def sweep(self) -> list[tuple[Digest, str]]:
@@ -155,12 +175,14 @@ class LocalStore:
         """
         removed: list[tuple[Digest, str]] = []
         with self._exclusive("sweep.lock"):
-            entries = sorted(self._entries(), key=lambda entry: entry[1])
-            total = sum(size for _, _, size in entries)
+            entries = sorted(self._entries(), key=lambda entry: entry.accessed)
+            total = sum(entry.size for entry in entries)
             expired_before = self._clock() - self.ttl if self.ttl > 0 else None
-            for digest, mtime, size in entries:
+            for entry in entries:
+                digest, size = entry.digest, entry.size
                 over = total > self.max_size
-                expired = expired_before is not None and mtime < expired_before
+                since = entry.accessed if self.extend_ttl_on_hit else entry.stored
+                expired = expired_before is not None and since < expired_before
                 if not (over or expired):
                     continue
                 if self.remove(digest):
@@ -169,13 +191,13 @@ class LocalStore:
         return removed
 
     def used_bytes(self) -> int:
-        return sum(size for _, _, size in self._entries())
+        return sum(entry.size for entry in self._entries())
 
     def digests(self) -> Iterator[Digest]:
-        for digest, _, _ in self._entries():
-            yield digest
+        for entry in self._entries():
+            yield entry.digest
 
-    def _entries(self) -> Iterator[tuple[Digest, float, int]]:
+    def _entries(self) -> Iterator[_Entry]:
         blobs = os.path.join(self.root, "blobs")
         for algorithm in os.listdir(blobs):
             for prefix in os.listdir(os.path.join(blobs, algorithm)):
@@ -186,7 +208,7 @@ class LocalStore:
                             continue
                         with contextlib.suppress(FileNotFoundError):
                             info = entry.stat()
-                            yield Digest(algorithm, entry.name), info.st_mtime, info.st_size
+                            yield _Entry(Digest(algorithm, entry.name), info.st_atime, info.st_mtime, info.st_size)
 
     @contextlib.contextmanager
     def _exclusive(self, name: str) -> Iterator[None]:

@@ -62,6 +62,13 @@ def test_missing_file_is_a_clear_error(tmp_path) -> None:
         load_config(str(tmp_path / "missing.yml"), environ={})
 
 
+def test_extend_ttl_on_hit_defaults_on() -> None:
+    assert config_from_dict({}).cache.extend_ttl_on_hit is True
+    assert config_from_dict({}, {"SHOAL_CACHE__EXTEND_TTL_ON_HIT": "false"}).cache.extend_ttl_on_hit is False
+    with pytest.raises(ConfigError, match="^cache.extend_ttl_on_hit:"):
+        config_from_dict({"cache": {"extend_ttl_on_hit": "sometimes"}})
+
+
 def test_units() -> None:
     assert parse_duration("1h30m") == 5400
     assert parse_duration(0) == 0

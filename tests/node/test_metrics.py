@@ -113,3 +113,29 @@ def test_expvar_keeps_the_seed_field_names() -> None:
     assert set(objects) == {"blobs", "manifests"}
     assert objects["blobs"] == {"Requests": 5, "Hits": 3, "Misses": 2, "BytesPulled": 10, "BytesPushed": 0}
     assert set(objects["manifests"]) == {"Requests", "Hits", "Misses", "BytesPulled", "BytesPushed"}
+
+
+def test_upstream_rate_limits_become_gauges() -> None:
+    import httpx
+    from prometheus_client import generate_latest
+
+    from node.config import UpstreamConfig
+    from node.upstream import Upstream
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "76;w=21600"}
+        return httpx.Response(200, headers=headers, content=b"{}")
+
+    metrics = Metrics(FlakySink(), "n1")
+    upstream = Upstream(
+        UpstreamConfig(name="docker.io", url="https://registry.test"),
+        transport=httpx.MockTransport(registry),
+        observer=metrics,
+    )
+    upstream.ping()
+    upstream.close()
+    text = generate_latest(metrics.registry).decode()
+    assert 'shoal_upstream_ratelimit{header="ratelimit-remaining",node="n1",registry="docker.io"} 76.0' in text
+    assert 'shoal_upstream_ratelimit{header="ratelimit-limit",node="n1",registry="docker.io"} 100.0' in text
+    metrics.flush()
+    assert metrics.sink.totals == {"upstream.ping.2xx.docker.io": 1}  # type: ignore[attr-defined]

@@ -80,3 +80,16 @@ def test_tags_and_repositories(tmp_path) -> None:
     assert store.repositories("docker.io") == ["library", "library/alpine", "team/app"]
     assert store.repositories("ghcr.io") == ["other"]
     assert store.repositories("quay.io") == []
+
+
+def test_hits_extend_the_ttl_unless_told_not_to(tmp_path) -> None:
+    clock = FakeClock()
+    for extend, expected in ((True, []), (False, ["ttl"])):
+        store = LocalStore(str(tmp_path / str(extend)), max_size=1 << 20, ttl=60, clock=clock, extend_ttl_on_hit=extend)
+        digest = digest_of(b"popular")
+        store.put(digest, b"popular")
+        stored_at = clock.now - 120
+        os.utime(store.content_path(digest), (stored_at, stored_at))
+        store.touch(digest)
+        store.flush_touches()
+        assert [reason for _, reason in store.sweep()] == expected
