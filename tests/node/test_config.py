@@ -65,7 +65,7 @@ def test_missing_file_is_a_clear_error(tmp_path) -> None:
 def test_extend_ttl_on_hit_defaults_on() -> None:
     assert config_from_dict({}).cache.extend_ttl_on_hit is True
     assert config_from_dict({}, {"SHOAL_CACHE__EXTEND_TTL_ON_HIT": "false"}).cache.extend_ttl_on_hit is False
-    with pytest.raises(ConfigError, match="^cache.extend_ttl_on_hit:"):
+    with pytest.raises(ConfigError, match=r"^cache\.extend_ttl_on_hit:"):
         config_from_dict({"cache": {"extend_ttl_on_hit": "sometimes"}})
 
 
