@@ -140,7 +140,7 @@ def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
     if _not_modified(manifest.digest):
         return Response(status=304, headers=headers)
     if request.method == "GET":
-        _count("manifest", manifest.outcome, len(manifest.data), joined=False)
+        _count(store, "manifest", manifest.outcome, len(manifest.data), joined=False)
     # For HEAD, werkzeug sends the headers of this body and leaves the body out.
     return Response(manifest.data, headers=headers)
 
@@ -173,19 +173,21 @@ def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
         _release(blob)
         return Response(status=status, headers=headers)
     if blob.stored is not None:
-        _count("blob", blob.outcome, (end or 0) - start, joined=False)
+        _count(store, "blob", blob.outcome, (end or 0) - start, joined=False)
         return Response(file_body(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
-    _count("blob", blob.outcome, 0, joined=blob.following.joined)
+    _count(store, "blob", blob.outcome, 0, joined=blob.following.joined)
     body = follow(blob.following, start, end)
     return Response(_started(_pushed(body)), status=status, headers=headers, direct_passthrough=True)
 
 
-def _count(kind: str, outcome: str, pushed: int, *, joined: bool) -> None:
-    """Count a GET of content: requests = hits + misses + peer_hits."""
+def _count(store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: bool) -> None:
+    """Count a GET of content: requests = hits + misses + peer_hits, in all and per registry."""
     metrics = _metrics()
     metrics.count(kind, "requests")
     metrics.count(kind, outcome)
+    metrics.add(f"registry.{kind}.requests.{store.config.name}")
+    metrics.add(f"registry.{kind}.{outcome}.{store.config.name}")
     metrics.count(kind, "bytes_pushed", pushed)
     if joined:
         metrics.count(kind, "follower_joins")

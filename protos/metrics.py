@@ -14,6 +14,8 @@ Counter keys are flat strings:
   (``manifest``, ``blob``, ``tags``, ``token``, ``ping``), status class
   (``2xx``, ``3xx``, ``4xx``, ``5xx``, ``error`` for no answer) and registry
   (the upstream's name, which may itself hold dots: it comes last);
+- ``registry.<type>.<counter>.<registry>``: requests, hits, misses and
+  peer_hits of content per registry (the registry's name comes last);
 - ``evictions.<reason>``: ``ttl`` or ``size``;
 - ``errors.<CODE>``: error answers to clients, by OCI code;
 - ``cached.distinct_bytes`` (cluster only, kept by the coordinator): the
@@ -99,6 +101,8 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
         result += [per_node, total]
     labels = ["kind", "class", "registry"]
     result += _grouped(nodes, cluster, "upstream", "shoal_upstream_requests", "Requests to the upstream", labels)
+    labels = ["type", "counter", "registry"]
+    result += _grouped(nodes, cluster, "registry", "shoal_registry_content", "Content requests per registry", labels)
     result += _grouped(nodes, cluster, "evictions", "shoal_evictions", "Content evicted", ["reason"])
     result += _grouped(nodes, cluster, "errors", "shoal_errors", "Error answers to clients", ["code"])
     up = GaugeMetricFamily("shoal_node_up", "1 while the node heartbeats to the coordinator", labels=["node"])

@@ -78,6 +78,12 @@ def test_exact_counts_in_every_output(cluster: Cluster, upstream_registry: Distr
             "manifest.bytes_pushed": 2 * manifest_bytes,
             f"upstream.blob.2xx.{registry}": k,
             f"upstream.manifest.2xx.{registry}": 2,  # the tag's HEAD and the manifest's GET
+            f"registry.blob.requests.{registry}": 2 * k,
+            f"registry.blob.hits.{registry}": k,
+            f"registry.blob.misses.{registry}": k,
+            f"registry.manifest.requests.{registry}": 2,
+            f"registry.manifest.hits.{registry}": 1,
+            f"registry.manifest.misses.{registry}": 1,
         },
         "node-2": {
             "blob.requests": k,
@@ -88,6 +94,10 @@ def test_exact_counts_in_every_output(cluster: Cluster, upstream_registry: Distr
             "manifest.peer_hits": 1,
             "manifest.peer_bytes": manifest_bytes,
             "manifest.bytes_pushed": manifest_bytes,
+            f"registry.blob.requests.{registry}": k,
+            f"registry.blob.peer_hits.{registry}": k,
+            f"registry.manifest.requests.{registry}": 1,
+            f"registry.manifest.peer_hits.{registry}": 1,
         },
     }
 
@@ -141,6 +151,8 @@ def test_exact_counts_in_every_output(cluster: Cluster, upstream_registry: Distr
     assert samples[("shoal_cluster_pushed_bytes_total", (("type", "manifest"),))] == 3 * manifest_bytes
     labels = (("class", "2xx"), ("kind", "blob"), ("node", "node-1"), ("registry", registry))
     assert samples[("shoal_upstream_requests_total", labels)] == k
+    labels = (("counter", "peer_hits"), ("node", "node-2"), ("registry", registry), ("type", "blob"))
+    assert samples[("shoal_registry_content_total", labels)] == k
     assert any(name == "shoal_request_duration_seconds_count" for name, _ in samples)
 
     # shoal stats, as a user runs it.
