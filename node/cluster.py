@@ -118,7 +118,7 @@ class Cluster:
                     if stream is not None:
                         return stream, lambda: self._add(digest, ttl_ms)
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
-            except CoordinatorUnavailable as exc:
+            except CoordinatorError as exc:
                 return self._degraded(stack, from_upstream, exc), self._mark_unannounced
             if lease.granted:
                 return self._leased(stack, key, lease.token, digest, from_upstream, ttl_ms)
@@ -176,10 +176,10 @@ class Cluster:
 
         return source, complete
 
-    def _degraded(
-        self, stack: contextlib.ExitStack, from_upstream: UpstreamOpener, exc: CoordinatorUnavailable
-    ) -> Source:
-        log.warning("coordinator unreachable, fetching from the upstream directly: %s", exc)
+    def _degraded(self, stack: contextlib.ExitStack, from_upstream: UpstreamOpener, exc: CoordinatorError) -> Source:
+        # Unreachable, or refusing (a wrong secret): the client still gets
+        # its content, straight from the upstream, and the log says why.
+        log.warning("coordinator unusable, fetching from the upstream directly: %s", exc)
         return stack.enter_context(from_upstream())
 
     # Manifests.
@@ -204,8 +204,8 @@ class Cluster:
                     self._add(digest, ttl_ms)
                     return "peer"
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
-            except CoordinatorUnavailable as exc:
-                log.warning("coordinator unreachable, fetching %s from the upstream directly: %s", digest, exc)
+            except CoordinatorError as exc:
+                log.warning("coordinator unusable, fetching %s from the upstream directly: %s", digest, exc)
                 store(*from_upstream())
                 self._mark_unannounced()
                 return "upstream"
@@ -240,7 +240,7 @@ class Cluster:
                 if pointer is not None and self._clock() - pointer.checked_at < upstream.tag_ttl:
                     return pointer.digest
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
-            except CoordinatorUnavailable:
+            except CoordinatorError:
                 return check()
             if lease.granted:
                 try:
@@ -275,7 +275,7 @@ class Cluster:
             self.client.put_tag(registry, name, tag, TagPointerInfo(digest, media_type, size, self._clock()), token)
         except LeaseLost:
             log.warning("lost the lease on %s while checking it; not sharing the answer", key)
-        except CoordinatorUnavailable:
+        except CoordinatorError:
             pass
         return digest
 
@@ -293,7 +293,7 @@ class Cluster:
             # announcement registers it.
             log.warning("lease %s was taken over; %s is not registered now", key, digest)
             self._mark_unannounced()
-        except CoordinatorUnavailable:
+        except CoordinatorError:
             self._mark_unannounced()
 
     def _add(self, digest: Digest, ttl_ms: int) -> None:

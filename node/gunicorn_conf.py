@@ -32,6 +32,10 @@ logconfig_dict = {
         # would print each of them twice.
         **{name: {**spec, "propagate": False} for name, spec in CONFIG_DEFAULTS["loggers"].items()},
         "node": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+        # httpx logs every request at INFO, URLs and all: the access log and
+        # the node's own warnings say what an operator needs.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
     },
 }
 

@@ -15,6 +15,7 @@ import pytest
 from tests.support.cluster import Cluster, verify_store
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import Image, build_image, push, random_layer
+from tests.support.node import NodeProcess
 from tests.support.processes import wait_until
 from tests.support.registry import DistributionRegistry
 
@@ -206,3 +207,22 @@ def test_redis_restarted_empty_is_rebuilt_from_the_nodes(
     wait_until(lambda: cluster.holders(layer) == {"node-2"}, timeout=20, message="locations not rebuilt")
     wait_until(lambda: redis.zscore(cluster.keys.ttl(), layer) is not None, message="schedule not rebuilt")
     cluster.wait_for_members()
+
+
+def test_a_node_with_the_wrong_secret_serves_but_cannot_join(
+    cluster: Cluster, upstream_registry: DistributionRegistry, tmp_path: Path
+) -> None:
+    image = build_image([50_000], seed="wrong-secret")
+    push(upstream_registry.url, "cluster/wrong-secret", "v1", image)
+    settings = {"cluster": {"coordinators": [c.address for c in cluster.coordinators], "heartbeat_interval": "0.2s"}}
+    stray = NodeProcess(
+        tmp_path / "stray", upstream_registry.url, settings, env={"SHOAL_CLUSTER__SECRET": "not-the-secret-9f3a"}
+    )
+    try:
+        _pull(stray.url, "cluster/wrong-secret", "v1", image)
+        wait_until(lambda: "coordinator unusable" in stray.log_text(), message="no warning in the node's log")
+        assert "not-the-secret-9f3a" not in stray.log_text()
+        assert "stray" not in cluster.redis.client().smembers(cluster.keys.nodes())
+        assert cluster.holders(image.layer_digests[0]) == set()
+    finally:
+        stray.stop()
