@@ -90,7 +90,9 @@ def require_binary(name: str, debian_package: str) -> str:
 
     A missing server is a broken test environment, never a reason to skip.
     """
-    path = shutil.which(name)
+    # Daemons such as haproxy and nginx live in sbin, which a non-login
+    # PATH may lack.
+    path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
     if path is None:
         raise RuntimeError(f"{name} not found on PATH; install the Debian package {debian_package!r}")
     return path
