@@ -121,6 +121,9 @@ class Cluster:
             except CoordinatorError as exc:
                 return self._degraded(stack, from_upstream, exc), self._mark_unannounced
             if lease.granted:
+                stream = self._second_look(stack, key, lease.token, digest)
+                if stream is not None:
+                    return stream, lambda: self._add(digest, ttl_ms)
                 return self._leased(stack, key, lease.token, digest, from_upstream, ttl_ms)
             if lease.holder is not None and lease.holder.url and lease.holder.node_id != self.node_id:
                 stream = self._open_peer(stack, lease.holder, digest)
@@ -133,6 +136,26 @@ class Cluster:
                 log.warning("gave up waiting for the cluster's fetch of %s; fetching it myself", digest)
                 return stack.enter_context(from_upstream()), lambda: self._add(digest, ttl_ms)
             time.sleep(_POLL)
+
+    def _second_look(self, stack: contextlib.ExitStack, key: str, token: str, digest: Digest) -> Source | None:
+        """After the lease is granted, look for holders once more.
+
+        Another node may have completed its fetch between this node's look
+        and its lease: CompleteFetch registers the location and releases
+        the lease in one step, so a lease granted after it always sees the
+        location here, and the content is never fetched twice.
+        """
+        try:
+            holders = self.client.locate(str(digest), key).holders
+        except CoordinatorError:
+            return None
+        for peer in self._peers(holders, None):
+            stream = self._open_peer(stack, peer, digest)
+            if stream is not None:
+                with contextlib.suppress(CoordinatorError):
+                    self.client.abort_fetch(key, token)
+                return stream
+        return None
 
     def _peers(self, holders: list[Holder], fetcher: Holder | None) -> list[Holder]:
         """Holders first (in random order, to spread the load), then the fetcher."""
@@ -193,15 +216,7 @@ class Cluster:
         waited = False
         while True:
             try:
-                location = self.client.locate(str(digest), key)
-                for peer in self._peers(location.holders, None):
-                    try:
-                        data, media_type = self.peers.fetch(peer.url, str(digest), MANIFEST_MAX)
-                    except (BlobUnknown, UpstreamUnavailable) as exc:
-                        log.info("peer %s cannot serve %s: %s", peer.node_id, digest, exc.message)
-                        continue
-                    store(data, media_type)
-                    self._add(digest, ttl_ms)
+                if self._manifest_from_peers(key, digest, store, ttl_ms):
                     return "peer"
                 lease = self.client.acquire_lease(key, self.lease_ttl_ms)
             except CoordinatorError as exc:
@@ -210,6 +225,15 @@ class Cluster:
                 self._mark_unannounced()
                 return "upstream"
             if lease.granted:
+                # A second look, as for blobs (see _second_look).
+                try:
+                    found = self._manifest_from_peers(key, digest, store, ttl_ms)
+                except CoordinatorError:
+                    found = False
+                if found:
+                    with contextlib.suppress(CoordinatorError):
+                        self.client.abort_fetch(key, lease.token)
+                    return "peer"
                 try:
                     store(*from_upstream())
                 except BaseException:
@@ -226,6 +250,19 @@ class Cluster:
                 self._add(digest, ttl_ms)
                 return "upstream"
             time.sleep(_POLL)
+
+    def _manifest_from_peers(self, key: str, digest: Digest, store: ManifestStore, ttl_ms: int) -> bool:
+        """Copy the manifest from a node that holds it; False when none could."""
+        for peer in self._peers(self.client.locate(str(digest), key).holders, None):
+            try:
+                data, media_type = self.peers.fetch(peer.url, str(digest), MANIFEST_MAX)
+            except (BlobUnknown, UpstreamUnavailable) as exc:
+                log.info("peer %s cannot serve %s: %s", peer.node_id, digest, exc.message)
+                continue
+            store(data, media_type)
+            self._add(digest, ttl_ms)
+            return True
+        return False
 
     # Tags.
 
@@ -244,6 +281,12 @@ class Cluster:
                 return check()
             if lease.granted:
                 try:
+                    # A second look: the node that held the lease before may
+                    # have shared its answer just before releasing it.
+                    with contextlib.suppress(CoordinatorError):
+                        pointer = self.client.get_tag(upstream.name, name, tag) or pointer
+                    if pointer is not None and self._clock() - pointer.checked_at < upstream.tag_ttl:
+                        return pointer.digest
                     return self._check_shared_tag(upstream.name, name, tag, key, lease.token, check, pointer)
                 finally:
                     with contextlib.suppress(CoordinatorError):
