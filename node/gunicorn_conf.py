@@ -9,7 +9,8 @@ from gunicorn.glogging import CONFIG_DEFAULTS
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 worker_class = "gthread"
-sendfile = True
+# sendfile is on by default; gunicorn's ``sendfile`` setting can only turn
+# it off (any value but None disables it), so it is deliberately not set.
 # Blob downloads are long; a worker's liveness is its heartbeat, not how
 # long one request takes (gthread keeps beating while threads stream).
 timeout = 60

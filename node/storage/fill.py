@@ -12,13 +12,17 @@ not abort it, and the next request is a hit.
 
 Files of a fill, under ``fills/``::
 
-    <algorithm>-<hex>.lock            the leader's flock
-    <algorithm>-<hex>.json            {"size": N | null, "partial": NAME}
-    <algorithm>-<hex>.<token>.partial the bytes so far
+    <algorithm>-<hex>.lock              the leader's flock
+    <algorithm>-<hex>.json              {"size": N | null, "partial": NAME, "origin": ...}
+    <algorithm>-<hex>.<token>.partial   the bytes so far
+    <algorithm>-<hex>.<token>.partial.ok  the bytes are all there and match the digest
 
 How a follower tells the outcome from the partial file it has open:
 
-- committed: the content path now names the same inode;
+- complete: the ``.ok`` marker beside the partial exists (written once the
+  digest matched, before the file is synced to disk and renamed into
+  place, so clients do not wait for the disk), or the content path names
+  the same inode;
 - failed: the leader unlinks the partial on every failure, so its link
   count drops to 0; a leader that died without cleaning up is seen by its
   lock being free while the content path still does not name the inode.
@@ -87,6 +91,8 @@ class Following:
     digest: Digest
     content_path: str
     lock_path: str
+    # The partial file's path; its ``.ok`` marker says the bytes are verified.
+    partial: str
     # Where the fill's bytes come from: "upstream" or "peer".
     origin: str = "upstream"
     # True when this client rode on a fetch that was already running.
@@ -145,7 +151,10 @@ class Fills:
         except (FileNotFoundError, ValueError, KeyError):
             return None
         origin = info.get("origin", "upstream")
-        return Following(fd, info["size"], digest, self.store.content_path(digest), base + ".lock", origin, True)
+        partial = os.path.join(self.store.fills_dir(), info["partial"])
+        return Following(
+            fd, info["size"], digest, self.store.content_path(digest), base + ".lock", partial, origin, True
+        )
 
     def _lead(self, digest: Digest, opener: Opener, lock: int) -> Following:
         base = self._base(digest)
@@ -165,6 +174,7 @@ class Fills:
                         digest,
                         self.store.content_path(digest),
                         base + ".lock",
+                        partial,
                         origin,
                         bool(getattr(source, "joined", False)),
                     )
@@ -174,6 +184,9 @@ class Fills:
                     with os.fdopen(fd, "wb") as out:
                         _copy_verified(source, out, digest)
                         out.flush()
+                        # Followers may finish now: the bytes match the digest.
+                        # Syncing to disk is for the store, not for them.
+                        os.close(os.open(partial + ".ok", os.O_CREAT | os.O_WRONLY, 0o644))
                         os.fdatasync(out.fileno())
                     # Committed inside the source's context, so that a source
                     # that reports completion (a lease) does so after the fact.
@@ -182,13 +195,15 @@ class Fills:
                     self._on_commit(digest)
             except BaseException as exc:
                 outcome["error"] = exc
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(partial)
+                for leftover in (partial, partial + ".ok"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
                 if ready.is_set():
                     log.warning("fill of %s failed: %s", digest, exc)
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(base + ".json")
+                for leftover in (base + ".json", partial + ".ok"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
                 os.close(lock)
                 ready.set()
                 with self._threads_lock:
@@ -213,7 +228,7 @@ class Fills:
         """Unlink what a leader that died left behind, so its followers fail."""
         prefix = os.path.basename(self._base(digest)) + "."
         for name in os.listdir(self.store.fills_dir()):
-            if name.startswith(prefix) and name.endswith((".partial", ".json")):
+            if name.startswith(prefix) and name.endswith((".partial", ".json", ".ok")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.store.fills_dir(), name))
 
@@ -267,6 +282,9 @@ def follow(fill: Following, start: int = 0, end: int | None = None, *, stall_tim
 
 
 def _committed(fill: Following) -> bool:
+    """The fill's bytes are complete and verified (see the module's docstring)."""
+    if os.path.exists(fill.partial + ".ok"):
+        return True
     try:
         return os.stat(fill.content_path).st_ino == os.fstat(fill.file).st_ino
     except FileNotFoundError:

@@ -83,7 +83,7 @@ def test_later_pulls_come_from_peers(cluster: Cluster, upstream_registry: Distri
     counts = _upstream_gets(upstream_registry, "cluster/peers", image)
     assert counts == dict.fromkeys(counts, 1), counts
     for digest in image.blobs:
-        assert digest in cluster.nodes[2].stored_digests()
+        wait_until(lambda digest=digest: digest in cluster.nodes[2].stored_digests(), message=f"{digest} not stored")
         wait_until(lambda digest=digest: len(cluster.holders(digest)) == 3, message=f"{digest} not on every node")
 
 
@@ -170,7 +170,7 @@ def test_a_killed_fetcher_is_taken_over(tmp_path: Path) -> None:
         assert retried.content == data
         assert upstream.count("GET", path) == 2
         verify_store(second)
-        assert digest in second.stored_digests()
+        wait_until(lambda: digest in second.stored_digests(), message="the takeover was not stored")
         wait_until(lambda: cluster.holders(digest) == {"node-2"}, message="the takeover was not registered")
 
 

@@ -53,7 +53,8 @@ def test_corrupt_blob_is_not_cached_and_the_transfer_fails(node: NodeProcess, up
     upstream.clear_faults()
     with node.client() as http:
         assert http.get(f"/v2/faults/app/blobs/{digest}").content == data
-    assert digest in node.stored_digests()
+    # The client may finish before the verified file is synced and renamed.
+    wait_until(lambda: digest in node.stored_digests(), message="the healthy fill was not stored")
 
 
 def test_small_corrupt_blob_gets_an_error_not_a_body(node: NodeProcess, upstream: FakeUpstream) -> None:
