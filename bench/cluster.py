@@ -38,6 +38,19 @@ class Node:
         """The gunicorn master; its children are the workers."""
         return self.process.pid
 
+    def stored_file(self, digest: str, timeout: float = 30.0) -> Path:
+        """The node's own file of ``digest``, once its store holds it, wherever the store keeps it.
+
+        A fill's clients finish when the digest is verified; the file is
+        synced and renamed into the store a moment later.
+        """
+        hex_digest = digest.split(":", 1)[1]
+
+        def found() -> Path | None:
+            return next((path for path in (self.cache_dir / "blobs").rglob(hex_digest) if path.is_file()), None)
+
+        return wait_until(found, timeout=timeout, message=f"{self.node_id} never stored {digest}")
+
 
 class ShoalCluster:
     """Starts in the constructor; ``close`` stops nodes, coordinator, Redis, in that order."""

@@ -59,6 +59,7 @@ def _once(stack: Stack, cluster: ShoalCluster, throttle: Throttle, settings: Set
         raise RuntimeError(f"incomplete downloads: leader {lead.size}, follower {first.size} of {size} bytes")
     usage = stack.settled(image.repository)
     # The floor: the first byte of the same layer from node 2 once it holds it.
+    cluster.nodes[1].stored_file(digest)
     hit = Download(cluster.nodes[1].url + path).start().wait()
     # The reference: the same layer straight from the upstream over the same slow link.
     direct = Download(throttle.url + path).start().wait()

@@ -33,6 +33,9 @@ def run(stack: Stack, settings: Settings) -> Section:
                 before = {pid: memory.rss(pid) for pid in workers}
                 with http_client(1) as client:
                     fetch_blob(client, url, blob_size)
+                if phase == "cold":
+                    # Warm means from the store, not from the fill's verified partial file.
+                    node.stored_file(digest)
                 growth = max(memory.peak(pid) - before[pid] for pid in workers)
                 peak = max(memory.peak(pid) for pid in workers)
                 raw[size][phase].append({"growth": growth, "peak": peak, "blob": blob_size})

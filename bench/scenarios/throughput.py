@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from bench.client import fetch_blob, http_client
 from bench.load import curl_throughput
 from bench.results import Ratio, Section, Table, Target
@@ -24,9 +22,10 @@ def run(stack: Stack, settings: Settings) -> Section:
     urls = {"shoal-node": f"{node.url}/v2/{image.repository}/blobs/{digest}"}
     with http_client(1) as client:
         # The cold pull puts the blob into node 1's store; the second fills the page cache.
-        for _ in range(2):
-            fetch_blob(client, urls["shoal-node"], size, digest)
-    urls["nginx"] = stack.nginx.url(_stored_file(node.cache_dir, digest))
+        fetch_blob(client, urls["shoal-node"], size, digest)
+        node.stored_file(digest)
+        fetch_blob(client, urls["shoal-node"], size, digest)
+    urls["nginx"] = stack.nginx.url(node.stored_file(digest))
     curl_throughput(urls["nginx"], 1, 1, size)
 
     raw: dict[int, dict[str, list[float]]] = {
@@ -45,8 +44,8 @@ def run(stack: Stack, settings: Settings) -> Section:
         "Warm large-blob throughput",
         (
             f"A {human_size(size)} blob already in node 1's store, downloaded straight from the node "
-            "(gunicorn's `wsgi.file_wrapper`; the node asks for sendfile, but see *Where the time goes*: "
-            "it is off) and from nginx serving the node's very file with "
+            "(gunicorn's `wsgi.file_wrapper`, sent with sendfile) and from nginx serving the node's very "
+            "file with "
             f"`sendfile on`. `curl` is the client; N curls each download the blob {settings.throughput_repeats} "
             "times and the rate is all their bytes over the wall time. Loopback: client and server share the "
             "machine's two cores."
@@ -75,12 +74,3 @@ def run(stack: Stack, settings: Settings) -> Section:
     )
     section.raw = {str(c): by_system for c, by_system in raw.items()}
     return section
-
-
-def _stored_file(cache_dir: Path, digest: str) -> Path:
-    """The node's own file of ``digest``, wherever its store keeps it."""
-    hex_digest = digest.split(":", 1)[1]
-    for path in (cache_dir / "blobs").rglob(hex_digest):
-        if path.is_file():
-            return path
-    raise RuntimeError(f"node 1 does not hold {digest} under {cache_dir}")
