@@ -49,7 +49,9 @@ class Node:
         def found() -> Path | None:
             return next((path for path in (self.cache_dir / "blobs").rglob(hex_digest) if path.is_file()), None)
 
-        return wait_until(found, timeout=timeout, message=f"{self.node_id} never stored {digest}")
+        stored = wait_until(found, timeout=timeout, message=f"{self.node_id} never stored {digest}")
+        assert stored is not None  # wait_until returns only a truthy value
+        return stored
 
 
 class ShoalCluster:

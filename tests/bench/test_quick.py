@@ -46,7 +46,7 @@ def test_the_quick_benchmark_runs_end_to_end_and_shoal_fetches_each_byte_once(tm
     report, chart, data, work = (tmp_path / name for name in ("bench.md", "bench.png", "bench.json", "work"))
     command = [sys.executable, "-m", "bench", "--quick", "--output", report, "--chart", chart, "--json", data]
     result = subprocess.run(
-        [*command, "--workdir", work],
+        [*map(str, command), "--workdir", str(work)],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
