@@ -169,6 +169,9 @@ def test_blob_miss_fills_then_hits(proxy: ProxyStore, upstream: FakeUpstream) ->
     blob = proxy.blob("app", digest)
     assert blob.following is not None and blob.size == 100
     assert b"".join(follow(blob.following, 0, 100)) == data
+    # The client is done once the bytes are verified; the store commits after
+    # the sync. Until then a request joins the fill; afterwards it is a hit.
+    proxy.fills.close()
     hit = proxy.blob("app", digest)
     assert hit.stored is not None
     os.close(hit.stored.file)
@@ -186,6 +189,7 @@ def test_corrupt_blob_is_never_complete_and_never_stored(proxy: ProxyStore, upst
         for chunk in follow(blob.following, 0, 100):
             received += chunk
     assert len(received) < 100
+    proxy.fills.close()  # The fill thread's cleanup may still be running.
     assert not proxy.local.has(digest)
     assert [name for name in os.listdir(proxy.local.fills_dir()) if not name.endswith(".lock")] == []
 
