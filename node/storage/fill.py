@@ -132,7 +132,11 @@ class Fills:
                 return self._lead(digest, opener, lock)
             following = self._open_partial(digest)
             if following is not None:
-                return following
+                if not os.path.exists(following.partial + ".ok"):
+                    return following
+                # Verified and about to be committed: wait a moment and
+                # serve it as the hit it is about to become.
+                os.close(following.file)
             if time.monotonic() > deadline:
                 raise UpstreamUnavailable("timed out waiting for another fill of this blob", {"digest": str(digest)})
             time.sleep(wait)
