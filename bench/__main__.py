@@ -17,7 +17,7 @@ from types import FrameType
 
 from bench import report
 from bench.results import Run, Section, section_from_dict
-from bench.scenarios import burst, follower, manifests, memory, pull, say, throughput
+from bench.scenarios import burst, clients, follower, manifests, memory, pull, say, throughput
 from bench.settings import QUICK, SCENARIOS, Settings, Sizes
 from bench.stack import Stack
 from node.config import parse_size
@@ -29,6 +29,7 @@ RUNNERS: dict[str, Callable[[Stack, Settings], Section | list[Section]]] = {
     "manifests": manifests.run,
     "follower": follower.run,
     "memory": memory.run,
+    "clients": clients.run,
 }
 
 
@@ -83,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--manifest-seconds", type=int, help=f"load per measurement (default {defaults.manifest_seconds})"
     )
+    parser.add_argument(
+        "--slow-clients",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        help="scenario 8: how many slow clients at once (default 100,1000,2000)",
+    )
+    parser.add_argument("--slow-rate", type=parse_size, help="scenario 8: bytes per second per client (default 128KiB)")
+    parser.add_argument("--slow-seconds", type=float, help="scenario 8: seconds per measurement (default 10)")
     parser.add_argument("--verify", action="store_true", help="clients check every blob's digest")
     parser.add_argument("--output", type=Path, help="Markdown report (default docs/benchmarks.md; none with --quick)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default docs/benchmarks.png; none with --quick)")
@@ -130,6 +138,9 @@ def settings_from(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
         "burst_clients": args.clients,
         "burst_images": args.burst_images,
         "manifest_seconds": args.manifest_seconds,
+        "clients_counts": args.slow_clients,
+        "clients_rate": args.slow_rate,
+        "clients_seconds": args.slow_seconds,
         "json": args.json,
         "workdir": args.workdir,
         "profile": args.profile,

@@ -82,7 +82,7 @@ def render(sections: list[Section], run: Run, markdown: Path, chart_path: Path |
         "(nginx with sendfile). Everything runs on one machine over loopback, set up and torn down by "
         "the harness: the upstream is Debian's `docker-registry` filled with generated images, "
         "HAProxy balances round robin over the instances of each system, and Shoal is three nodes "
-        "(gunicorn, 2 workers x 16 threads each, the defaults) and one coordinator with its Redis.",
+        "(gunicorn, 2 gevent workers each, the defaults) and one coordinator with its Redis.",
         "",
         "This machine is shared and noisy, so every comparison is a ratio of two measurements taken in "
         "the same run, one right after the other (the order rotates from run to run). "

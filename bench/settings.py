@@ -14,7 +14,7 @@ KiB = 1024
 MiB = 1024 * KiB
 
 # The scenarios by key, in the order they run and are reported.
-SCENARIOS = ("burst", "pull", "throughput", "manifests", "follower", "memory")
+SCENARIOS = ("burst", "pull", "throughput", "manifests", "follower", "memory", "clients")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Sizes:
     # upstream it comes through (bytes per second).
     follow_layer: int = 64 * MiB
     follow_rate: int = 32 * MiB
+    # Scenario 8: the blob many slow clients download at once.
+    clients_layer: int = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class Settings:
     # Scenario 5: seconds of load per measurement, and open connections.
     manifest_seconds: int = 2
     manifest_connections: int = 16
+    # Scenario 8: how many slow clients at once, each one's rate (bytes per
+    # second), and how long each measurement lasts.
+    clients_counts: tuple[int, ...] = (100, 1000, 2000)
+    clients_rate: int = 128 * KiB
+    clients_seconds: float = 10.0
     # Clients check every blob's digest (costs client CPU, so off by default).
     verify: bool = False
     scenarios: tuple[str, ...] = SCENARIOS
@@ -81,6 +88,7 @@ QUICK = Settings(
         memory_layers=(1 * MiB, 4 * MiB),
         follow_layer=2 * MiB,
         follow_rate=4 * MiB,
+        clients_layer=1 * MiB,
     ),
     runs=1,
     follower_runs=1,
@@ -91,6 +99,9 @@ QUICK = Settings(
     throughput_repeats=2,
     manifest_seconds=1,
     manifest_connections=4,
+    clients_counts=(20,),
+    clients_rate=64 * KiB,
+    clients_seconds=3.0,
     verify=True,
     quick=True,
 )

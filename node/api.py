@@ -19,8 +19,8 @@ from werkzeug.exceptions import HTTPException
 from node.errors import NotFound, PaginationInvalid, RangeInvalid, RegistryUnknown, ShoalError, Unsupported
 from node.metrics import Metrics
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
-from node.responses import file_body
-from node.storage.fill import follow
+from node.responses import file_body, growing_body
+from node.storage.fill import Followed
 from node.storage.proxy import Blob, ProxyStore
 from node.upstream import TagPage
 
@@ -176,9 +176,18 @@ def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
         _count(store, "blob", blob.outcome, (end or 0) - start, joined=False)
         return Response(file_body(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
-    _count(store, "blob", blob.outcome, 0, joined=blob.following.joined)
-    body = follow(blob.following, start, end)
-    return Response(_started(_pushed(body)), status=status, headers=headers, direct_passthrough=True)
+    followed = store.fills.follow(blob.following, start, end)
+    try:
+        followed.begin()
+    except BaseException:
+        followed.close()
+        raise
+    joined = blob.following.joined
+    if end is None:
+        _count(store, "blob", blob.outcome, 0, joined=joined)
+        return Response(_pushed(followed), status=status, headers=headers, direct_passthrough=True)
+    _count(store, "blob", blob.outcome, end - start, joined=joined)
+    return Response(growing_body(followed), status=status, headers=headers, direct_passthrough=True)
 
 
 def _count(store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: bool) -> None:
@@ -193,31 +202,15 @@ def _count(store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: b
         metrics.count(kind, "follower_joins")
 
 
-def _pushed(body: Iterator[bytes]) -> Iterator[bytes]:
-    """Count the bytes of a followed fill as they go out."""
+def _pushed(body: Followed) -> Iterator[bytes]:
+    """Count the bytes of a followed fill of unknown size as they go out."""
     metrics = _metrics()
-    for chunk in body:
-        metrics.count("blob", "bytes_pushed", len(chunk))
-        yield chunk
-
-
-def _started(body: Iterator[bytes]) -> Iterator[bytes]:
-    """Wait for the first bytes before answering.
-
-    A fill that fails before any byte then gets a proper OCI error instead
-    of a response that has already promised a body.
-    """
-    first = next(body, b"")
-
-    def chain() -> Iterator[bytes]:
-        try:
-            if first:
-                yield first
-            yield from body
-        finally:
-            body.close()  # type: ignore[attr-defined]
-
-    return chain()
+    try:
+        for chunk in body:
+            metrics.count("blob", "bytes_pushed", len(chunk))
+            yield chunk
+    finally:
+        body.close()
 
 
 def _release(blob: Blob) -> None:
@@ -276,6 +269,8 @@ def _shoal_error(error: ShoalError) -> Response:
     response = error_response(error.code, error.message, error.status, error.detail)
     if isinstance(error, RangeInvalid):
         response.headers["Content-Range"] = f"bytes */{error.size}"
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 

@@ -8,6 +8,7 @@ after the fork, so the threads made here belong to that worker.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -58,7 +59,12 @@ class Node:
             else LocalSink(os.path.join(self.local.root, "metrics.json"), config.node_id, clock)
         )
         self.metrics = Metrics(sink, config.node_id)
-        self.fills = Fills(self.local, timeout=config.upstream.timeout, on_commit=lambda _: self._sweep_soon.set())
+        self.fills = Fills(
+            self.local,
+            timeout=config.upstream.timeout,
+            on_commit=lambda _: self._sweep_soon.set(),
+            max_fills=fills_per_worker(config),
+        )
         self.directory: Directory = Standalone()
         if client is not None:
             peers = PeerClient(config.cluster.secret or "", config.upstream.timeout, self.metrics)
@@ -70,7 +76,7 @@ class Node:
             settings.name: (
                 upstream
                 if upstream is not None and settings.name == config.upstream.name
-                else Upstream(settings, clock=clock, observer=self.metrics)
+                else Upstream(settings, clock=clock, observer=self.metrics, blob_connections=fills_per_worker(config))
             )
             for settings in config.upstreams
         }
@@ -124,6 +130,11 @@ class Node:
         self.directory.close()
         for client in self.upstreams.values():
             client.close()
+
+
+def fills_per_worker(config: NodeConfig) -> int:
+    """A worker's share of ``cache.max_fills``, at least one."""
+    return max(1, math.ceil(config.cache.max_fills / config.server.workers))
 
 
 def _coordinator_client(config: NodeConfig) -> CoordinatorClient | None:

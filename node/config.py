@@ -132,13 +132,20 @@ def _parsed(parse: Callable[[object], Any], **kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How gunicorn serves the node."""
+    """How gunicorn serves the node (gevent workers: one greenlet per connection)."""
 
     bind: str = _parsed(parse_bind, default="0.0.0.0:5000")
-    # gthread workers: each long blob download holds one thread, so
-    # workers * threads is the number of downloads served at once.
+    # Processes; each serves any number of connections up to its share of
+    # max_connections, so more workers buy CPU (hashing, parsing), not room.
     workers: int = _parsed(_positive_int, default=2)
-    threads: int = _parsed(_positive_int, default=16)
+    # Open client connections the node holds, shared evenly by its workers;
+    # a connection beyond it is answered 503 with Retry-After at once.
+    max_connections: int = _parsed(_positive_int, default=4096)
+    # A client that accepts no bytes for this long is disconnected.
+    send_timeout: float = _parsed(parse_duration, default=60.0)
+    # How long a connection may take to send a complete request head, idle
+    # keep-alive time before it included; then it is closed.
+    header_timeout: float = _parsed(parse_duration, default=15.0)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,11 @@ class CacheConfig:
     # use never expires. False counts the TTL from the fetch, as distribution's
     # proxy does (which evicts popular layers a week after they were fetched).
     extend_ttl_on_hit: bool = _parsed(_bool, default=True)
+    # Fills (upstream or peer transfers) one node runs at once, shared evenly
+    # by its workers. A miss beyond it waits for a free one (or follows a
+    # fill of the same blob); the upstream's blob connections are capped
+    # by it too, so manifests and tag checks always find a connection.
+    max_fills: int = _parsed(_positive_int, default=16)
 
 
 @dataclass(frozen=True)
@@ -395,6 +407,10 @@ def _build(cls: type, raw: object, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
+    if prefix == "server." and "threads" in unknown:
+        raise ConfigError(
+            "server.threads: no longer used: gevent workers serve server.max_connections connections per node"
+        )
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
     values: dict[str, Any] = {}

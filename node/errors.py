@@ -14,11 +14,20 @@ class ShoalError(Exception):
 
     code = "UNKNOWN"
     status = 500
+    # Seconds a client should wait before trying again (a Retry-After header).
+    retry_after: int | None = None
 
     def __init__(self, message: str, detail: object | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+
+
+class Busy(ShoalError):
+    """A ceiling of the node was reached (fill slots); the client should try again shortly."""
+
+    code, status = "UNAVAILABLE", 503
+    retry_after = 1
 
 
 class NameInvalid(ShoalError):

@@ -8,14 +8,17 @@ from gunicorn.glogging import CONFIG_DEFAULTS
 # Set by ``shoal node``; prometheus-client's multiprocess mode reads it.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-worker_class = "gthread"
+# gevent workers with the node's zero-copy socket and ceilings (node/serving.py).
+worker_class = "node.serving.Worker"
 # sendfile is on by default; gunicorn's ``sendfile`` setting can only turn
 # it off (any value but None disables it), so it is deliberately not set.
 # Blob downloads are long; a worker's liveness is its heartbeat, not how
-# long one request takes (gthread keeps beating while threads stream).
+# long one request takes (the worker's main greenlet beats while others stream).
 timeout = 60
 graceful_timeout = 30
-keepalive = 75
+# Only a switch here: the worker bounds the wait for a request head,
+# keep-alive included, by server.header_timeout.
+keepalive = 15
 # Several nodes may run on one machine (``shoal up``); gunicorn's control
 # socket has one fixed path per user, so the nodes would fight over it.
 control_socket_disable = True

@@ -23,8 +23,8 @@ from flask import Blueprint, Response, current_app, request
 
 from node.errors import BlobUnknown, ShoalError, UpstreamUnavailable
 from node.reference import parse_digest
-from node.responses import file_body
-from node.storage.fill import Fills, follow
+from node.responses import file_body, growing_body
+from node.storage.fill import Fills
 from node.storage.local import LocalStore
 from node.upstream import Observer
 
@@ -60,8 +60,10 @@ def content(reference: str) -> Response:
     headers = {IN_PROGRESS_HEADER: "1"}
     if following.size is not None:
         headers["Content-Length"] = str(following.size)
-    body = follow(following, 0, following.size)
-    return Response(body, headers=headers, direct_passthrough=True)
+    body = fills.follow(following, 0, following.size)
+    if following.size is None:
+        return Response(body, headers=headers, direct_passthrough=True)
+    return Response(growing_body(body), headers=headers, direct_passthrough=True)
 
 
 class PeerStream:

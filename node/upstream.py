@@ -1,7 +1,9 @@
 """The client Shoal nodes use to read from the upstream registry.
 
-``Upstream`` speaks the read side of the OCI distribution API over one
-``httpx.Client`` that every thread of a node shares. It maps the upstream's
+``Upstream`` speaks the read side of the OCI distribution API over two
+``httpx.Client`` pools that every greenlet of a worker shares: one for blobs,
+capped at the worker's fills, and one kept for manifests, tag checks and
+tokens. It maps the upstream's
 answers onto the node's domain errors: 404 becomes the matching "unknown"
 error, 401/403 ``UpstreamDenied``, 429 ``TooManyRequests``, anything else
 that is not a 200 (and every transport failure) ``UpstreamUnavailable``.
@@ -55,6 +57,9 @@ ACCEPT_MANIFESTS = ", ".join(
     )
 )
 MANIFEST_MAX = 4 * 1024 * 1024
+# Upstream connections per worker for manifests, tag checks and tokens, kept
+# apart from the blob connections (one per fill).
+METADATA_CONNECTIONS = 16
 
 # A tag list page and a token answer are small JSON documents; a larger body
 # is a misbehaving server, not something worth buffering.
@@ -163,6 +168,7 @@ class Upstream:
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
+        blob_connections: int = 16,
     ) -> None:
         self.url = config.url
         self.name = config.name
@@ -175,11 +181,22 @@ class Upstream:
         self.rate_limits: dict[str, str] = {}
         self._rate_lock = threading.Lock()
         self._closed = False
-        self._client = httpx.Client(
+        auth = _RegistryAuth(self._basic, self._fetch_token, clock)
+        # Two pools: blobs (at most one connection per fill) and everything
+        # else (manifests, tag checks, tokens), so that a burst of fills never
+        # makes a tag check wait for a connection.
+        self._client = self._pool(config, transport, auth, METADATA_CONNECTIONS)
+        self._blobs = self._pool(config, transport, auth, blob_connections)
+
+    def _pool(
+        self, config: UpstreamConfig, transport: httpx.BaseTransport | None, auth: httpx.Auth, connections: int
+    ) -> httpx.Client:
+        return httpx.Client(
             base_url=config.url,
             transport=transport,
-            auth=_RegistryAuth(self._basic, self._fetch_token, clock),
+            auth=auth,
             timeout=httpx.Timeout(config.timeout),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             # Docker Hub sends blobs to a CDN. httpx drops the Authorization
             # header when a redirect leaves the origin.
             follow_redirects=True,
@@ -223,8 +240,8 @@ class Upstream:
     def open_blob(self, name: str, digest: str) -> Iterator[BlobStream]:
         """Stream a blob; the response is closed when the block ends."""
         what = f"blob {name}@{digest}"
-        request = self._client.build_request("GET", f"/v2/{name}/blobs/{digest}")
-        with self._open(request, what, BlobUnknown, "blob") as response:
+        request = self._blobs.build_request("GET", f"/v2/{name}/blobs/{digest}")
+        with self._open(request, what, BlobUnknown, "blob", client=self._blobs) as response:
             yield BlobStream(response, lambda exc: self._unavailable(what, exc), self._observer)
 
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
@@ -255,6 +272,7 @@ class Upstream:
         if not self._closed:
             self._closed = True
             self._client.close()
+            self._blobs.close()
 
     @contextlib.contextmanager
     def _open(
@@ -265,6 +283,7 @@ class Upstream:
         kind: str,
         *,
         use_auth: bool = True,
+        client: httpx.Client | None = None,
     ) -> Iterator[httpx.Response]:
         """Send ``request`` streaming; yield the response only if it is a 200.
 
@@ -273,11 +292,9 @@ class Upstream:
         observer with its kind, status and time to the end of the block.
         """
         started = time.monotonic()
+        client = client or self._client
         try:
-            if use_auth:
-                response = self._client.send(request, stream=True)
-            else:
-                response = self._client.send(request, stream=True, auth=None)
+            response = client.send(request, stream=True, auth=httpx.USE_CLIENT_DEFAULT if use_auth else None)
         except httpx.HTTPError as exc:
             self._observer.upstream_request(self.name, kind, None, time.monotonic() - started)
             raise self._unavailable(what, exc) from None

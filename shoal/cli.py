@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run one registry node under gunicorn",
         description=(
             "Run a Shoal node: the OCI Distribution API (read side) in front of the upstream registry, "
-            "with a content cache on local disk, served by gunicorn's gthread workers with sendfile. "
+            "with a content cache on local disk, served by gunicorn's gevent workers with sendfile. "
             "Settings come from the YAML file, then SHOAL_* environment variables "
             "(SHOAL_UPSTREAM__PASSWORD sets upstream.password), then the options below."
         ),
@@ -50,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--bind", metavar="HOST:PORT", help="address to listen on (server.bind; default 0.0.0.0:5000)")
     node.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (server.workers; default 2)")
     node.add_argument(
-        "--threads",
+        "--max-connections",
         type=int,
         metavar="N",
-        help="threads per worker, one per download in flight (server.threads; default 16)",
+        help="open client connections per node, beyond which clients get 503 (server.max_connections; default 4096)",
     )
     node.set_defaults(run=run_node)
 
@@ -119,14 +119,18 @@ def _node_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, st
     env = dict(environ)
     if args.config:
         env[CONFIG_ENV] = os.path.abspath(args.config)
-    for option, key in (("bind", "SERVER__BIND"), ("workers", "SERVER__WORKERS"), ("threads", "SERVER__THREADS")):
+    for option, key in (
+        ("bind", "SERVER__BIND"),
+        ("workers", "SERVER__WORKERS"),
+        ("max_connections", "SERVER__MAX_CONNECTIONS"),
+    ):
         value = getattr(args, option)
         if value is not None:
             env[f"SHOAL_{key}"] = str(value)
     return env
 
 
-def gunicorn_command(bind: str, workers: int, threads: int) -> list[str]:
+def gunicorn_command(bind: str, workers: int) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -137,8 +141,6 @@ def gunicorn_command(bind: str, workers: int, threads: int) -> list[str]:
         bind,
         "--workers",
         str(workers),
-        "--threads",
-        str(threads),
         "node.wsgi:app",
     ]
 
@@ -151,7 +153,7 @@ def run_node(args: argparse.Namespace) -> int:
     # The workers keep their histograms in files here (prometheus-client's
     # multiprocess mode), so that /metrics shows the whole node.
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(os.path.abspath(config.cache.dir), "prometheus"))
-    command = gunicorn_command(config.server.bind, config.server.workers, config.server.threads)
+    command = gunicorn_command(config.server.bind, config.server.workers)
     os.execve(sys.executable, command, env)
     return 0  # not reached
 

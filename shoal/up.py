@@ -195,7 +195,7 @@ class LocalCluster:
             os.makedirs(folder, exist_ok=True)
             config_path = os.path.join(folder, "node.yml")
             settings = {
-                "server": {"bind": f"{self.host}:{port}", "workers": 2, "threads": 16},
+                "server": {"bind": f"{self.host}:{port}", "workers": 2},
                 "cache": {"dir": os.path.join(folder, "cache"), "max_size": self.args.cache_size},
                 "upstreams": {name: {"url": url} for name, url in self.upstreams},
                 "default_upstream": self.upstreams[0][0],

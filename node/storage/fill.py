@@ -4,31 +4,33 @@ A fill copies one blob from a source (the upstream, later a peer) into the
 store. Only one fill per digest runs on a node at a time, whichever of the
 node's gunicorn workers asked first: the leader holds an exclusive ``flock``
 on ``fills/<digest>.lock``, which the kernel releases if the process dies.
+At most ``max_fills`` fills run in a worker at once; a miss beyond that
+waits for a free slot, or follows a fill of the same blob that another
+worker started meanwhile.
 
 Every client, the leader's own included, reads the growing partial file
-(``follow``). The fill therefore runs in a background thread that does not
-care whether any client is still listening: a client that disconnects does
-not abort it, and the next request is a hit.
+(``Fills.follow``): sent with sendfile as it grows, woken by the kernel when
+bytes arrive (``watch.py``). The fill therefore runs in a background thread
+that does not care whether any client is still listening: a client that
+disconnects does not abort it, and the next request is a hit.
 
 Files of a fill, under ``fills/``::
 
     <algorithm>-<hex>.lock              the leader's flock
     <algorithm>-<hex>.json              {"size": N | null, "partial": NAME, "origin": ...}
-    <algorithm>-<hex>.<token>.partial   the bytes so far
-    <algorithm>-<hex>.<token>.partial.ok  the bytes are all there and match the digest
+    <algorithm>-<hex>.<token>.partial   the bytes so far; read-only once verified
 
 How a follower tells the outcome from the partial file it has open:
 
-- complete: the ``.ok`` marker beside the partial exists (written once the
-  digest matched, before the file is synced to disk and renamed into
-  place, so clients do not wait for the disk), or the content path names
-  the same inode;
+- complete: the file is read-only. The leader makes it so once the digest
+  matched, before the file is synced to disk and renamed into place, so
+  clients do not wait for the disk; the rename keeps the mode;
 - failed: the leader unlinks the partial on every failure, so its link
   count drops to 0; a leader that died without cleaning up is seen by its
-  lock being free while the content path still does not name the inode.
+  lock being free while the file is still writable.
 
-A follower holds back the last bytes of its response until the fill is
-committed, so a failed or corrupt fill always cuts the response short and
+A follower holds back the last byte of its response until the fill is
+verified, so a failed or corrupt fill always cuts the response short and
 never looks complete.
 """
 
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,16 +50,26 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from node.errors import ShoalError, UpstreamInvalid, UpstreamUnavailable
+from node.errors import Busy, ShoalError, UpstreamInvalid, UpstreamUnavailable
+from node.offload import run_blocking
 from node.reference import Digest
 from node.storage.local import LocalStore
+from node.storage.locks import try_lock
+from node.storage.watch import PartialWatch
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-# Followers poll the partial file; the wait doubles from the first to the
-# last value while no bytes arrive, and starts again at the first on progress.
-_POLL_FIRST, _POLL_LAST = 0.001, 0.02
+# A followed body this small is answered only once it is complete (``Followed.begin``).
+SMALL_BODY = 64 * 1024
+# While a fill is being started (by another worker, or while no fill slot
+# is free), a request looks again after this long, doubling to the last.
+_RETRY_FIRST, _RETRY_LAST = 0.001, 0.02
+# A follower checks at least this often that its fill's leader is alive:
+# a leader that dies leaves no event behind.
+_LIVENESS = 1.0
+# Mode bits: a partial file without any write bit is verified.
+_WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
 
 class Source(Protocol):
@@ -84,14 +97,14 @@ class FillFailed(ShoalError):
 
 @dataclass(frozen=True)
 class Following:
-    """A fill in progress that a client can read from."""
+    """A fill in progress that a client can read from; the caller owns ``file``."""
 
     file: int
     size: int | None
     digest: Digest
     content_path: str
     lock_path: str
-    # The partial file's path; its ``.ok`` marker says the bytes are verified.
+    # The partial file's path: what the follower watches.
     partial: str
     # Where the fill's bytes come from: "upstream" or "peer".
     origin: str = "upstream"
@@ -100,13 +113,22 @@ class Following:
 
 
 class Fills:
-    def __init__(self, store: LocalStore, timeout: float = 30.0, on_commit: Callable[[Digest], None] | None = None):
+    def __init__(
+        self,
+        store: LocalStore,
+        timeout: float = 30.0,
+        on_commit: Callable[[Digest], None] | None = None,
+        max_fills: int = 16,
+    ):
         self.store = store
-        # How long a follower waits for a leader that makes no progress.
+        # How long a follower waits for a leader that makes no progress,
+        # and a miss for a free fill slot.
         self.timeout = timeout
         self._on_commit = on_commit
+        self._slots = threading.BoundedSemaphore(max_fills)
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        self._watch = PartialWatch()
 
     def _base(self, digest: Digest) -> str:
         return os.path.join(self.store.fills_dir(), f"{digest.algorithm}-{digest.hex}")
@@ -116,35 +138,45 @@ class Fills:
 
         Returns None when the content turned out to be complete in the store
         already (the caller serves it as a hit). Raises the source's error
-        when this call led the fill and the source failed before any byte.
+        when this call led the fill and the source failed before any byte,
+        and ``Busy`` when no fill slot came free within ``timeout``.
         """
         base = self._base(digest)
         deadline = time.monotonic() + self.timeout
-        wait = _POLL_FIRST
+        wait = _RETRY_FIRST
         while True:
             if self.store.has(digest):
                 return None
-            lock = _try_lock(base + ".lock", fcntl.LOCK_EX)
-            if lock is not None:
-                if self.store.has(digest):
-                    os.close(lock)
-                    return None
-                return self._lead(digest, opener, lock)
             following = self._open_partial(digest)
             if following is not None:
-                if not os.path.exists(following.partial + ".ok"):
+                if not _verified(following.file):
                     return following
                 # Verified and about to be committed: wait a moment and
                 # serve it as the hit it is about to become.
                 os.close(following.file)
+            elif self._slots.acquire(timeout=wait):
+                lock = try_lock(base + ".lock", fcntl.LOCK_EX)
+                if lock is not None:
+                    if self.store.has(digest):
+                        os.close(lock)
+                        self._slots.release()
+                        return None
+                    return self._lead(digest, opener, lock)
+                self._slots.release()
             if time.monotonic() > deadline:
+                if following is None and not os.path.exists(base + ".json"):
+                    raise Busy("this node is running as many fills as it may; try again", {"digest": str(digest)})
                 raise UpstreamUnavailable("timed out waiting for another fill of this blob", {"digest": str(digest)})
             time.sleep(wait)
-            wait = min(wait * 2, _POLL_LAST)
+            wait = min(wait * 2, _RETRY_LAST)
 
     def in_progress(self, digest: Digest) -> Following | None:
         """Follow a fill that is running on this node, without starting one."""
         return self._open_partial(digest)
+
+    def follow(self, fill: Following, start: int = 0, end: int | None = None) -> Followed:
+        """The response body of bytes ``[start, end)`` of ``fill``; it owns ``fill.file`` from now on."""
+        return Followed(fill, self._watch, start, end, self.timeout)
 
     def _open_partial(self, digest: Digest) -> Following | None:
         base = self._base(digest)
@@ -161,6 +193,7 @@ class Fills:
         )
 
     def _lead(self, digest: Digest, opener: Opener, lock: int) -> Following:
+        """Run the fill in a thread holding ``lock`` and a slot; both are released when it ends."""
         base = self._base(digest)
         self._remove_stale(digest)
         ready = threading.Event()
@@ -171,27 +204,27 @@ class Fills:
             try:
                 with opener() as source:
                     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                    origin = getattr(source, "origin", "upstream")
-                    outcome["following"] = Following(
-                        os.open(partial, os.O_RDONLY),
-                        source.size,
-                        digest,
-                        self.store.content_path(digest),
-                        base + ".lock",
-                        partial,
-                        origin,
-                        bool(getattr(source, "joined", False)),
-                    )
-                    info = {"size": source.size, "partial": os.path.basename(partial), "origin": origin}
-                    _write_json(base + ".json", info)
-                    ready.set()
                     with os.fdopen(fd, "wb") as out:
+                        origin = getattr(source, "origin", "upstream")
+                        outcome["following"] = Following(
+                            os.open(partial, os.O_RDONLY),
+                            source.size,
+                            digest,
+                            self.store.content_path(digest),
+                            base + ".lock",
+                            partial,
+                            origin,
+                            bool(getattr(source, "joined", False)),
+                        )
+                        info = {"size": source.size, "partial": os.path.basename(partial), "origin": origin}
+                        _write_json(base + ".json", info)
+                        ready.set()
                         _copy_verified(source, out, digest)
                         out.flush()
                         # Followers may finish now: the bytes match the digest.
                         # Syncing to disk is for the store, not for them.
-                        os.close(os.open(partial + ".ok", os.O_CREAT | os.O_WRONLY, 0o644))
-                        os.fdatasync(out.fileno())
+                        os.fchmod(out.fileno(), 0o444)
+                        run_blocking(os.fdatasync, out.fileno())
                     # Committed inside the source's context, so that a source
                     # that reports completion (a lease) does so after the fact.
                     self.store.commit(digest, partial)
@@ -199,16 +232,15 @@ class Fills:
                     self._on_commit(digest)
             except BaseException as exc:
                 outcome["error"] = exc
-                for leftover in (partial, partial + ".ok"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(leftover)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial)
                 if ready.is_set():
                     log.warning("fill of %s failed: %s", digest, exc)
             finally:
-                for leftover in (base + ".json", partial + ".ok"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(leftover)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(base + ".json")
                 os.close(lock)
+                self._slots.release()
                 ready.set()
                 with self._threads_lock:
                     self._threads.discard(threading.current_thread())
@@ -232,88 +264,120 @@ class Fills:
         """Unlink what a leader that died left behind, so its followers fail."""
         prefix = os.path.basename(self._base(digest)) + "."
         for name in os.listdir(self.store.fills_dir()):
-            if name.startswith(prefix) and name.endswith((".partial", ".json", ".ok")):
+            if name.startswith(prefix) and name.endswith((".partial", ".json")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.store.fills_dir(), name))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Wait a little for running fills; they are daemon threads after that."""
+        """Wait a little for running fills (daemon threads after that), then stop the watch."""
         with self._threads_lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout)
+        self._watch.close()
 
 
-def follow(fill: Following, start: int = 0, end: int | None = None, *, stall_timeout: float = 30.0) -> Iterator[bytes]:
-    """Yield bytes ``[start, end)`` of a fill as they arrive (to its end when ``end`` is None).
+class Followed:
+    """Bytes ``[start, end)`` of a fill as a response body, sent as they arrive.
 
-    Bytes that may be the last ones (the end of the range, or anything of a
-    fill whose size is unknown) are held back until the fill is committed;
-    a fill that fails, or a leader that stalls for ``stall_timeout``, raises
-    ``FillFailed`` so the caller's response is cut short.
+    A server that can send from a file descriptor (``node.serving``) uses
+    ``fileno`` and ``available`` to send the partial file with sendfile as it
+    grows; any other server iterates, which reads the same bytes with
+    ``pread``. Either way the bytes that may be the last ones (the end of the
+    range, or the last byte of a fill whose size is unknown) go out only once
+    the fill is verified; a fill that fails, or a leader that stalls for
+    ``stall_timeout``, raises ``FillFailed`` so the response is cut short.
+    ``close`` closes the partial file.
     """
-    try:
-        position, held = start, b""
-        wait = _POLL_FIRST
-        stalled_since = time.monotonic()
+
+    def __init__(self, fill: Following, watch: PartialWatch, start: int, end: int | None, stall_timeout: float):
+        self.fill = fill
+        self._watch = watch
+        self._start, self._end = start, end
+        self._stall_timeout = stall_timeout
+        self._closed = False
+        self._position = start
+        os.lseek(fill.file, start, os.SEEK_SET)
+
+    def fileno(self) -> int:
+        return self.fill.file
+
+    def available(self, position: int) -> int:
+        """Wait until bytes past ``position`` may be sent; return where they end.
+
+        Returns ``position`` itself only when the body is complete there.
+        """
+        fill = self.fill
+        last_size, stalled_since = -1, time.monotonic()
+        with self._watch.watching(fill.partial) as change:
+            while True:
+                seen = change.generation
+                info = os.fstat(fill.file)
+                verified = not info.st_mode & _WRITABLE
+                end = info.st_size if self._end is None else min(info.st_size, self._end)
+                if not verified:
+                    # Hold back the last byte until the digest is known to match.
+                    end = min(end, info.st_size - 1 if self._end is None else self._end - 1)
+                if end > position or (verified and end == position):
+                    return end
+                if not verified and self._failed(info):
+                    raise FillFailed(
+                        "the upstream fetch failed before the blob was complete", {"digest": str(fill.digest)}
+                    )
+                if info.st_size != last_size:
+                    last_size, stalled_since = info.st_size, time.monotonic()
+                elif time.monotonic() - stalled_since > self._stall_timeout:
+                    raise FillFailed("the upstream fetch stalled", {"digest": str(fill.digest)})
+                change.wait(seen, _LIVENESS)
+
+    def begin(self) -> None:
+        """Wait until the first bytes may be sent; for a body of at most ``SMALL_BODY`` bytes, all of them.
+
+        A response waits for this before it answers, so that a fill failing
+        before then (a small blob that does not match its digest) gets an
+        OCI error instead of a response that has already promised a body.
+        """
+        small = self._end is not None and self._end - self._start <= SMALL_BODY
+        position = self._start
         while True:
-            want = CHUNK if end is None else min(CHUNK, end - position)
-            chunk = os.pread(fill.file, want, position) if want > 0 else b""
-            if chunk:
-                position += len(chunk)
-                if held:
-                    yield held
-                    held = b""
-                if end is not None and position < end:
-                    yield chunk
-                else:
-                    held = chunk
-                wait, stalled_since = _POLL_FIRST, time.monotonic()
-                continue
-            at_end = position == end if end is not None else os.fstat(fill.file).st_size == position
-            if at_end and _committed(fill):
-                if held:
-                    yield held
+            ready = self.available(position)
+            if not small or ready == position:
                 return
-            if _failed(fill):
-                raise FillFailed("the upstream fetch failed before the blob was complete", {"digest": str(fill.digest)})
-            if time.monotonic() - stalled_since > stall_timeout:
-                raise FillFailed("the upstream fetch stalled", {"digest": str(fill.digest)})
-            time.sleep(wait)
-            wait = min(wait * 2, _POLL_LAST)
-    finally:
-        os.close(fill.file)
+            position = ready
+
+    def _failed(self, info: os.stat_result) -> bool:
+        if info.st_nlink == 0:
+            return True
+        # The partial is still linked: failed only if its leader is gone.
+        lock = try_lock(self.fill.lock_path, fcntl.LOCK_SH)
+        if lock is None:
+            return False
+        os.close(lock)
+        return bool(os.fstat(self.fill.file).st_mode & _WRITABLE)
+
+    def read(self, size: int = CHUNK) -> bytes:
+        """The next bytes of the body, at most ``size``; empty at its end."""
+        ready = self.available(self._position)
+        if ready == self._position:
+            return b""
+        chunk = os.pread(self.fill.file, min(size, ready - self._position), self._position)
+        if not chunk:
+            raise FillFailed("the partial file is shorter than it was", {"digest": str(self.fill.digest)})
+        self._position += len(chunk)
+        return chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read():
+            yield chunk
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fill.file)
 
 
-def _committed(fill: Following) -> bool:
-    """The fill's bytes are complete and verified (see the module's docstring)."""
-    if os.path.exists(fill.partial + ".ok"):
-        return True
-    try:
-        return os.stat(fill.content_path).st_ino == os.fstat(fill.file).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def _failed(fill: Following) -> bool:
-    if os.fstat(fill.file).st_nlink == 0:
-        return not _committed(fill)
-    # The partial is still linked: failed only if its leader is gone.
-    lock = _try_lock(fill.lock_path, fcntl.LOCK_SH)
-    if lock is None:
-        return False
-    os.close(lock)
-    return not _committed(fill)
-
-
-def _try_lock(path: str, mode: int) -> int | None:
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+def _verified(fd: int) -> bool:
+    return not os.fstat(fd).st_mode & _WRITABLE
 
 
 def _copy_verified(source: Source, out: object, digest: Digest) -> None:

@@ -6,20 +6,20 @@ is unknown, write one upstream fetch to the client and the cache at once,
 and let the content count only when it is complete and verified.
 
 Single flight on a node spans all its gunicorn workers: blobs through
-``Fills``; manifests and tag checks, which are small, under a blocking
-``flock`` with a second look after the lock is taken.
+``Fills``; manifests and tag checks, which are small, under an exclusive
+``flock`` (waited for cooperatively, with a deadline) with a second look
+after the lock is taken.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from node.config import UpstreamConfig
@@ -28,6 +28,7 @@ from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
 from node.storage.fill import Fills, Following
 from node.storage.local import LocalStore, Stored, TagPointer
+from node.storage.locks import exclusive
 from node.upstream import TagPage, Upstream
 
 log = logging.getLogger(__name__)
@@ -223,14 +224,10 @@ class ProxyStore:
         """Tags and repositories are kept per registry: the same name is another repository elsewhere."""
         return f"{self.config.name}/{name}"
 
-    @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
-        fd = os.open(os.path.join(self.local.fills_dir(), f"{name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _lock(self, name: str) -> AbstractContextManager[None]:
+        # Whoever holds it waits on the upstream, bounded by its timeout (and,
+        # in a cluster, on another node's fetch for about as long again).
+        return exclusive(os.path.join(self.local.fills_dir(), f"{name}.lock"), 2 * self.config.timeout + 5)
 
 
 def paginate(items: list[str], n: int | None, last: str | None, path: str) -> TagPage:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"burst", "cold", "warm", "throughput", "manifests", "follower", "memory"}
+SECTIONS = {"burst", "cold", "warm", "throughput", "manifests", "follower", "memory", "clients"}
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -75,8 +75,12 @@ def test_the_quick_benchmark_runs_end_to_end_and_shoal_fetches_each_byte_once(tm
     for record in sections["follower"]["raw"]["runs"]:
         assert record["upstream_blob_gets"] == 1, f"the follower caused another upstream fetch: {record}"
 
+    for record in sections["clients"]["raw"]["runs"]:
+        if record["system"] == "shoal-node":
+            assert record["answered"] == record["clients"], f"slow clients left unanswered: {record}"
+
     text = report.read_text()
-    for number in range(1, 8):
+    for number in range(1, 9):
         assert f"\n## {number}. " in text
     assert "python -m bench --quick" in text
     assert chart.read_bytes().startswith(b"\x89PNG")

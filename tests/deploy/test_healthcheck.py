@@ -51,7 +51,7 @@ def _run(pid: int, env: dict[str, str] | None = None) -> subprocess.CompletedPro
 @pytest.mark.parametrize(
     ("argv", "role"),
     [
-        (gunicorn_command("0.0.0.0:5000", 2, 16), "node"),
+        (gunicorn_command("0.0.0.0:5000", 2), "node"),
         (
             ["/opt/shoal/bin/python", "/opt/shoal/bin/shoal", "coordinator", "--config", "/etc/shoal/shoal.yml"],
             "coordinator",

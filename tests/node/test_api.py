@@ -204,7 +204,7 @@ def test_skopeo_copy_through_the_node(node: NodeProcess, image: Image, tmp_path:
 def test_concurrent_cold_pulls_fetch_each_blob_once(tmp_path: Path, upstream_registry: DistributionRegistry) -> None:
     built = build_image([1_500_000, 800_000, 200_000, 50_000], seed="burst")
     push(upstream_registry.url, "api/burst", "v1", built)
-    node = NodeProcess(tmp_path, upstream_registry.url, {"server": {"workers": 3, "threads": 16}})
+    node = NodeProcess(tmp_path, upstream_registry.url, {"server": {"workers": 3}})
 
     def pull(_: int) -> dict[str, str]:
         with node.client() as http:

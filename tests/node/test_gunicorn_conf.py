@@ -22,7 +22,7 @@ def test_hits_go_out_with_sendfile(monkeypatch) -> None:
     assert _config().sendfile is True
 
 
-def test_threads_serve_long_downloads_and_the_control_socket_is_off() -> None:
+def test_gevent_workers_with_the_node_socket_and_the_control_socket_is_off() -> None:
     config = _config()
-    assert config.worker_class_str == "gthread"
+    assert config.worker_class_str == "node.serving.Worker"
     assert config.settings["control_socket_disable"].get() is True

@@ -11,7 +11,7 @@ import pytest
 from node.config import UpstreamConfig
 from node.errors import BlobUnknown, ManifestUnknown, UpstreamInvalid, UpstreamUnavailable
 from node.reference import digest_of
-from node.storage.fill import FillFailed, Fills, follow
+from node.storage.fill import FillFailed, Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
 from node.upstream import ManifestHead, TagPage, UpstreamManifest
@@ -168,7 +168,7 @@ def test_blob_miss_fills_then_hits(proxy: ProxyStore, upstream: FakeUpstream) ->
     upstream.blobs[str(digest)] = data
     blob = proxy.blob("app", digest)
     assert blob.following is not None and blob.size == 100
-    assert b"".join(follow(blob.following, 0, 100)) == data
+    assert b"".join(proxy.fills.follow(blob.following, 0, 100)) == data
     # The client is done once the bytes are verified; the store commits after
     # the sync. Until then a request joins the fill; afterwards it is a hit.
     proxy.fills.close()
@@ -186,7 +186,7 @@ def test_corrupt_blob_is_never_complete_and_never_stored(proxy: ProxyStore, upst
     assert blob.following is not None
     received = b""
     with pytest.raises(FillFailed):
-        for chunk in follow(blob.following, 0, 100):
+        for chunk in proxy.fills.follow(blob.following, 0, 100):
             received += chunk
     assert len(received) < 100
     proxy.fills.close()  # The fill thread's cleanup may still be running.
@@ -218,10 +218,10 @@ def test_blob_of_unknown_size_is_held_back_until_verified(proxy: ProxyStore, ups
     upstream.unsized = True
     blob = proxy.blob("app", digest)
     assert blob.following is not None and blob.size is None
-    assert b"".join(follow(blob.following)) == data
+    assert b"".join(proxy.fills.follow(blob.following)) == data
     bad = digest_of(b"other")
     upstream.blobs[str(bad)] = data
     broken = proxy.blob("app", bad)
     assert broken.following is not None
     with pytest.raises(FillFailed):
-        b"".join(follow(broken.following))
+        b"".join(proxy.fills.follow(broken.following))

@@ -35,7 +35,7 @@ class NodeProcess:
         self.port = free_port()
         self.cache_dir = self.workdir / "cache"
         config: dict[str, Any] = {
-            "server": {"bind": f"127.0.0.1:{self.port}", "workers": 2, "threads": 16},
+            "server": {"bind": f"127.0.0.1:{self.port}", "workers": 2},
             "cache": {"dir": str(self.cache_dir)},
             "upstream": {"url": upstream_url, "timeout": "10s"},
         }
