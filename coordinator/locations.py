@@ -25,6 +25,7 @@ from coordinator.keys import Keys
 from coordinator.leases import Leases
 from coordinator.membership import Membership
 from coordinator.redis_client import text_map, texts
+from protos.values import Holder
 
 # Digests handled per script; each chunk is one atomic step (see announce).
 CHUNK = 500
@@ -155,14 +156,6 @@ class ContentInfo:
     accessed_at: float = 0.0
     ttl_ms: int = 0
     first_cached: float = 0.0
-
-
-@dataclass(frozen=True)
-class Holder:
-    """A live node, as other nodes reach it."""
-
-    node_id: str
-    url: str
 
 
 @dataclass(frozen=True)

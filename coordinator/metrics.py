@@ -25,7 +25,7 @@ from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.membership import Membership
 from coordinator.redis_client import text_map, texts
-from protos.metrics import DISTINCT_BYTES
+from protos.metrics import DISTINCT_BYTES, NodeCounts
 
 # How long a sender's last sequence is remembered after its last delta. A
 # retry comes within seconds; a worker id is never reused by a new process,
@@ -56,15 +56,8 @@ return 1
 
 
 @dataclass(frozen=True)
-class NodeCounters:
-    node_id: str
-    counters: dict[str, int]
-    live: bool
-
-
-@dataclass(frozen=True)
 class MetricsSnapshot:
-    nodes: list[NodeCounters]
+    nodes: list[NodeCounts]
     cluster: dict[str, int]
 
 
@@ -111,7 +104,7 @@ class Metrics:
         live = self._membership.live(node_ids)
         return MetricsSnapshot(
             nodes=[
-                NodeCounters(node_id=node_id, counters=_ints(counters), live=node_id in live)
+                NodeCounts(node_id=node_id, counters=_ints(counters), live=node_id in live)
                 for node_id, counters in zip(node_ids, per_node, strict=True)
             ],
             cluster=_ints(cluster),

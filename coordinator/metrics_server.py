@@ -30,7 +30,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from coordinator.metrics import Metrics
-from protos.metrics import NodeCounts, families
+from protos.metrics import families
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ class CountersCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         snapshot = self._metrics.snapshot()
-        nodes = [NodeCounts(node.node_id, node.counters, node.live) for node in snapshot.nodes]
-        return families(nodes, snapshot.cluster)
+        return families(snapshot.nodes, snapshot.cluster)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

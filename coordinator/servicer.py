@@ -27,13 +27,14 @@ import redis
 from coordinator.errors import CoordinatorError, InvalidArgument, LeaseLost
 from coordinator.fetches import Fetches
 from coordinator.leases import Leases
-from coordinator.locations import ContentInfo, Holder, Locations
+from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import Membership, NodeInfo
 from coordinator.metrics import Metrics
 from coordinator.scheduler import Schedule
-from coordinator.tags import TagPointer, Tags
+from coordinator.tags import Tags
 from protos.shoal.v1 import coordinator_pb2 as pb
 from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.values import Holder, TagPointer
 
 log = logging.getLogger(__name__)
 

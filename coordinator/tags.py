@@ -13,7 +13,6 @@ so tags that are never pulled again do not pile up; 0 keeps pointers forever.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import redis
 from redis.typing import EncodableT
@@ -23,6 +22,8 @@ from coordinator.errors import InvalidArgument, LeaseLost
 from coordinator.keys import Keys
 from coordinator.leases import OWNS_LEASE
 from coordinator.redis_client import text_map
+from protos.leases import tag_lease
+from protos.values import TagPointer
 
 # KEYS[1] lock:<tag lease key>, KEYS[2] tag:<upstream>/<repository>:<tag>
 # ARGV[1] lease token, ARGV[2] digest, ARGV[3] media type, ARGV[4] size,
@@ -44,21 +45,6 @@ end
 return 1
 """
 )
-
-
-@dataclass(frozen=True)
-class TagPointer:
-    """Where a tag pointed when it was last checked against the upstream."""
-
-    digest: str
-    media_type: str = ""
-    size: int = 0
-    checked_at: float = 0.0
-
-
-def tag_lease_key(upstream: str, repository: str, tag: str) -> str:
-    """The lease that guards a tag pointer (a lease name, not a Redis key)."""
-    return f"tag:{upstream}/{repository}:{tag}"
 
 
 class Tags:
@@ -88,7 +74,7 @@ class Tags:
         check_digest(pointer.digest, "pointer.digest")
         if pointer.size < 0 or not math.isfinite(pointer.checked_at) or pointer.checked_at < 0:
             raise InvalidArgument("pointer: size and checked_at must be non-negative numbers")
-        lease_key = tag_lease_key(upstream, repository, tag)
+        lease_key = tag_lease(upstream, repository, tag)
         keys = [self._keys.lock(lease_key), key]
         args: list[EncodableT] = [
             lease_token,

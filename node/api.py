@@ -8,21 +8,22 @@ OCI error body. A mirror is read-only: every write answers 405 UNSUPPORTED.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from node.errors import NotFound, PaginationInvalid, RangeInvalid, RegistryUnknown, ShoalError, Unsupported
 from node.metrics import Metrics
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
 from node.responses import file_body, growing_body
+from node.services import services
 from node.storage.fill import Followed
 from node.storage.proxy import Blob, ProxyStore
 from node.upstream import TagPage
+from protos.metrics import error_key, registry_key
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,20 @@ def _route(path: str) -> tuple[ProxyStore, str]:
     default upstream. A registry that is not configured is never answered
     from another one.
     """
-    proxies: dict[str, ProxyStore] = current_app.extensions["shoal.proxies"]
+    proxies = services().proxies
     namespace = request.args.get("ns")
     if namespace is not None:
         return _registry(proxies, namespace.strip().lower()), path
     first, _, rest = path.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
         return _registry(proxies, first.lower()), rest
-    default = current_app.config["SHOAL"].default_upstream
+    default = services().config.default_upstream
     if default is None:
         raise RegistryUnknown("this mirror has no default registry: name one with ?ns= or a path prefix")
     return proxies[default], path
 
 
-def _registry(proxies: dict[str, ProxyStore], name: str) -> ProxyStore:
+def _registry(proxies: Mapping[str, ProxyStore], name: str) -> ProxyStore:
     store = proxies.get(name)
     if store is None:
         raise RegistryUnknown("this mirror does not mirror that registry", {"registry": name[:255]})
@@ -67,8 +68,7 @@ def _registry(proxies: dict[str, ProxyStore], name: str) -> ProxyStore:
 
 
 def _metrics() -> Metrics:
-    metrics: Metrics = current_app.extensions["shoal.metrics"]
-    return metrics
+    return services().metrics
 
 
 @api.route("/v2/", methods=["GET", "HEAD", *WRITE_METHODS])
@@ -146,47 +146,49 @@ def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
 
 
 def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
-    blob = store.blob(name, digest)
-    size = blob.size
-    headers = {
-        "Docker-Content-Digest": str(digest),
-        "ETag": f'"{digest}"',
-        "Content-Type": "application/octet-stream",
-        "Accept-Ranges": "bytes",
-    }
-    try:
+    with store.blob(name, digest) as blob:
+        size = blob.size
+        headers = {
+            "Docker-Content-Digest": str(digest),
+            "ETag": f'"{digest}"',
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
         span = _range(request.headers.get("Range"), size)
-    except RangeInvalid:
-        _release(blob)
-        raise
-    status = 200
-    if span is not None and size is not None:
-        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
-        status = 206
-    start, end = span or (0, size)
-    if end is not None:
-        headers["Content-Length"] = str(end - start)
-    if _not_modified(digest):
-        _release(blob)
-        return Response(status=304, headers=headers)
-    if request.method == "HEAD":
-        _release(blob)
-        return Response(status=status, headers=headers)
+        status = 200
+        if span is not None and size is not None:
+            headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+            status = 206
+        start, end = span or (0, size)
+        if end is not None:
+            headers["Content-Length"] = str(end - start)
+        if _not_modified(digest):
+            return Response(status=304, headers=headers)
+        if request.method == "HEAD":
+            return Response(status=status, headers=headers)
+        return _blob_body(store, blob, start, end, status, headers)
+
+
+def _blob_body(
+    store: ProxyStore, blob: Blob, start: int, end: int | None, status: int, headers: dict[str, str]
+) -> Response:
+    """The response that sends the blob; it takes the blob's open file over."""
     if blob.stored is not None:
         _count(store, "blob", blob.outcome, (end or 0) - start, joined=False)
-        return Response(file_body(blob.stored.file, start), status=status, headers=headers, direct_passthrough=True)
+        body = file_body(blob.stored.detach(), start)
+        return Response(body, status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
-    followed = store.fills.follow(blob.following, start, end)
+    outcome, joined = blob.outcome, blob.following.joined
+    followed = store.fills.follow(blob.following.detach(), start, end)
     try:
         followed.begin()
     except BaseException:
         followed.close()
         raise
-    joined = blob.following.joined
     if end is None:
-        _count(store, "blob", blob.outcome, 0, joined=joined)
+        _count(store, "blob", outcome, 0, joined=joined)
         return Response(_pushed(followed), status=status, headers=headers, direct_passthrough=True)
-    _count(store, "blob", blob.outcome, end - start, joined=joined)
+    _count(store, "blob", outcome, end - start, joined=joined)
     return Response(growing_body(followed), status=status, headers=headers, direct_passthrough=True)
 
 
@@ -195,8 +197,8 @@ def _count(store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: b
     metrics = _metrics()
     metrics.count(kind, "requests")
     metrics.count(kind, outcome)
-    metrics.add(f"registry.{kind}.requests.{store.config.name}")
-    metrics.add(f"registry.{kind}.{outcome}.{store.config.name}")
+    metrics.add(registry_key(kind, "requests", store.config.name))
+    metrics.add(registry_key(kind, outcome, store.config.name))
     metrics.count(kind, "bytes_pushed", pushed)
     if joined:
         metrics.count(kind, "follower_joins")
@@ -211,13 +213,6 @@ def _pushed(body: Followed) -> Iterator[bytes]:
             yield chunk
     finally:
         body.close()
-
-
-def _release(blob: Blob) -> None:
-    if blob.stored is not None:
-        os.close(blob.stored.file)
-    if blob.following is not None:
-        os.close(blob.following.file)
 
 
 def _range(header: str | None, size: int | None) -> tuple[int, int] | None:
@@ -265,7 +260,7 @@ def error_response(code: str, message: str, status: int, detail: object | None =
 
 
 def _shoal_error(error: ShoalError) -> Response:
-    _metrics().add(f"errors.{error.code}")
+    _metrics().add(error_key(error.code))
     response = error_response(error.code, error.message, error.status, error.detail)
     if isinstance(error, RangeInvalid):
         response.headers["Content-Range"] = f"bytes */{error.size}"
@@ -276,7 +271,7 @@ def _shoal_error(error: ShoalError) -> Response:
 
 def _http_error(error: HTTPException) -> Response:
     code = {405: "UNSUPPORTED", 404: "NOT_FOUND"}.get(error.code or 0, "UNKNOWN")
-    _metrics().add(f"errors.{code}")
+    _metrics().add(error_key(code))
     if error.code == 405:
         return error_response("UNSUPPORTED", "method not allowed", 405)
     if error.code == 404:
@@ -285,7 +280,7 @@ def _http_error(error: HTTPException) -> Response:
 
 
 def _unexpected_error(error: Exception) -> Response:
-    _metrics().add("errors.UNKNOWN")
+    _metrics().add(error_key("UNKNOWN"))
     log.exception("unexpected error on %s %s", request.method, request.path)
     return error_response("UNKNOWN", "internal error", 500)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,17 +16,21 @@ from collections.abc import Callable
 from flask import Flask
 
 from node import api
-from node.cluster import Cluster
-from node.config import NodeConfig
+from node.cluster_source import ClusterSource
+from node.config import NodeConfig, UpstreamConfig
 from node.coordinator_client import CoordinatorClient
-from node.directory import Directory, Standalone
+from node.flight import Announcements, Flight
+from node.membership import Membership
 from node.metrics import CoordinatorSink, LocalSink, Metrics, Sink
 from node.peers import PeerClient, internal
+from node.services import Services, install
+from node.sources import Source
 from node.status import status
 from node.storage.fill import Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
 from node.upstream import Upstream
+from protos.metrics import eviction_key
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +55,11 @@ class Node:
             clock,
             extend_ttl_on_hit=config.cache.extend_ttl_on_hit,
         )
-        client = _coordinator_client(config)
+        self.coordinator = _coordinator_client(config)
         sink: Sink = (
-            CoordinatorSink(client)
-            if client is not None
-            else LocalSink(os.path.join(self.local.root, "metrics.json"), config.node_id, clock)
+            CoordinatorSink(self.coordinator)
+            if self.coordinator is not None
+            else LocalSink(self.local.layout.metrics(), config.node_id, clock)
         )
         self.metrics = Metrics(sink, config.node_id)
         self.fills = Fills(
@@ -65,13 +68,9 @@ class Node:
             on_commit=lambda _: self._sweep_soon.set(),
             max_fills=fills_per_worker(config),
         )
-        self.directory: Directory = Standalone()
-        if client is not None:
-            peers = PeerClient(config.cluster.secret or "", config.upstream.timeout, self.metrics)
-            self.directory = Cluster(config, self.local, client, peers, self.metrics, clock)
         # One upstream client and one proxy store per registry; the local
-        # store, the fills and the directory are shared (content by digest
-        # is the same whichever registry it came from).
+        # store, the fills and the cluster are shared (content by digest is
+        # the same whichever registry it came from).
         self.upstreams = {
             settings.name: (
                 upstream
@@ -80,12 +79,28 @@ class Node:
             )
             for settings in config.upstreams
         }
-        self.proxies = {
-            settings.name: ProxyStore(
-                self.local, self.fills, self.upstreams[settings.name], settings, self.directory, clock=clock
+        self.membership: Membership | None = None
+        self.peers: PeerClient | None = None
+        sources: dict[str, Source] = dict(self.upstreams)
+        if self.coordinator is not None:
+            announcements = Announcements(self.local.layout.unannounced())
+            self.membership = Membership(config, self.local, self.coordinator, announcements, self.metrics)
+            self.peers = PeerClient(config.cluster.secret or "", config.upstream.timeout, self.metrics)
+            flight = Flight(
+                self.coordinator,
+                config.node_id,
+                announcements,
+                self.metrics,
+                lease_ttl=config.cluster.lease_ttl,
+                # How long to wait for another node's fetch before fetching anyway.
+                wait_timeout=config.upstream.timeout + config.cluster.lease_ttl,
             )
+            sources = {settings.name: self._cluster_source(settings, flight, clock) for settings in config.upstreams}
+        self.proxies = {
+            settings.name: ProxyStore(self.local, self.fills, sources[settings.name], settings, clock=clock)
             for settings in config.upstreams
         }
+        self.services = Services(config, self.proxies, self.local, self.fills, self.metrics)
         self._interval = min(FLUSH_INTERVAL, config.cluster.heartbeat_interval)
         self._stop = threading.Event()
         self._sweep_soon = threading.Event()
@@ -93,19 +108,33 @@ class Node:
         self._thread = threading.Thread(target=self._background, name="shoal-background", daemon=True)
         self._thread.start()
 
+    def _cluster_source(self, settings: UpstreamConfig, flight: Flight, clock: Callable[[], float]) -> ClusterSource:
+        assert self.coordinator is not None and self.peers is not None
+        return ClusterSource(
+            self.upstreams[settings.name], settings, flight, self.coordinator, self.peers, self.local, clock
+        )
+
     def _background(self) -> None:
         """Every second: hits, metrics and the heartbeat; a sweep after a fill and every minute."""
         last_sweep = time.monotonic()
-        self.directory.tick()
+        self._tick()
         while not self._stop.wait(self._interval):
-            self.directory.touched(self.local.flush_touches())
-            self.metrics.flush()
-            self.directory.tick()
+            self._flush()
+            self._tick()
             if self._sweep_soon.is_set() or time.monotonic() - last_sweep > SWEEP_INTERVAL:
                 self._sweep_soon.clear()
                 last_sweep = time.monotonic()
                 self._sweep()
-        self.directory.touched(self.local.flush_touches())
+        self._flush()
+
+    def _tick(self) -> None:
+        if self.membership is not None:
+            self.membership.tick()
+
+    def _flush(self) -> None:
+        touched = self.local.flush_touches()
+        if self.membership is not None:
+            self.membership.touched(touched)
         self.metrics.flush()
 
     def _sweep(self) -> None:
@@ -117,8 +146,9 @@ class Node:
         if removed:
             log.info("evicted %d items from the cache", len(removed))
             for _, reason in removed:
-                self.metrics.add(f"evictions.{reason}")
-            self.directory.dropped([digest for digest, _ in removed])
+                self.metrics.add(eviction_key(reason))
+            if self.membership is not None:
+                self.membership.dropped([digest for digest, _ in removed])
 
     def close(self) -> None:
         if self._closed:
@@ -127,7 +157,12 @@ class Node:
         self._stop.set()
         self._thread.join()
         self.fills.close()
-        self.directory.close()
+        if self.membership is not None:
+            self.membership.close()
+        if self.peers is not None:
+            self.peers.close()
+        if self.coordinator is not None:
+            self.coordinator.close()
         for client in self.upstreams.values():
             client.close()
 
@@ -154,13 +189,9 @@ def create_app(
 ) -> Flask:
     node = Node(config, upstream, clock)
     app = Flask("shoal.node")
-    app.config["SHOAL"] = config
+    install(app, node.services)
+    # gunicorn's worker closes the node when it stops (node.wsgi).
     app.extensions["shoal.node"] = node
-    app.extensions["shoal.proxies"] = node.proxies
-    app.extensions["shoal.local"] = node.local
-    app.extensions["shoal.fills"] = node.fills
-    app.extensions["shoal.metrics"] = node.metrics
-    app.config["SHOAL_CLUSTER_SECRET"] = config.cluster.secret or ""
     api.register(app)
     app.register_blueprint(internal)
     app.register_blueprint(status)

@@ -29,12 +29,14 @@ import secrets
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
+from protos.metrics import NodeCounts
 from protos.shoal.v1 import coordinator_pb2 as pb
 from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.values import Content, Holder, TagPointer
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +68,6 @@ class LeaseLost(CoordinatorError):
 
 
 @dataclass(frozen=True)
-class Holder:
-    """A live node, as other nodes reach it."""
-
-    node_id: str
-    url: str
-
-
-@dataclass(frozen=True)
-class Content:
-    """Complete content on a node. ``accessed_at`` (Unix seconds) only matters in announcements."""
-
-    digest: str
-    size: int = 0
-    media_type: str = ""
-    accessed_at: float = 0.0
-
-
-@dataclass(frozen=True)
 class Location:
     """Where a digest is: live holders, the node fetching it now, and its meta when known."""
 
@@ -108,26 +92,46 @@ class Lease:
 
 
 @dataclass(frozen=True)
-class TagPointerInfo:
-    """Where a tag pointed when it was last checked against the upstream (Unix seconds)."""
-
-    digest: str
-    media_type: str = ""
-    size: int = 0
-    checked_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class NodeMetrics:
-    node_id: str
-    counters: dict[str, int]
-    live: bool
-
-
-@dataclass(frozen=True)
 class ClusterMetrics:
-    nodes: list[NodeMetrics]
+    nodes: list[NodeCounts]
     cluster: dict[str, int] = field(default_factory=dict)
+
+
+class Coordinator(Protocol):
+    """What a node asks of the coordinator: ``CoordinatorClient`` below is the real one.
+
+    Every method may raise the exceptions above; see ``CoordinatorClient``
+    for what each call means. ``testbed.fake_coordinator`` keeps the same
+    state in memory for unit tests.
+    """
+
+    def register(self, url: str, *, capacity_bytes: int = 0, used_bytes: int = 0) -> float: ...
+
+    def heartbeat(self, url: str, *, capacity_bytes: int = 0, used_bytes: int = 0) -> tuple[bool, list[str]]: ...
+
+    def announce_inventory(self, content: Iterable[Content], *, ttl_ms: int | None = None) -> list[str]: ...
+
+    def add_content(self, content: Iterable[Content], *, ttl_ms: int | None = None) -> list[str]: ...
+
+    def drop_content(self, digests: Iterable[str]) -> None: ...
+
+    def locate(self, digest: str, lease_key: str = "") -> Location: ...
+
+    def acquire_lease(self, key: str, ttl_ms: int) -> Lease: ...
+
+    def renew_lease(self, key: str, token: str, ttl_ms: int) -> bool: ...
+
+    def complete_fetch(self, key: str, token: str, digest: str, size: int, media_type: str, ttl_ms: int) -> None: ...
+
+    def abort_fetch(self, key: str, token: str) -> None: ...
+
+    def touch(self, digests: Iterable[str]) -> None: ...
+
+    def get_tag(self, upstream: str, repository: str, tag: str) -> TagPointer | None: ...
+
+    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class CoordinatorClient:
@@ -155,7 +159,12 @@ class CoordinatorClient:
         self.addresses = list(addresses)
         self.node_id = node_id
         self.timeout = timeout
-        self._tls_ca = tls_ca
+        # Read now, so that a CA file that cannot be read stops the node at
+        # start instead of making every later call fail.
+        self._tls_ca: bytes | None = None
+        if tls_ca is not None:
+            with open(tls_ca, "rb") as handle:
+                self._tls_ca = handle.read()
         self._metadata = (("authorization", f"Bearer {secret}"),)
         self._lock = threading.Lock()
         self._pid: int | None = None
@@ -271,17 +280,17 @@ class CoordinatorClient:
 
     # Tags.
 
-    def get_tag(self, upstream: str, repository: str, tag: str) -> TagPointerInfo | None:
+    def get_tag(self, upstream: str, repository: str, tag: str) -> TagPointer | None:
         """The cluster's pointer for the tag, or None when it has none."""
         response = self._call("GetTag", pb.GetTagRequest(upstream=upstream, repository=repository, tag=tag))
         if not response.found:
             return None
         pointer = response.pointer
-        return TagPointerInfo(
+        return TagPointer(
             digest=pointer.digest, media_type=pointer.media_type, size=pointer.size, checked_at=pointer.checked_at
         )
 
-    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointerInfo, lease_token: str) -> None:
+    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None:
         """Move the tag; needs the token of the lease ``tag:<upstream>/<repository>:<tag>``.
 
         Raises ``LeaseLost`` when that token is not the current one. The lease
@@ -317,7 +326,7 @@ class CoordinatorClient:
         response = self._call("GetMetrics", pb.GetMetricsRequest())
         return ClusterMetrics(
             nodes=[
-                NodeMetrics(node_id=node.node_id, counters=dict(node.counters), live=bool(node.live))
+                NodeCounts(node_id=node.node_id, counters=dict(node.counters), live=bool(node.live))
                 for node in response.nodes
             ],
             cluster=dict(response.cluster),
@@ -372,16 +381,16 @@ class CoordinatorClient:
                 # A fresh process, or a child forked after the parent made
                 # channels: the parent's channels are left alone (closing
                 # them here would disturb the parent) and new ones are made.
-                self._pid = os.getpid()
+                # The pid is recorded last, so a failure here is retried.
                 self._channels = [self._channel(address) for address in self.addresses]
                 self._stubs = [pb_grpc.CoordinatorStub(channel) for channel in self._channels]
+                self._pid = os.getpid()
             return self._stubs, self._preferred
 
     def _channel(self, address: str) -> grpc.Channel:
         if self._tls_ca is None:
             return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        with open(self._tls_ca, "rb") as handle:
-            credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+        credentials = grpc.ssl_channel_credentials(root_certificates=self._tls_ca)
         return grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
 
 

@@ -36,7 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from node.coordinator_client import CoordinatorClient, CoordinatorError
-from protos.metrics import NodeCounts, families, key
+from protos.metrics import NodeCounts, families, key, upstream_key
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class CoordinatorSink:
 
     def snapshot(self) -> tuple[list[NodeCounts], dict[str, int]]:
         answer = self._client.get_metrics()
-        nodes = [NodeCounts(node.node_id, node.counters, node.live) for node in answer.nodes]
-        return nodes, dict(answer.cluster)
+        return answer.nodes, dict(answer.cluster)
 
 
 class LocalSink:
@@ -154,7 +153,7 @@ class Metrics:
 
     def upstream_request(self, registry: str, kind: str, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status is not None else "error"
-        self.add(f"upstream.{kind}.{status_class}.{registry}")
+        self.add(upstream_key(kind, status_class, registry))
         self.upstream_seconds.labels(registry, kind, self.node_id).observe(seconds)
 
     def rate_limits(self, registry: str, seen: Mapping[str, str]) -> None:

@@ -8,8 +8,9 @@ from the upstream. The endpoint never starts a fetch of its own (a peer asks
 only the node the coordinator named), and it answers only callers that
 present the cluster secret.
 
-``PeerClient.open`` is the other side: a source for ``Fills`` that streams
-from a peer. The receiving node verifies the digest like any other fill.
+``PeerClient`` is the other side: ``open`` streams a blob from a peer and
+``fetch`` copies a manifest, with the context contract of ``node.sources``.
+The receiving node verifies the digest like any other fill.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import hmac
 from collections.abc import Iterator
 
 import httpx
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from node.errors import BlobUnknown, ShoalError, UpstreamUnavailable
 from node.reference import parse_digest
 from node.responses import file_body, growing_body
-from node.storage.fill import Fills
-from node.storage.local import LocalStore
+from node.services import services
+from node.sources import FetchedManifest, Origin
 from node.upstream import Observer
 
 internal = Blueprint("internal", __name__)
@@ -42,18 +43,18 @@ class PeerDenied(ShoalError):
 
 @internal.route("/internal/v1/content/<reference>", methods=["GET"])
 def content(reference: str) -> Response:
-    secret: str = current_app.config["SHOAL_CLUSTER_SECRET"]
+    node = services()
+    secret = node.cluster_secret
     offered = request.headers.get(SECRET_HEADER, "")
     if not secret or not hmac.compare_digest(offered.encode(), secret.encode()):
         raise PeerDenied("this endpoint is for the nodes of the cluster")
     digest = parse_digest(reference)
-    local: LocalStore = current_app.extensions["shoal.local"]
-    fills: Fills = current_app.extensions["shoal.fills"]
+    local, fills = node.local, node.fills
     stored = local.open(digest)
     if stored is not None:
         local.touch(digest)
         headers = {"Content-Length": str(stored.size), MEDIA_TYPE_HEADER: local.media_type(digest)}
-        return Response(file_body(stored.file), headers=headers, direct_passthrough=True)
+        return Response(file_body(stored.detach()), headers=headers, direct_passthrough=True)
     following = fills.in_progress(digest)
     if following is None:
         raise BlobUnknown("this node does not hold the content", {"digest": str(digest)})
@@ -67,9 +68,9 @@ def content(reference: str) -> Response:
 
 
 class PeerStream:
-    """A peer's answer, in the shape ``Fills`` reads from a source."""
+    """A peer's answer, as a ``BlobStream``."""
 
-    origin = "peer"
+    origin = Origin.PEER
 
     def __init__(self, response: httpx.Response, kind: str, observer: Observer) -> None:
         self._response = response
@@ -80,7 +81,7 @@ class PeerStream:
         self.media_type = response.headers.get(MEDIA_TYPE_HEADER, "application/octet-stream")
         self.joined = response.headers.get(IN_PROGRESS_HEADER) == "1"
 
-    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
+    def iter_bytes(self) -> Iterator[bytes]:
         try:
             for chunk in self._response.iter_raw():
                 self._observer.count(self._kind, "peer_bytes", len(chunk))
@@ -121,15 +122,15 @@ class PeerClient:
         finally:
             response.close()
 
-    def fetch(self, peer_url: str, digest: str, limit: int) -> tuple[bytes, str]:
-        """The whole content (a manifest) from a peer, at most ``limit`` bytes."""
+    def fetch(self, peer_url: str, digest: str, limit: int) -> FetchedManifest:
+        """The whole content (a manifest) from a peer, at most ``limit`` bytes; errors as ``open``."""
         with self.open(peer_url, digest, "manifest") as stream:
             data = bytearray()
             for chunk in stream.iter_bytes():
                 data += chunk
                 if len(data) > limit:
                     raise UpstreamUnavailable(f"peer {peer_url} sent more than {limit} bytes")
-            return bytes(data), stream.media_type
+            return FetchedManifest(bytes(data), stream.media_type, Origin.PEER)
 
     def close(self) -> None:
         if not self._closed:

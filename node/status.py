@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import sys
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.coordinator_client import CoordinatorError
 from node.errors import UpstreamUnavailable
 from node.metrics import Metrics
+from node.services import services
 from protos.metrics import expvar
 
 status = Blueprint("status", __name__)
 
 
 def _metrics() -> Metrics:
-    metrics: Metrics = current_app.extensions["shoal.metrics"]
+    metrics: Metrics = services().metrics
     return metrics
 
 

@@ -44,7 +44,8 @@ from node.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
-from node.reference import is_digest
+from node.reference import Digest, digest_of, is_digest, parse_digest
+from node.sources import FetchedManifest, Origin, TagAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class _Unobserved:
 class BlobStream:
     """An open blob download; valid only inside ``Upstream.open_blob``."""
 
-    origin = "upstream"
+    origin = Origin.UPSTREAM
+    joined = False
 
     def __init__(
         self, response: httpx.Response, on_error: Callable[[httpx.HTTPError], ShoalError], observer: Observer
@@ -236,13 +238,37 @@ class Upstream:
                 raise self._failure(UpstreamInvalid, f"{what}: no media type in the answer or the manifest")
             return UpstreamManifest(data, media_type, response.headers.get("docker-content-digest"))
 
+    # The Source interface (node.sources): a node on its own fills from here.
+
     @contextlib.contextmanager
-    def open_blob(self, name: str, digest: str) -> Iterator[BlobStream]:
+    def open_blob(self, name: str, digest: Digest | str) -> Iterator[BlobStream]:
         """Stream a blob; the response is closed when the block ends."""
         what = f"blob {name}@{digest}"
         request = self._blobs.build_request("GET", f"/v2/{name}/blobs/{digest}")
         with self._open(request, what, BlobUnknown, "blob", client=self._blobs) as response:
             yield BlobStream(response, lambda exc: self._unavailable(what, exc), self._observer)
+
+    @contextlib.contextmanager
+    def open_manifest(self, name: str, digest: Digest) -> Iterator[FetchedManifest]:
+        answer = self.get_manifest(name, str(digest))
+        yield FetchedManifest(answer.data, answer.media_type)
+
+    def check_tag(self, name: str, tag: str) -> TagAnswer:
+        """Ask the upstream what the tag points at now.
+
+        A HEAD is cheap and Docker Hub does not count it against the pull
+        limit, so the manifest itself is fetched only when the digest is new.
+        An upstream that does not say the digest on HEAD gets a GET, and the
+        manifest comes with the answer.
+        """
+        head = self.head_manifest(name, tag)
+        if head.digest is not None:
+            return TagAnswer(parse_digest(head.digest))
+        fetched = self.get_manifest(name, tag)
+        digest = digest_of(fetched.data)
+        if fetched.digest is not None and fetched.digest != str(digest):
+            raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
+        return TagAnswer(digest, FetchedManifest(fetched.data, fetched.media_type))
 
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
         what = f"tags of {name}"

@@ -67,7 +67,28 @@ _HELP = {
 
 
 def key(kind: str, counter: str) -> str:
+    """``blob.hits``: a counter of ``COUNTERS`` for a type of ``TYPES``."""
     return f"{kind}.{counter}"
+
+
+def registry_key(kind: str, counter: str, registry: str) -> str:
+    """``registry.blob.hits.ghcr.io``: a content counter of one registry."""
+    return f"registry.{kind}.{counter}.{registry}"
+
+
+def upstream_key(kind: str, status_class: str, registry: str) -> str:
+    """``upstream.blob.2xx.docker.io``: requests to an upstream by kind and answer."""
+    return f"upstream.{kind}.{status_class}.{registry}"
+
+
+def eviction_key(reason: str) -> str:
+    """``evictions.ttl`` or ``evictions.size``."""
+    return f"evictions.{reason}"
+
+
+def error_key(code: str) -> str:
+    """``errors.BLOB_UNKNOWN``: error answers to clients by OCI code."""
+    return f"errors.{code}"
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx
 
-_TYPES = ("blob", "manifest")
+from protos.metrics import DISTINCT_BYTES, TYPES, key
 
 
 def _sum(counters: Mapping[str, int], counter: str) -> int:
-    return sum(int(counters.get(f"{kind}.{counter}", 0)) for kind in _TYPES)
+    return sum(int(counters.get(key(kind, counter), 0)) for kind in TYPES)
 
 
 def row(name: str, counters: Mapping[str, int], live: bool | None = None) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def report(debug_vars: Mapping[str, Any]) -> dict[str, Any]:
     shoal = debug_vars["shoal"]
     nodes = [row(node_id, node["counters"], node["live"]) for node_id, node in sorted(shoal["nodes"].items())]
     cluster = row("cluster", shoal["cluster"])
-    distinct = int(shoal["cluster"].get("cached.distinct_bytes", 0))
+    distinct = int(shoal["cluster"].get(DISTINCT_BYTES, 0))
     # Upstream amplification: bytes pulled from the upstream per distinct
     # byte the cluster holds. 1.0 means every byte was fetched once.
     cluster["distinct_bytes_cached"] = distinct

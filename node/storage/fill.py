@@ -14,11 +14,9 @@ bytes arrive (``watch.py``). The fill therefore runs in a background thread
 that does not care whether any client is still listening: a client that
 disconnects does not abort it, and the next request is a hit.
 
-Files of a fill, under ``fills/``::
-
-    <algorithm>-<hex>.lock              the leader's flock
-    <algorithm>-<hex>.json              {"size": N | null, "partial": NAME, "origin": ...}
-    <algorithm>-<hex>.<token>.partial   the bytes so far; read-only once verified
+A fill's files (``layout.py`` draws them): the leader's lock, its state
+(``{"size": N | null, "partial": NAME, "origin": ...}``) and the partial
+file, the bytes so far, read-only once verified.
 
 How a follower tells the outcome from the partial file it has open:
 
@@ -37,6 +35,7 @@ never looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -46,15 +45,15 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
 
 from node.errors import Busy, ShoalError, UpstreamInvalid, UpstreamUnavailable
 from node.offload import run_blocking
 from node.reference import Digest
+from node.sources import BlobStream, Origin, Source
+from node.storage.files import RETRY_FIRST, RETRY_LAST, try_lock, write_atomic
 from node.storage.local import LocalStore
-from node.storage.locks import try_lock
 from node.storage.watch import PartialWatch
 
 log = logging.getLogger(__name__)
@@ -62,31 +61,11 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 # A followed body this small is answered only once it is complete (``Followed.begin``).
 SMALL_BODY = 64 * 1024
-# While a fill is being started (by another worker, or while no fill slot
-# is free), a request looks again after this long, doubling to the last.
-_RETRY_FIRST, _RETRY_LAST = 0.001, 0.02
 # A follower checks at least this often that its fill's leader is alive:
 # a leader that dies leaves no event behind.
 _LIVENESS = 1.0
 # Mode bits: a partial file without any write bit is verified.
 _WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-
-
-class Source(Protocol):
-    """An open stream of a blob's bytes, as ``Upstream.open_blob`` yields.
-
-    ``origin`` says where the bytes come from (``upstream`` or ``peer``);
-    ``joined`` is true when the source itself rides on a fetch already
-    running elsewhere (a peer's fill in progress).
-    """
-
-    size: int | None
-    origin: str
-
-    def iter_bytes(self, chunk_size: int | None = ...) -> Iterator[bytes]: ...
-
-
-Opener = Callable[[], AbstractContextManager[Source]]
 
 
 class FillFailed(ShoalError):
@@ -95,21 +74,31 @@ class FillFailed(ShoalError):
     code, status = "UPSTREAM_UNAVAILABLE", 503
 
 
-@dataclass(frozen=True)
+@dataclass
 class Following:
-    """A fill in progress that a client can read from; the caller owns ``file``."""
+    """A fill in progress that a client can read from; it owns ``file`` until ``Fills.follow`` takes it."""
 
     file: int
     size: int | None
     digest: Digest
-    content_path: str
     lock_path: str
     # The partial file's path: what the follower watches.
     partial: str
-    # Where the fill's bytes come from: "upstream" or "peer".
-    origin: str = "upstream"
+    origin: Origin = Origin.UPSTREAM
     # True when this client rode on a fetch that was already running.
     joined: bool = False
+    closed: bool = False
+
+    def detach(self) -> Following:
+        """Hand the open file to a new owner (a response body); this one no longer closes it."""
+        moved = dataclasses.replace(self)
+        self.closed = True
+        return moved
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.file)
 
 
 class Fills:
@@ -121,29 +110,26 @@ class Fills:
         max_fills: int = 16,
     ):
         self.store = store
+        self.layout = store.layout
         # How long a follower waits for a leader that makes no progress,
         # and a miss for a free fill slot.
         self.timeout = timeout
         self._on_commit = on_commit
         self._slots = threading.BoundedSemaphore(max_fills)
-        self._threads: set[threading.Thread] = set()
-        self._threads_lock = threading.Lock()
+        self._running: set[Fill] = set()
+        self._running_lock = threading.Lock()
         self._watch = PartialWatch()
 
-    def _base(self, digest: Digest) -> str:
-        return os.path.join(self.store.fills_dir(), f"{digest.algorithm}-{digest.hex}")
-
-    def join(self, digest: Digest, opener: Opener) -> Following | None:
-        """Start or join the fill of ``digest``.
+    def join(self, source: Source, name: str, digest: Digest) -> Following | None:
+        """Start or join the fill of ``digest`` from ``source``.
 
         Returns None when the content turned out to be complete in the store
         already (the caller serves it as a hit). Raises the source's error
         when this call led the fill and the source failed before any byte,
         and ``Busy`` when no fill slot came free within ``timeout``.
         """
-        base = self._base(digest)
         deadline = time.monotonic() + self.timeout
-        wait = _RETRY_FIRST
+        wait = RETRY_FIRST
         while True:
             if self.store.has(digest):
                 return None
@@ -153,22 +139,22 @@ class Fills:
                     return following
                 # Verified and about to be committed: wait a moment and
                 # serve it as the hit it is about to become.
-                os.close(following.file)
+                following.close()
             elif self._slots.acquire(timeout=wait):
-                lock = try_lock(base + ".lock", fcntl.LOCK_EX)
+                lock = try_lock(self.layout.fill_lock(digest), fcntl.LOCK_EX)
                 if lock is not None:
                     if self.store.has(digest):
                         os.close(lock)
                         self._slots.release()
                         return None
-                    return self._lead(digest, opener, lock)
+                    return self._lead(Fill(self, source, name, digest, lock))
                 self._slots.release()
             if time.monotonic() > deadline:
-                if following is None and not os.path.exists(base + ".json"):
+                if following is None and not os.path.exists(self.layout.fill_state(digest)):
                     raise Busy("this node is running as many fills as it may; try again", {"digest": str(digest)})
                 raise UpstreamUnavailable("timed out waiting for another fill of this blob", {"digest": str(digest)})
             time.sleep(wait)
-            wait = min(wait * 2, _RETRY_LAST)
+            wait = min(wait * 2, RETRY_LAST)
 
     def in_progress(self, digest: Digest) -> Following | None:
         """Follow a fill that is running on this node, without starting one."""
@@ -179,102 +165,124 @@ class Fills:
         return Followed(fill, self._watch, start, end, self.timeout)
 
     def _open_partial(self, digest: Digest) -> Following | None:
-        base = self._base(digest)
         try:
-            with open(base + ".json", encoding="utf-8") as handle:
+            with open(self.layout.fill_state(digest), encoding="utf-8") as handle:
                 info = json.load(handle)
-            fd = os.open(os.path.join(self.store.fills_dir(), info["partial"]), os.O_RDONLY)
-        except (FileNotFoundError, ValueError, KeyError):
+            partial = os.path.join(self.layout.fills, info["partial"])
+            fd = os.open(partial, os.O_RDONLY)
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-        origin = info.get("origin", "upstream")
-        partial = os.path.join(self.store.fills_dir(), info["partial"])
-        return Following(
-            fd, info["size"], digest, self.store.content_path(digest), base + ".lock", partial, origin, True
-        )
+        origin = Origin(info.get("origin", Origin.UPSTREAM.value))
+        return Following(fd, info["size"], digest, self.layout.fill_lock(digest), partial, origin, joined=True)
 
-    def _lead(self, digest: Digest, opener: Opener, lock: int) -> Following:
-        """Run the fill in a thread holding ``lock`` and a slot; both are released when it ends."""
-        base = self._base(digest)
-        self._remove_stale(digest)
-        ready = threading.Event()
-        outcome: dict[str, object] = {}
+    def _lead(self, fill: Fill) -> Following:
+        """Run ``fill`` in a thread; return once its partial file exists (or it failed before)."""
+        with self._running_lock:
+            self._running.add(fill)
+        threading.Thread(target=fill.run, name=f"fill-{fill.digest.hex[:12]}", daemon=True).start()
+        return fill.started.result()
 
-        def run() -> None:
-            partial = f"{base}.{secrets.token_hex(8)}.partial"
-            try:
-                with opener() as source:
-                    fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                    with os.fdopen(fd, "wb") as out:
-                        origin = getattr(source, "origin", "upstream")
-                        outcome["following"] = Following(
-                            os.open(partial, os.O_RDONLY),
-                            source.size,
-                            digest,
-                            self.store.content_path(digest),
-                            base + ".lock",
-                            partial,
-                            origin,
-                            bool(getattr(source, "joined", False)),
-                        )
-                        info = {"size": source.size, "partial": os.path.basename(partial), "origin": origin}
-                        _write_json(base + ".json", info)
-                        ready.set()
-                        _copy_verified(source, out, digest)
-                        out.flush()
-                        # Followers may finish now: the bytes match the digest.
-                        # Syncing to disk is for the store, not for them.
-                        os.fchmod(out.fileno(), 0o444)
-                        run_blocking(os.fdatasync, out.fileno())
-                    # Committed inside the source's context, so that a source
-                    # that reports completion (a lease) does so after the fact.
-                    self.store.commit(digest, partial)
-                if self._on_commit is not None:
-                    self._on_commit(digest)
-            except BaseException as exc:
-                outcome["error"] = exc
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(partial)
-                if ready.is_set():
-                    log.warning("fill of %s failed: %s", digest, exc)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(base + ".json")
-                os.close(lock)
-                self._slots.release()
-                ready.set()
-                with self._threads_lock:
-                    self._threads.discard(threading.current_thread())
-
-        thread = threading.Thread(target=run, name=f"fill-{digest.hex[:12]}", daemon=True)
-        with self._threads_lock:
-            self._threads.add(thread)
-        thread.start()
-        ready.wait()
-        following = outcome.get("following")
-        if isinstance(following, Following):
-            return following
-        error = outcome.get("error")
-        if isinstance(error, ShoalError):
-            raise error
-        raise UpstreamUnavailable("the upstream fetch failed", {"digest": str(digest)}) from (
-            error if isinstance(error, BaseException) else None
-        )
-
-    def _remove_stale(self, digest: Digest) -> None:
-        """Unlink what a leader that died left behind, so its followers fail."""
-        prefix = os.path.basename(self._base(digest)) + "."
-        for name in os.listdir(self.store.fills_dir()):
-            if name.startswith(prefix) and name.endswith((".partial", ".json")):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.store.fills_dir(), name))
+    def _ended(self, fill: Fill) -> None:
+        self._slots.release()
+        with self._running_lock:
+            self._running.discard(fill)
+        fill.ended.set()
 
     def close(self, timeout: float = 5.0) -> None:
         """Wait a little for running fills (daemon threads after that), then stop the watch."""
-        with self._threads_lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout)
+        with self._running_lock:
+            running = list(self._running)
+        for fill in running:
+            fill.ended.wait(timeout)
         self._watch.close()
+
+
+class Fill:
+    """One fill, led by this worker: the source's bytes into a partial file, verified, then committed.
+
+    ``started`` resolves to the leader's own ``Following`` once the partial
+    file exists, or to the source's error when it failed before that. The
+    fill holds the digest's lock (``lock``, an open descriptor) and a fill
+    slot until it ends, whatever happens, and then releases both.
+    """
+
+    def __init__(self, fills: Fills, source: Source, name: str, digest: Digest, lock: int) -> None:
+        self._fills = fills
+        self._layout = fills.layout
+        self._source = source
+        self._name = name
+        self.digest = digest
+        self._lock = lock
+        self.started: Future[Following] = Future()
+        self.ended = threading.Event()
+
+    def run(self) -> None:
+        digest, layout = self.digest, self._layout
+        partial = layout.fill_partial(digest, secrets.token_hex(8))
+        try:
+            self._remove_stale()
+            with self._source.open_blob(self._name, digest) as stream:
+                fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    self._announce(stream, partial)
+                    _copy_verified(stream, out, digest)
+                    out.flush()
+                    # Followers may finish now: the bytes match the digest.
+                    # Syncing to disk is for the store, not for them.
+                    os.fchmod(out.fileno(), 0o444)
+                    run_blocking(os.fdatasync, out.fileno())
+                # Committed inside the source's context: leaving it without an
+                # error tells the source that the content is in the store.
+                self._fills.store.commit(digest, partial)
+            if self._fills._on_commit is not None:
+                self._fills._on_commit(digest)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            if self.started.done():
+                log.warning("fill of %s failed: %s", digest, exc)
+            else:
+                self.started.set_exception(_as_shoal_error(exc, digest))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layout.fill_state(digest))
+            os.close(self._lock)
+            self._fills._ended(self)
+
+    def _announce(self, stream: BlobStream, partial: str) -> None:
+        """Write the fill's state for other workers, and hand the leader's request its ``Following``."""
+        following = Following(
+            os.open(partial, os.O_RDONLY),
+            stream.size,
+            self.digest,
+            self._layout.fill_lock(self.digest),
+            partial,
+            stream.origin,
+            stream.joined,
+        )
+        try:
+            state = {"size": stream.size, "partial": os.path.basename(partial), "origin": stream.origin.value}
+            write_atomic(self._layout.fill_state(self.digest), json.dumps(state).encode())
+        except BaseException:
+            following.close()
+            raise
+        self.started.set_result(following)
+
+    def _remove_stale(self) -> None:
+        """Unlink what a leader that died left behind, so its followers fail."""
+        prefix = os.path.basename(self._layout.fill_base(self.digest)) + "."
+        for name in os.listdir(self._layout.fills):
+            if name.startswith(prefix) and name.endswith((".partial", ".json")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._layout.fills, name))
+
+
+def _as_shoal_error(exc: BaseException, digest: Digest) -> BaseException:
+    if isinstance(exc, ShoalError):
+        return exc
+    error = UpstreamUnavailable("the upstream fetch failed", {"digest": str(digest)})
+    error.__cause__ = exc
+    return error
 
 
 class Followed:
@@ -295,7 +303,6 @@ class Followed:
         self._watch = watch
         self._start, self._end = start, end
         self._stall_timeout = stall_timeout
-        self._closed = False
         self._position = start
         os.lseek(fill.file, start, os.SEEK_SET)
 
@@ -371,16 +378,14 @@ class Followed:
             yield chunk
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self.fill.file)
+        self.fill.close()
 
 
 def _verified(fd: int) -> bool:
     return not os.fstat(fd).st_mode & _WRITABLE
 
 
-def _copy_verified(source: Source, out: object, digest: Digest) -> None:
+def _copy_verified(source: BlobStream, out: object, digest: Digest) -> None:
     hasher = digest.hasher()
     written = 0
     write = out.write  # type: ignore[attr-defined]
@@ -394,10 +399,3 @@ def _copy_verified(source: Source, out: object, digest: Digest) -> None:
         raise UpstreamUnavailable("the upstream closed the blob early", {"digest": str(digest)})
     if hasher.hexdigest() != digest.hex:
         raise UpstreamInvalid("the upstream sent a blob that does not match its digest", {"digest": str(digest)})
-
-
-def _write_json(path: str, value: object) -> None:
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
-    os.replace(tmp, path)

@@ -1,14 +1,6 @@
 """The node's content-addressed store on local disk.
 
-Layout under the cache directory::
-
-    blobs/<algorithm>/<hex[:2]>/<hex>        complete, verified content
-    blobs/<algorithm>/<hex[:2]>/<hex>.type   media type of a manifest
-    fills/                                   fills in progress (see fill.py)
-    repos/<registry>/<name>/_tags/<tag>.json tag pointers
-    repos/<registry>/<name>/_tags.json       the last tag list the upstream sent
-
-Invariant: a file exists at its content path only if its bytes hash to its
+The paths it uses are drawn in ``layout.py``. Invariant: a file exists at its content path only if its bytes hash to its
 name. Content reaches that path only by ``os.replace`` of a file already
 verified, so a reader that finds the path never sees a partial file, and a
 crash leaves at most an orphan in ``fills/``.
@@ -24,7 +16,7 @@ or from when the content was stored, as distribution's proxy does.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import json
 import os
 import tempfile
@@ -34,24 +26,44 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from node.reference import Digest
+from node.storage.files import try_lock, write_atomic
+from node.storage.layout import TYPE_SUFFIX, Layout
+from protos.values import Content, TagPointer
 
 OCTET_STREAM = "application/octet-stream"
 
 
-@dataclass(frozen=True)
 class Stored:
-    """An open, complete piece of content. The caller owns ``file``."""
+    """An open, complete piece of content; it owns its file descriptor.
 
-    file: int
-    size: int
+    ``close`` closes it (idempotent); ``detach`` hands the descriptor to
+    whoever closes it from then on (a response body).
+    """
 
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd: int | None = fd
+        self.size = size
 
-@dataclass(frozen=True)
-class TagPointer:
-    digest: str
-    media_type: str
-    size: int
-    checked_at: float
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError("the content was closed or handed over")
+        return self._fd
+
+    def detach(self) -> int:
+        fd = self.fileno()
+        self._fd = None
+        return fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Stored:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -72,23 +84,17 @@ class LocalStore:
         *,
         extend_ttl_on_hit: bool = True,
     ) -> None:
-        self.root = os.path.abspath(root)
+        self.layout = Layout(root)
+        self.root = self.layout.root
         self.max_size = max_size
         self.ttl = ttl
         self.extend_ttl_on_hit = extend_ttl_on_hit
         self._clock = clock
         self._touched: set[Digest] = set()
         self._touched_lock = threading.Lock()
-        for folder in ("blobs", "fills", "repos"):
-            os.makedirs(os.path.join(self.root, folder), exist_ok=True)
+        self.layout.create()
 
     # Content.
-
-    def content_path(self, digest: Digest) -> str:
-        return os.path.join(self.root, "blobs", digest.algorithm, digest.hex[:2], digest.hex)
-
-    def fills_dir(self) -> str:
-        return os.path.join(self.root, "fills")
 
     def open(self, digest: Digest) -> Stored | None:
         """Open complete content, or None when the store does not hold it.
@@ -96,44 +102,56 @@ class LocalStore:
         The blob hit path: one open and one fstat, nothing else.
         """
         try:
-            fd = os.open(self.content_path(digest), os.O_RDONLY)
+            fd = os.open(self.layout.content(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
         return Stored(fd, os.fstat(fd).st_size)
 
+    def content(self, digest: Digest) -> Content | None:
+        """What the store holds of ``digest``, as the cluster is told of it."""
+        stored = self.open(digest)
+        if stored is None:
+            return None
+        with stored:
+            return Content(str(digest), stored.size, self.media_type(digest))
+
     def has(self, digest: Digest) -> bool:
-        return os.path.exists(self.content_path(digest))
+        return os.path.exists(self.layout.content(digest))
 
     def read(self, digest: Digest) -> tuple[bytes, str] | None:
         """The whole content and its media type; for small things (manifests)."""
         stored = self.open(digest)
         if stored is None:
             return None
-        with os.fdopen(stored.file, "rb") as handle:
+        with os.fdopen(stored.detach(), "rb") as handle:
             return handle.read(), self.media_type(digest)
 
     def commit(self, digest: Digest, verified_path: str, media_type: str | None = None) -> None:
         """Move a file whose bytes were verified against ``digest`` into place."""
-        path = self.content_path(digest)
+        path = self.layout.content(digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if media_type and media_type != OCTET_STREAM:
-            _write_atomic(path + ".type", media_type.encode())
+            write_atomic(self.layout.media_type(digest), media_type.encode())
         os.replace(verified_path, path)
 
     def put(self, digest: Digest, data: bytes, media_type: str | None = None) -> None:
         """Store bytes already verified against ``digest``."""
-        folder = os.path.dirname(self.content_path(digest))
+        folder = os.path.dirname(self.layout.content(digest))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.fills_dir(), prefix=f"{digest.hex}.", suffix=".put")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        self.commit(digest, tmp, media_type)
+        fd, tmp = tempfile.mkstemp(dir=self.layout.fills, prefix=self.layout.put_prefix(digest), suffix=".put")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            self.commit(digest, tmp, media_type)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def remove(self, digest: Digest) -> bool:
-        path = self.content_path(digest)
-        for extra in (path + ".type",):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(extra)
+        path = self.layout.content(digest)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.media_type(digest))
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -143,7 +161,7 @@ class LocalStore:
     def media_type(self, digest: Digest) -> str:
         """The media type a manifest was stored with; blobs have none of their own."""
         try:
-            with open(self.content_path(digest) + ".type", encoding="utf-8") as handle:
+            with open(self.layout.media_type(digest), encoding="utf-8") as handle:
                 return handle.read().strip() or OCTET_STREAM
         except FileNotFoundError:
             return OCTET_STREAM
@@ -160,7 +178,7 @@ class LocalStore:
             touched, self._touched = self._touched, set()
         now = self._clock()
         for digest in touched:
-            path = self.content_path(digest)
+            path = self.layout.content(digest)
             with contextlib.suppress(FileNotFoundError):
                 os.utime(path, (now, os.stat(path).st_mtime))
         return sorted(touched, key=str)
@@ -170,11 +188,15 @@ class LocalStore:
 
         Returns what was removed, each with its reason: ``ttl`` or ``size``.
         Runs under a lock file so that the workers of one node never sweep
-        at once. Content served right now stays readable: unlinking an open
-        file does not disturb its readers.
+        at once: a worker that finds another sweeping leaves it to that one.
+        Content served right now stays readable: unlinking an open file does
+        not disturb its readers.
         """
         removed: list[tuple[Digest, str]] = []
-        with self._exclusive("sweep.lock"):
+        lock = try_lock(self.layout.sweep_lock())
+        if lock is None:
+            return removed
+        with os.fdopen(lock):
             entries = sorted(self._entries(), key=lambda entry: entry.accessed)
             total = sum(entry.size for entry in entries)
             expired_before = self._clock() - self.ttl if self.ttl > 0 else None
@@ -198,31 +220,22 @@ class LocalStore:
             yield entry.digest
 
     def _entries(self) -> Iterator[_Entry]:
-        blobs = os.path.join(self.root, "blobs")
+        blobs = self.layout.blobs
         for algorithm in os.listdir(blobs):
             for prefix in os.listdir(os.path.join(blobs, algorithm)):
                 folder = os.path.join(blobs, algorithm, prefix)
                 with os.scandir(folder) as scan:
                     for entry in scan:
-                        if entry.name.endswith(".type"):
+                        if entry.name.endswith(TYPE_SUFFIX):
                             continue
                         with contextlib.suppress(FileNotFoundError):
                             info = entry.stat()
                             yield _Entry(Digest(algorithm, entry.name), info.st_atime, info.st_mtime, info.st_size)
 
-    @contextlib.contextmanager
-    def _exclusive(self, name: str) -> Iterator[None]:
-        with open(os.path.join(self.root, name), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
-
     # Tags and repositories.
 
-    def _repo_dir(self, name: str) -> str:
-        return os.path.join(self.root, "repos", name)
-
     def read_tag(self, name: str, tag: str) -> TagPointer | None:
-        path = os.path.join(self._repo_dir(name), "_tags", f"{tag}.json")
+        path = self.layout.tag_pointer(name, tag)
         try:
             with open(path, encoding="utf-8") as handle:
                 return TagPointer(**json.load(handle))
@@ -231,49 +244,36 @@ class LocalStore:
 
     def write_tag(self, name: str, tag: str, pointer: TagPointer) -> None:
         self.remember_repository(name)
-        folder = os.path.join(self._repo_dir(name), "_tags")
-        os.makedirs(folder, exist_ok=True)
-        _write_atomic(os.path.join(folder, f"{tag}.json"), json.dumps(pointer.__dict__).encode())
+        os.makedirs(self.layout.tag_pointers(name), exist_ok=True)
+        write_atomic(self.layout.tag_pointer(name, tag), json.dumps(dataclasses.asdict(pointer)).encode())
 
     def remember_repository(self, name: str) -> None:
-        marker = os.path.join(self._repo_dir(name), "_repo")
+        marker = self.layout.repository_marker(name)
         if not os.path.exists(marker):
-            os.makedirs(self._repo_dir(name), exist_ok=True)
+            os.makedirs(self.layout.repository(name), exist_ok=True)
             open(marker, "a").close()
 
     def known_tags(self, name: str) -> list[str]:
         """Tags from pointers and from the last tag list the upstream sent."""
         tags: set[str] = set()
-        folder = os.path.join(self._repo_dir(name), "_tags")
+        folder = self.layout.tag_pointers(name)
         with contextlib.suppress(FileNotFoundError):
             tags.update(entry[: -len(".json")] for entry in os.listdir(folder) if entry.endswith(".json"))
-        listed = os.path.join(self._repo_dir(name), "_tags.json")
+        listed = self.layout.tag_list(name)
         with contextlib.suppress(FileNotFoundError, ValueError), open(listed, encoding="utf-8") as handle:
             tags.update(str(tag) for tag in json.load(handle))
         return sorted(tags)
 
     def write_tag_list(self, name: str, tags: list[str]) -> None:
-        os.makedirs(self._repo_dir(name), exist_ok=True)
-        _write_atomic(os.path.join(self._repo_dir(name), "_tags.json"), json.dumps(sorted(tags)).encode())
+        os.makedirs(self.layout.repository(name), exist_ok=True)
+        write_atomic(self.layout.tag_list(name), json.dumps(sorted(tags)).encode())
 
     def repositories(self, registry: str) -> list[str]:
         """Names of the repositories of ``registry`` the cache has served a manifest of."""
-        base = os.path.join(self.root, "repos", registry)
+        base = self.layout.repository(registry)
         names = []
         for folder, subfolders, files in os.walk(base):
             subfolders[:] = [s for s in subfolders if s != "_tags"]
             if "_repo" in files:
                 names.append(os.path.relpath(folder, base))
         return sorted(names)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -1,9 +1,10 @@
-"""The pull-through store: the local store, filled from the upstream on a miss.
+"""The pull-through store: the local store, filled from a source on a miss.
 
 It decorates ``LocalStore`` the way distribution's proxy stores decorate
-theirs: ask the local store first, go to the upstream only when the content
-is unknown, write one upstream fetch to the client and the cache at once,
-and let the content count only when it is complete and verified.
+theirs: ask the local store first, go to the source (``node.sources``: the
+upstream, or the cluster in front of it) only when the content is unknown,
+write one fetch to the client and the cache at once, and let the content
+count only when it is complete and verified.
 
 Single flight on a node spans all its gunicorn workers: blobs through
 ``Fills``; manifests and tag checks, which are small, under an exclusive
@@ -13,23 +14,21 @@ after the lock is taken.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from node.config import UpstreamConfig
-from node.directory import Directory, Standalone
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
+from node.sources import FetchedManifest, Source
+from node.storage.files import exclusive
 from node.storage.fill import Fills, Following
-from node.storage.local import LocalStore, Stored, TagPointer
-from node.storage.locks import exclusive
-from node.upstream import TagPage, Upstream
+from node.storage.local import LocalStore, Stored
+from node.upstream import TagPage
+from protos.values import TagPointer
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,13 @@ log = logging.getLogger(__name__)
 _STALE_OK = (UpstreamUnavailable, TooManyRequests)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Blob:
-    """A blob to serve: complete on disk (``stored``) or being filled."""
+    """A blob to serve: complete on disk (``stored``) or being filled (``following``).
+
+    It owns the open file of either until a response body takes it over;
+    ``close`` (or leaving a ``with`` block) closes what is still owned.
+    """
 
     digest: Digest
     stored: Stored | None = None
@@ -57,7 +60,19 @@ class Blob:
         """The metric this request counts as: hits, misses or peer_hits."""
         if self.following is None:
             return "hits"
-        return _OUTCOMES[self.following.origin]
+        return self.following.origin.outcome
+
+    def close(self) -> None:
+        if self.stored is not None:
+            self.stored.close()
+        if self.following is not None:
+            self.following.close()
+
+    def __enter__(self) -> Blob:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -69,43 +84,38 @@ class Manifest:
     outcome: str = "hits"
 
 
-_OUTCOMES = {"upstream": "misses", "peer": "peer_hits"}
-
-
 class ProxyStore:
+    """The cache of one mirrored registry: ``local`` in front of ``source``."""
+
     def __init__(
         self,
         local: LocalStore,
         fills: Fills,
-        upstream: Upstream,
+        source: Source,
         config: UpstreamConfig,
-        directory: Directory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.local = local
         self.fills = fills
-        self.upstream = upstream
+        self.source = source
         self.config = config
-        self.directory: Directory = directory or Standalone()
         self._clock = clock
 
     # Blobs.
 
     def blob(self, name: str, digest: Digest) -> Blob:
+        """The blob from the store, or its fill from the source (started, or joined)."""
         stored = self.local.open(digest)
         if stored is not None:
             self.local.touch(digest)
             return Blob(digest, stored=stored)
-        following = self.fills.join(
-            digest,
-            lambda: self.directory.blob_source(self.config, digest, lambda: self.upstream.open_blob(name, str(digest))),
-        )
-        if following is None:
-            stored = self.local.open(digest)
-            if stored is not None:
-                return Blob(digest, stored=stored)
+        following = self.fills.join(self.source, name, digest)
+        if following is not None:
+            return Blob(digest, following=following)
+        stored = self.local.open(digest)
+        if stored is None:
             raise UpstreamUnavailable("the blob vanished from the cache while it was being filled")
-        return Blob(digest, following=following)
+        return Blob(digest, stored=stored)
 
     # Manifests.
 
@@ -121,24 +131,18 @@ class ProxyStore:
         cached = self._cached_manifest(digest)
         if cached is not None:
             return cached
-        with self._lock(f"{digest.algorithm}-{digest.hex}"):
+        with self._lock(self.local.layout.manifest_lock(digest)):
             cached = self._cached_manifest(digest)
             if cached is not None:
                 return cached
-            fetched: list[Manifest] = []
+            with self.source.open_manifest(name, digest) as fetched:
+                self._put_manifest(digest, fetched)
+            return Manifest(fetched.data, fetched.media_type, digest, fetched.origin.outcome)
 
-            def from_upstream() -> tuple[bytes, str]:
-                answer = self.upstream.get_manifest(name, str(digest))
-                return answer.data, answer.media_type
-
-            def store(data: bytes, media_type: str) -> None:
-                if digest_of(data, digest.algorithm) != digest:
-                    raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
-                self.local.put(digest, data, media_type)
-                fetched.append(Manifest(data, media_type, digest))
-
-            origin = self.directory.fetch_manifest(self.config, digest, from_upstream, store)
-            return dataclasses.replace(fetched[0], outcome=_OUTCOMES[origin])
+    def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> None:
+        if digest_of(fetched.data, digest.algorithm) != digest:
+            raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
+        self.local.put(digest, fetched.data, fetched.media_type)
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
         found = self.local.read(digest)
@@ -151,16 +155,17 @@ class ProxyStore:
         fresh = self._fresh_tag(name, tag)
         if fresh is not None:
             return fresh
-        key = hashlib.sha256(f"{name}:{tag}".encode()).hexdigest()
-        with self._lock(f"tag-{key}"):
+        with self._lock(self.local.layout.tag_lock(name, tag)):
             # Another worker may have checked the tag while this one waited.
             fresh = self._fresh_tag(name, tag)
             if fresh is not None:
                 return fresh
             pointer = self.local.read_tag(self._scoped(name), tag)
             try:
-                digest = self.directory.resolve_tag(self.config, name, tag, lambda: self._check_tag(name, tag))
-                manifest = self._manifest_by_digest(name, parse_digest(digest))
+                answer = self.source.check_tag(name, tag)
+                if answer.manifest is not None:
+                    self._put_manifest(answer.digest, answer.manifest)
+                manifest = self._manifest_by_digest(name, answer.digest)
             except _STALE_OK as exc:
                 stale = self._cached_manifest(parse_digest(pointer.digest)) if pointer else None
                 if stale is None or pointer is None:
@@ -176,32 +181,15 @@ class ProxyStore:
 
     def _fresh_tag(self, name: str, tag: str) -> Manifest | None:
         pointer = self.local.read_tag(self._scoped(name), tag)
-        if pointer is None or self._clock() - pointer.checked_at >= self.config.tag_ttl:
+        if pointer is None or not pointer.fresh(self._clock(), self.config.tag_ttl):
             return None
         return self._manifest_by_digest(name, parse_digest(pointer.digest))
-
-    def _check_tag(self, name: str, tag: str) -> str:
-        """Ask the upstream what the tag points at now.
-
-        A HEAD is cheap and Docker Hub does not count it against the pull
-        limit, so the manifest itself is fetched only when the digest is new.
-        An upstream that does not say the digest on HEAD gets a GET.
-        """
-        head = self.upstream.head_manifest(name, tag)
-        if head.digest is not None:
-            return str(parse_digest(head.digest))
-        fetched = self.upstream.get_manifest(name, tag)
-        digest = digest_of(fetched.data)
-        if fetched.digest is not None and fetched.digest != str(digest):
-            raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
-        self.local.put(digest, fetched.data, fetched.media_type)
-        return str(digest)
 
     # Tags and the catalog.
 
     def tags(self, name: str, n: int | None, last: str | None) -> TagPage:
         try:
-            page = self.upstream.tags(name, n, last)
+            page = self.source.tags(name, n, last)
         except _STALE_OK as exc:
             known = self.local.known_tags(self._scoped(name))
             if not known:
@@ -224,10 +212,10 @@ class ProxyStore:
         """Tags and repositories are kept per registry: the same name is another repository elsewhere."""
         return f"{self.config.name}/{name}"
 
-    def _lock(self, name: str) -> AbstractContextManager[None]:
+    def _lock(self, path: str) -> AbstractContextManager[None]:
         # Whoever holds it waits on the upstream, bounded by its timeout (and,
         # in a cluster, on another node's fetch for about as long again).
-        return exclusive(os.path.join(self.local.fills_dir(), f"{name}.lock"), 2 * self.config.timeout + 5)
+        return exclusive(path, 2 * self.config.timeout + 5)
 
 
 def paginate(items: list[str], n: int | None, last: str | None, path: str) -> TagPage:

@@ -8,9 +8,10 @@ import redis
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.leases import Leases
-from coordinator.locations import ContentInfo, Holder, Locations
+from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import Membership, NodeInfo
 from coordinator.scheduler import Schedule
+from protos.values import Holder
 from tests.coordinator.fakes import FakeClock, digest
 from tests.support.redis_server import RedisServer
 

@@ -23,7 +23,8 @@ import redis
 import yaml
 
 from coordinator.keys import Keys
-from node.coordinator_client import Content, CoordinatorClient, CoordinatorUnavailable, Holder
+from node.coordinator_client import CoordinatorClient, CoordinatorUnavailable
+from protos.values import Content, Holder
 from tests.support.cluster import SECRET
 from tests.support.processes import Process, free_port, require_binary, wait_until
 

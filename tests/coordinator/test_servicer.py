@@ -26,15 +26,14 @@ from coordinator.config import CoordinatorConfig
 from coordinator.keys import Keys
 from coordinator.server import CoordinatorServer
 from node.coordinator_client import (
-    Content,
     CoordinatorClient,
     CoordinatorError,
     CoordinatorUnavailable,
-    Holder,
     Lease,
     LeaseLost,
-    TagPointerInfo,
 )
+from protos.leases import blob_lease
+from protos.values import Content, Holder, TagPointer
 from tests.coordinator.fakes import FakeClock, digest
 from tests.support.processes import Process, free_port, require_binary, wait_until
 from tests.support.redis_server import RedisServer
@@ -42,7 +41,7 @@ from tests.support.redis_server import RedisServer
 SECRET = "cluster-secret-for-tests-7f3a"
 HOUR_MS = 3600 * 1000
 LAYER = digest("layer")
-LAYER_KEY = f"blob:{LAYER}"
+LAYER_KEY = blob_lease(LAYER)
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,9 +132,9 @@ def test_fencing_through_the_client(node_a: CoordinatorClient, node_b: Coordinat
     with pytest.raises(LeaseLost):
         node_a.complete_fetch(LAYER_KEY, stale.token, LAYER, 1234, LAYER_TYPE, HOUR_MS)
     with pytest.raises(LeaseLost):
-        node_a.put_tag("docker.io", "library/alpine", "3.20", TagPointerInfo(digest("stale")), stale_tag.token)
+        node_a.put_tag("docker.io", "library/alpine", "3.20", TagPointer(digest("stale")), stale_tag.token)
 
-    node_b.put_tag("docker.io", "library/alpine", "3.20", TagPointerInfo(digest("fresh"), size=7), fresh_tag.token)
+    node_b.put_tag("docker.io", "library/alpine", "3.20", TagPointer(digest("fresh"), size=7), fresh_tag.token)
     node_b.complete_fetch(LAYER_KEY, fresh.token, LAYER, 1234, LAYER_TYPE, HOUR_MS)
     assert [h.node_id for h in node_a.locate(LAYER).holders] == ["node-b"]
     pointer = node_a.get_tag("docker.io", "library/alpine", "3.20")

@@ -8,12 +8,14 @@ import redis
 from coordinator.errors import InvalidArgument, LeaseLost
 from coordinator.keys import Keys
 from coordinator.leases import Leases
-from coordinator.tags import TagPointer, Tags, tag_lease_key
+from coordinator.tags import Tags
+from protos.leases import tag_lease
+from protos.values import TagPointer
 from tests.coordinator.fakes import digest
 from tests.support.processes import wait_until
 
 UPSTREAM, REPO, TAG = "registry-1.docker.io", "library/alpine", "3.20"
-LEASE = tag_lease_key(UPSTREAM, REPO, TAG)
+LEASE = tag_lease(UPSTREAM, REPO, TAG)
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def test_fencing_a_stale_lease_holder_cannot_move_the_tag(tags: Tags, leases: Le
 
 
 def test_the_lease_of_another_tag_does_not_count(tags: Tags, leases: Leases) -> None:
-    other = leases.acquire(tag_lease_key(UPSTREAM, REPO, "latest"), "node-a", 10_000)
+    other = leases.acquire(tag_lease(UPSTREAM, REPO, "latest"), "node-a", 10_000)
 
     with pytest.raises(LeaseLost):
         tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), other.token)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import threading
 import time
@@ -13,12 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from node.cluster import Cluster as ClusterDirectory
-from node.config import config_from_dict
-from node.coordinator_client import Holder, Lease, Location
-from node.metrics import LocalSink, Metrics
-from node.reference import digest_of
-from node.storage.local import LocalStore
 from tests.support.cluster import Cluster, verify_store
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import Image, build_image, push, random_layer
@@ -235,53 +228,3 @@ def test_a_node_with_the_wrong_secret_serves_but_cannot_join(
         assert cluster.holders(image.layer_digests[0]) == set()
     finally:
         stray.stop()
-
-
-class _RacingCoordinator:
-    """Grants the lease, but a holder shows up between the first look and the grant."""
-
-    def __init__(self) -> None:
-        self.looks = 0
-        self.aborted: list[str] = []
-
-    def locate(self, digest: str, lease_key: str = "") -> Location:
-        self.looks += 1
-        holders = [Holder("node-a", "http://node-a.test")] if self.looks > 1 else []
-        return Location(holders, None, False, None)
-
-    def acquire_lease(self, key: str, ttl_ms: int) -> Lease:
-        return Lease(True, "token", 1, None)
-
-    def abort_fetch(self, key: str, token: str) -> None:
-        self.aborted.append(key)
-
-    def add_content(self, content: object, ttl_ms: int | None = None) -> list[str]:
-        return []
-
-
-class _Peers:
-    def __init__(self) -> None:
-        self.opened: list[str] = []
-
-    @contextlib.contextmanager
-    def open(self, peer_url: str, digest: str, kind: str = "blob") -> Iterator[object]:
-        self.opened.append(peer_url)
-        yield object()
-
-
-def test_a_fetch_completed_just_before_the_lease_is_not_fetched_again(tmp_path: Path) -> None:
-    config = config_from_dict({"cluster": {"coordinators": ["c:7000"], "secret": "s"}, "cache": {"dir": str(tmp_path)}})
-    coordinator, peers = _RacingCoordinator(), _Peers()
-    local = LocalStore(str(tmp_path), 1 << 20)
-    directory = ClusterDirectory(
-        config, local, coordinator, peers, Metrics(LocalSink(str(tmp_path / "m.json"), "n"), "n")
-    )
-    digest = digest_of(b"layer")
-
-    def from_upstream() -> contextlib.AbstractContextManager[object]:
-        raise AssertionError("fetched from the upstream although a node held it")
-
-    with directory.blob_source(config.upstream, digest, from_upstream):  # type: ignore[arg-type]
-        pass
-    assert peers.opened == ["http://node-a.test"]
-    assert coordinator.aborted == [f"blob:{digest}"]

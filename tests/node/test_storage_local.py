@@ -1,7 +1,8 @@
 import os
 
 from node.reference import digest_of
-from node.storage.local import LocalStore, TagPointer
+from node.storage.local import LocalStore
+from protos.values import TagPointer
 
 
 class FakeClock:
@@ -21,10 +22,10 @@ def test_put_and_open(tmp_path) -> None:
     assert stored is not None
     assert stored.size == 5
     assert store.media_type(digest) == "application/vnd.oci.image.manifest.v1+json"
-    assert os.read(stored.file, 10) == b"hello"
-    os.close(stored.file)
+    assert os.read(stored.fileno(), 10) == b"hello"
+    stored.close()
     assert store.read(digest) == (b"hello", "application/vnd.oci.image.manifest.v1+json")
-    assert os.listdir(store.fills_dir()) == []
+    assert os.listdir(store.layout.fills) == []
 
 
 def test_sweep_evicts_least_recently_used_over_the_limit(tmp_path) -> None:
@@ -35,7 +36,7 @@ def test_sweep_evicts_least_recently_used_over_the_limit(tmp_path) -> None:
         data = bytes([index]) * 100
         digest = digest_of(data)
         store.put(digest, data)
-        os.utime(store.content_path(digest), (clock.now + index, clock.now + index))
+        os.utime(store.layout.content(digest), (clock.now + index, clock.now + index))
         digests.append(digest)
     # A hit on the oldest moves it to the front once touches are flushed.
     clock.now += 10
@@ -52,8 +53,8 @@ def test_sweep_expires_content_older_than_the_ttl(tmp_path) -> None:
     old, new = digest_of(b"old"), digest_of(b"new")
     store.put(old, b"old")
     store.put(new, b"new")
-    os.utime(store.content_path(old), (clock.now - 61, clock.now - 61))
-    os.utime(store.content_path(new), (clock.now - 59, clock.now - 59))
+    os.utime(store.layout.content(old), (clock.now - 61, clock.now - 61))
+    os.utime(store.layout.content(new), (clock.now - 59, clock.now - 59))
     assert store.sweep() == [(old, "ttl")]
 
 
@@ -62,7 +63,7 @@ def test_ttl_zero_never_expires(tmp_path) -> None:
     store = LocalStore(str(tmp_path), max_size=1 << 20, ttl=0, clock=clock)
     digest = digest_of(b"x")
     store.put(digest, b"x")
-    os.utime(store.content_path(digest), (0, 0))
+    os.utime(store.layout.content(digest), (0, 0))
     assert store.sweep() == []
 
 
@@ -89,7 +90,7 @@ def test_hits_extend_the_ttl_unless_told_not_to(tmp_path) -> None:
         digest = digest_of(b"popular")
         store.put(digest, b"popular")
         stored_at = clock.now - 120
-        os.utime(store.content_path(digest), (stored_at, stored_at))
+        os.utime(store.layout.content(digest), (stored_at, stored_at))
         store.touch(digest)
         store.flush_touches()
         assert [reason for _, reason in store.sweep()] == expected

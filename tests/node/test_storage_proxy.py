@@ -10,11 +10,12 @@ import pytest
 
 from node.config import UpstreamConfig
 from node.errors import BlobUnknown, ManifestUnknown, UpstreamInvalid, UpstreamUnavailable
-from node.reference import digest_of
+from node.reference import Digest, digest_of, parse_digest
+from node.sources import FetchedManifest, Origin, TagAnswer
 from node.storage.fill import FillFailed, Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
-from node.upstream import ManifestHead, TagPage, UpstreamManifest
+from node.upstream import TagPage
 
 MEDIA = "application/vnd.oci.image.manifest.v1+json"
 
@@ -28,18 +29,19 @@ class FakeClock:
 
 
 class FakeStream:
-    origin = "upstream"
+    origin = Origin.UPSTREAM
+    joined = False
 
     def __init__(self, data: bytes, size: int | None) -> None:
         self.data, self.size = data, size
 
-    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
+    def iter_bytes(self) -> Iterator[bytes]:
         for start in range(0, len(self.data), 3):
             yield self.data[start : start + 3]
 
 
 class FakeUpstream:
-    """Answers from dicts; ``down`` makes every call fail like a dead upstream."""
+    """A ``Source`` answering from dicts; ``down`` makes every call fail like a dead upstream."""
 
     def __init__(self) -> None:
         self.tags_to_digest: dict[tuple[str, str], str] = {}
@@ -61,26 +63,26 @@ class FakeUpstream:
         self.tags_to_digest[(name, tag)] = digest
         return digest
 
-    def head_manifest(self, name: str, reference: str) -> ManifestHead:
-        self._check("head", reference)
-        digest = self.tags_to_digest.get((name, reference))
+    def check_tag(self, name: str, tag: str) -> TagAnswer:
+        self._check("head", tag)
+        digest = self.tags_to_digest.get((name, tag))
         if digest is None:
             raise ManifestUnknown("unknown")
-        return ManifestHead(digest, MEDIA, len(self.manifests[digest]))
-
-    def get_manifest(self, name: str, reference: str) -> UpstreamManifest:
-        self._check("get", reference)
-        digest = self.tags_to_digest.get((name, reference), reference)
-        if digest not in self.manifests:
-            raise ManifestUnknown("unknown")
-        return UpstreamManifest(self.manifests[digest], MEDIA, digest)
+        return TagAnswer(parse_digest(digest))
 
     @contextlib.contextmanager
-    def open_blob(self, name: str, digest: str) -> Iterator[FakeStream]:
-        self._check("blob", digest)
-        if digest not in self.blobs:
+    def open_manifest(self, name: str, digest: Digest) -> Iterator[FetchedManifest]:
+        self._check("get", str(digest))
+        if str(digest) not in self.manifests:
+            raise ManifestUnknown("unknown")
+        yield FetchedManifest(self.manifests[str(digest)], MEDIA)
+
+    @contextlib.contextmanager
+    def open_blob(self, name: str, digest: Digest) -> Iterator[FakeStream]:
+        self._check("blob", str(digest))
+        if str(digest) not in self.blobs:
             raise BlobUnknown("unknown")
-        data = self.blobs[digest]
+        data = self.blobs[str(digest)]
         yield FakeStream(data, None if self.unsized else len(data))
 
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
@@ -103,7 +105,7 @@ def proxy(tmp_path, upstream: FakeUpstream, clock: FakeClock) -> Iterator[ProxyS
     local = LocalStore(str(tmp_path), max_size=1 << 30, clock=clock)
     fills = Fills(local, timeout=5)
     config = UpstreamConfig(url="http://upstream.test", tag_ttl=60)
-    yield ProxyStore(local, fills, upstream, config, clock=clock)  # type: ignore[arg-type]
+    yield ProxyStore(local, fills, upstream, config, clock=clock)
     fills.close()
 
 
@@ -174,7 +176,7 @@ def test_blob_miss_fills_then_hits(proxy: ProxyStore, upstream: FakeUpstream) ->
     proxy.fills.close()
     hit = proxy.blob("app", digest)
     assert hit.stored is not None
-    os.close(hit.stored.file)
+    hit.close()
     assert [call for call in upstream.calls if call[0] == "blob"] == [("blob", str(digest))]
 
 
@@ -191,7 +193,7 @@ def test_corrupt_blob_is_never_complete_and_never_stored(proxy: ProxyStore, upst
     assert len(received) < 100
     proxy.fills.close()  # The fill thread's cleanup may still be running.
     assert not proxy.local.has(digest)
-    assert [name for name in os.listdir(proxy.local.fills_dir()) if not name.endswith(".lock")] == []
+    assert [name for name in os.listdir(proxy.local.layout.fills) if not name.endswith(".lock")] == []
 
 
 def test_unknown_blob(proxy: ProxyStore) -> None:

@@ -1,0 +1,107 @@
+"""Where content comes from on a miss: one small interface, three sources.
+
+``ProxyStore`` fills the local store from a ``Source``:
+
+- ``node.upstream.Upstream``: the registry itself; a node on its own uses it
+  directly.
+- ``node.peers.PeerClient``: another node of the cluster, by its URL (the
+  same context contract, for one blob at a known place).
+- ``node.cluster_source.ClusterSource``: decorates the upstream with the
+  coordinator and the peers, so that the cluster asks the upstream once per
+  blob, manifest and tag check.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from node.reference import Digest
+
+if TYPE_CHECKING:
+    from node.upstream import TagPage
+
+
+class Origin(enum.Enum):
+    """Where the bytes of a miss came from."""
+
+    UPSTREAM = "upstream"
+    PEER = "peer"
+
+    @property
+    def outcome(self) -> str:
+        """The counter a client request served this way counts as."""
+        return "misses" if self is Origin.UPSTREAM else "peer_hits"
+
+
+class BlobStream(Protocol):
+    """An open stream of a blob's bytes, valid inside the context that opened it.
+
+    ``size`` is what the source announced (None when unknown); ``joined`` is
+    true when the bytes ride on a fetch that was already running elsewhere
+    (a peer's fill in progress). ``iter_bytes`` yields the bytes as they
+    arrive and raises ``UpstreamUnavailable`` when the transfer breaks off.
+    """
+
+    size: int | None
+    origin: Origin
+    joined: bool
+
+    def iter_bytes(self) -> Iterator[bytes]: ...
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest's bytes and media type, not yet verified against its digest."""
+
+    data: bytes
+    media_type: str
+    origin: Origin = Origin.UPSTREAM
+
+
+@dataclass(frozen=True)
+class TagAnswer:
+    """What a tag points at now; ``manifest`` when the check had to fetch it."""
+
+    digest: Digest
+    manifest: FetchedManifest | None = None
+
+
+class Source(Protocol):
+    """Where a node gets content it does not hold.
+
+    The two ``open_`` methods return a context manager, with one contract:
+
+    - Entering it raises a ``ShoalError`` when the content cannot come from
+      here: ``BlobUnknown`` / ``ManifestUnknown`` when the source says it does
+      not exist, ``UpstreamUnavailable`` or ``TooManyRequests`` when it cannot
+      answer now, ``UpstreamInvalid`` when it answers nonsense.
+    - What it yields is valid inside the context only; the source closes
+      whatever it opened (responses, streams) when the context exits, with
+      or without an error. The caller closes nothing of the source's.
+    - The caller verifies the content against its digest and commits it to
+      the store inside the context. Leaving the context without an error
+      means the content is committed: a source that tells others about
+      content (the cluster) does so then, never before. Leaving it with an
+      error means nothing was stored, and the source gives back what it
+      held (a lease).
+    """
+
+    def open_blob(self, name: str, digest: Digest) -> AbstractContextManager[BlobStream]: ...
+
+    def open_manifest(self, name: str, digest: Digest) -> AbstractContextManager[FetchedManifest]: ...
+
+    def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
+        """A page of the repository's tag list, always from the upstream (lists are not shared)."""
+        ...
+
+    def check_tag(self, name: str, tag: str) -> TagAnswer:
+        """What ``tag`` points at now (``ManifestUnknown`` when it does not exist).
+
+        Errors as for entering ``open_manifest``; a manifest the answer
+        carries is unverified, like ``open_manifest``'s.
+        """
+        ...
