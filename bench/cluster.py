@@ -22,8 +22,8 @@ import yaml
 from bench.ports import wait_for_port
 from coordinator.config import CoordinatorConfig
 from coordinator.keys import Keys
-from tests.support.processes import Process, free_port, wait_for_http, wait_until
-from tests.support.redis_server import RedisServer
+from testbed.processes import Process, free_port, wait_for_http, wait_until
+from testbed.redis_server import RedisServer
 
 
 @dataclass

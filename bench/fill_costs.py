@@ -25,7 +25,7 @@ import httpx
 from bench.images import Publisher
 from bench.settings import MiB
 from node.config import parse_size
-from tests.support.registry import DistributionRegistry
+from testbed.registry import DistributionRegistry
 
 
 class _Sink:

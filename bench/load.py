@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from bench.images import ACCEPT
-from tests.support.processes import require_binary
+from testbed.processes import require_binary
 
 
 def curl_throughput(url: str, concurrency: int, repeats: int, size: int) -> float:

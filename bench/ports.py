@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.support.processes import Process, wait_until
+from testbed.processes import Process, wait_until
 
 
 def wait_for_port(port: int, process: Process, what: str, timeout: float = 30.0) -> None:

@@ -26,7 +26,7 @@ from bench.images import Publisher
 from bench.nginx import Nginx
 from bench.upstream import Upstream
 from bench.upstream_log import AccessLog, Usage
-from tests.support.registry import DistributionRegistry
+from testbed.registry import DistributionRegistry
 
 # How the report names each system.
 SYSTEMS = {

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from coordinator.keys import Keys
+from testbed.redis_server import RedisServer
 from tests.coordinator.fakes import FakeClock
-from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

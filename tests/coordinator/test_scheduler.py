@@ -13,8 +13,8 @@ from coordinator.leases import Leases
 from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import Membership, NodeInfo
 from coordinator.scheduler import Schedule, Scheduler
+from testbed.processes import wait_until
 from tests.coordinator.fakes import FakeClock, digest
-from tests.support.processes import wait_until
 
 HOUR = 3600.0
 

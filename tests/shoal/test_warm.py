@@ -39,11 +39,11 @@ from shoal.warm import (
     parse_reference,
     summary,
 )
-from tests.support.cluster import Cluster
-from tests.support.images import Image, build_image, build_multiarch, push
-from tests.support.processes import free_port, wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.skopeo import skopeo_copy
+from testbed.cluster import Cluster
+from testbed.images import Image, build_image, build_multiarch, push
+from testbed.processes import free_port, wait_until
+from testbed.registry import DistributionRegistry
+from testbed.skopeo import skopeo_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 

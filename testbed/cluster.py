@@ -13,9 +13,9 @@ import yaml
 
 from coordinator.keys import Keys
 from node.coordinator_client import CoordinatorClient
-from tests.support.node import NodeProcess
-from tests.support.processes import Process, free_port, wait_until
-from tests.support.redis_server import RedisServer
+from testbed.node import NodeProcess
+from testbed.processes import Process, free_port, wait_until
+from testbed.redis_server import RedisServer
 
 SECRET = "cluster-secret-for-tests-7d1f"
 

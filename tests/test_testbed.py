@@ -1,4 +1,4 @@
-"""The test-support layer, proved against the real services it wraps.
+"""The test bed, proved against the real services it wraps.
 
 If these fail, every integration test built on the helpers would fail for
 reasons unrelated to Shoal, so they run first and speak plainly.
@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import (
+from testbed.fake_upstream import FakeUpstream
+from testbed.images import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -36,9 +36,9 @@ from tests.support.images import (
     push,
     sha256_digest,
 )
-from tests.support.processes import Process, free_port, require_binary, wait_for_http, wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
+from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_until
+from testbed.registry import DistributionRegistry
+from testbed.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
 
 pytestmark = pytest.mark.integration
 
@@ -194,7 +194,7 @@ def assert_blobs_served(client: httpx.Client, base: str, name: str, image: Image
 
 
 def test_push_docker_image_and_read_it_back(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("support/docker")
+    name = unique_name("testbed/docker")
     image = build_image([1000, 300_000], seed=name)
     assert push(upstream_registry.url, name, "v1", image) == image.digest
     assert_served(client, upstream_registry.url, name, "v1", DOCKER_MANIFEST, image.manifest)
@@ -205,7 +205,7 @@ def test_push_docker_image_and_read_it_back(upstream_registry: DistributionRegis
 
 
 def test_push_oci_index_and_read_it_back(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("support/oci")
+    name = unique_name("testbed/oci")
     index = build_multiarch([2000, 5000], seed=name)
     push(upstream_registry.url, name, "multi", index)
     assert_served(client, upstream_registry.url, name, "multi", OCI_INDEX, index.manifest)
@@ -215,7 +215,7 @@ def test_push_oci_index_and_read_it_back(upstream_registry: DistributionRegistry
 
 
 def test_access_log_counts_requests(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("support/counted")
+    name = unique_name("testbed/counted")
     image = build_image([100], seed=name)
     push(upstream_registry.url, name, "latest", image)
     path = f"/v2/{name}/blobs/{image.layer_digests[0]}"
@@ -242,7 +242,7 @@ def test_registry_restarts_on_the_same_port_with_its_data(tmp_path: Path, client
 
 
 def test_registry_in_proxy_mode_pulls_through(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("support/proxied")
+    name = unique_name("testbed/proxied")
     image = build_image([1000], seed=name)
     push(upstream_registry.url, name, "v1", image)
     with DistributionRegistry(proxy_remote_url=upstream_registry.url) as proxy:
@@ -258,7 +258,7 @@ def test_registry_in_proxy_mode_pulls_through(upstream_registry: DistributionReg
 
 
 def test_skopeo_copies_a_pushed_image(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
-    name = unique_name("support/skopeo")
+    name = unique_name("testbed/skopeo")
     image = build_image([1000, 200_000], seed=name)
     push(upstream_registry.url, name, "v1", image)
     dest = skopeo_copy(f"{upstream_registry.host}/{name}:v1", tmp_path / "copy")
@@ -270,7 +270,7 @@ def test_skopeo_copies_a_pushed_image(upstream_registry: DistributionRegistry, t
 
 
 def test_skopeo_picks_the_requested_platform(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
-    name = unique_name("support/skopeo-multi")
+    name = unique_name("testbed/skopeo-multi")
     index = build_multiarch([1000], seed=name)
     push(upstream_registry.url, name, "multi", index)
     dest = skopeo_copy(f"{upstream_registry.host}/{name}:multi", tmp_path / "arm64", override_arch="arm64")
@@ -281,7 +281,7 @@ def test_skopeo_picks_the_requested_platform(upstream_registry: DistributionRegi
 
 def test_skopeo_failure_carries_stderr(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
     with pytest.raises(SkopeoError, match="manifest unknown"):
-        skopeo_copy(f"{upstream_registry.host}/support/missing:nope", tmp_path / "missing")
+        skopeo_copy(f"{upstream_registry.host}/testbed/missing:nope", tmp_path / "missing")
 
 
 # The fake upstream.

@@ -19,11 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-import pytest
-
-from tests.support.processes import free_port, wait_until
-
-pytestmark = pytest.mark.integration
+from testbed.processes import free_port, wait_until
 
 READY = "Ctrl-C stops everything."
 _NODE_LINE = re.compile(r"^\s*node (\d+): (\S+)$")
@@ -228,8 +224,10 @@ class ShoalUp:
         def describe() -> str:
             return f"children {_children(self.popen.pid)}\n{self.describe()}"
 
-        self.tree = wait_until(complete, timeout=30, interval=0.05, message=describe)
-        return self.tree
+        tree = wait_until(complete, timeout=30, interval=0.05, message=describe)
+        assert tree is not None  # wait_until returns only a truthy value
+        self.tree = tree
+        return tree
 
     def interrupt(self) -> None:
         """Press Ctrl-C once shoal up listens for it.

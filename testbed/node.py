@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.support.processes import Process, free_port, wait_for_http
+from testbed.processes import Process, free_port, wait_for_http
 
 
 class NodeProcess:
