@@ -19,10 +19,9 @@ from pathlib import Path
 import redis
 import yaml
 
-from bench.ports import wait_for_port
 from coordinator.config import CoordinatorConfig
 from coordinator.keys import Keys
-from testbed.processes import Process, free_port, wait_for_http, wait_until
+from testbed.processes import Process, free_port, wait_for_http, wait_for_port, wait_until
 from testbed.redis_server import RedisServer
 
 

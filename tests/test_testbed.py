@@ -36,7 +36,7 @@ from testbed.images import (
     push,
     sha256_digest,
 )
-from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_until
+from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_for_port, wait_until
 from testbed.registry import DistributionRegistry
 from testbed.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
 
@@ -83,6 +83,20 @@ def test_free_ports_are_bindable() -> None:
 def test_require_binary_names_the_package() -> None:
     with pytest.raises(RuntimeError, match="Debian package 'no-such-package'"):
         require_binary("shoal-no-such-binary", "no-such-package")
+
+
+def test_wait_for_port_waits_for_a_listener_and_fails_when_the_process_exits(tmp_path: Path) -> None:
+    port = free_port()
+    script = (
+        f"import socket, time\ntime.sleep(0.2)\nserver = socket.create_server(('127.0.0.1', {port}))\ntime.sleep(60)\n"
+    )
+    with Process([sys.executable, "-c", script], tmp_path / "listener.log") as listener:
+        wait_for_port(port, listener, "the listener", timeout=20)
+    with (
+        Process([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "quitter.log") as quitter,
+        pytest.raises(RuntimeError, match="the quitter exited before listening"),
+    ):
+        wait_for_port(free_port(), quitter, "the quitter", timeout=20)
 
 
 def test_process_logs_output_and_is_killed_when_it_ignores_sigterm(tmp_path: Path) -> None:
