@@ -104,6 +104,17 @@ def wait_for_port(port: int, process: Process, what: str, timeout: float = 30.0)
     wait_until(accepts, timeout=timeout, message=lambda: f"{what} never listened on {port}\n{process.describe()}")
 
 
+def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its ``SHOAL_*`` variables, and ``extra`` on top.
+
+    A Shoal process the test bed starts reads every setting from its config
+    file or from ``extra``: nothing in the caller's shell changes what a test
+    checks or what the benchmark measures.
+    """
+    kept = {key: value for key, value in os.environ.items() if not key.startswith("SHOAL_")}
+    return {**kept, **(extra or {})}
+
+
 def require_binary(name: str, debian_package: str) -> str:
     """Return the path of ``name`` on PATH, or fail naming the package that provides it.
 
