@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.images import Publisher
+from bench.publisher import Publisher
 from bench.settings import MiB
 from node.config import parse_size
 from testbed.registry import DistributionRegistry

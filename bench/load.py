@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bench.images import ACCEPT
+from testbed.images import ACCEPT
 from testbed.processes import require_binary
 
 

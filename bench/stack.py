@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.haproxy import HAProxy
-from bench.images import Publisher
 from bench.nginx import Nginx
+from bench.publisher import Publisher
 from bench.upstream import Upstream
 from bench.upstream_log import AccessLog, Usage
 from testbed.cluster import Cluster

@@ -23,10 +23,11 @@ import pytest
 
 from testbed.fake_upstream import FakeUpstream
 from testbed.images import (
+    ACCEPT,
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
     OCI_INDEX,
+    OCI_LAYER_UNCOMPRESSED,
     OCI_MANIFEST,
     Image,
     build_image,
@@ -35,14 +36,13 @@ from testbed.images import (
     make_layer,
     push,
     sha256_digest,
+    stamped_layer,
 )
 from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_for_port, wait_until
 from testbed.registry import DistributionRegistry
 from testbed.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
 
 pytestmark = pytest.mark.integration
-
-ACCEPT_ALL = ", ".join([DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX])
 
 
 def unique_name(prefix: str) -> str:
@@ -181,6 +181,30 @@ def test_image_config_describes_its_layers() -> None:
     assert set(build_image([100], seed="other").blobs).isdisjoint(image.blobs)
 
 
+def test_uncompressed_layers_are_tars_distinct_per_seed_and_offset() -> None:
+    size = 2 * 1024 * 1024 + 100
+    layer = stamped_layer(size, seed="stamped")
+    assert len(layer) % tarfile.RECORDSIZE == 0
+    with tarfile.open(fileobj=io.BytesIO(layer)) as archive:
+        (member,) = archive.getmembers()
+        content = archive.extractfile(member)
+        assert content is not None
+        data = content.read()
+    assert len(data) == size
+    mib = 1024 * 1024
+    assert data[:mib] != data[mib : 2 * mib]
+    assert stamped_layer(size, seed="stamped") == layer != stamped_layer(size, seed="other")
+
+
+def test_an_image_of_uncompressed_layers_lists_them_as_their_own_diffs() -> None:
+    image = build_image([1000, 3000], oci=True, seed="uncompressed", compressed=False)
+    manifest = json.loads(image.manifest)
+    assert {entry["mediaType"] for entry in manifest["layers"]} == {OCI_LAYER_UNCOMPRESSED}
+    assert json.loads(image.config)["rootfs"]["diff_ids"] == image.layer_digests
+    with pytest.raises(ValueError, match="need an OCI manifest"):
+        build_image([1000], compressed=False)
+
+
 def test_index_lists_platforms() -> None:
     index = build_multiarch([100], seed="index")
     document = json.loads(index.manifest)
@@ -193,7 +217,7 @@ def test_index_lists_platforms() -> None:
 
 
 def assert_served(client: httpx.Client, base: str, name: str, reference: str, media_type: str, manifest: bytes) -> None:
-    response = client.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_ALL})
+    response = client.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT})
     assert response.status_code == 200, response.text
     assert response.content == manifest
     assert response.headers["Content-Type"] == media_type
@@ -240,6 +264,19 @@ def test_access_log_counts_requests(upstream_registry: DistributionRegistry, cli
     # The push checked for the blob first, and the registry logged that too.
     assert ("HEAD", path, 404) in upstream_registry.requests(path_prefix=f"/v2/{name}/")
     assert upstream_registry.count("GET", f"/v2/{name}/manifests/latest") == 0
+
+
+def test_push_without_skip_present_asks_for_no_blob_first(
+    upstream_registry: DistributionRegistry, client: httpx.Client
+) -> None:
+    name = unique_name("testbed/unasked")
+    image = build_image([100], oci=True, seed=name, compressed=False)
+    push(upstream_registry.url, name, "latest", image, skip_present=False)
+    assert_served(client, upstream_registry.url, name, "latest", OCI_MANIFEST, image.manifest)
+    assert_blobs_served(client, upstream_registry.url, name, image)
+    path = f"/v2/{name}/blobs/{image.layer_digests[0]}"
+    wait_until(lambda: upstream_registry.count("GET", path) == 1, message=lambda: str(upstream_registry.requests()))
+    assert upstream_registry.count("HEAD", path) == 0
 
 
 def test_registry_restarts_on_the_same_port_with_its_data(tmp_path: Path, client: httpx.Client) -> None:

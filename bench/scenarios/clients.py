@@ -29,11 +29,11 @@ from pathlib import Path
 import httpx
 
 from bench import memory
-from bench.images import ACCEPT
 from bench.results import Section, Table, Target
 from bench.scenarios import human_size, say
 from bench.settings import Settings
 from bench.stack import Stack
+from testbed.images import ACCEPT
 
 # Between two probes.
 PROBE_INTERVAL = 0.02
