@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testbed.clock import FakeClock
 from testbed.fake_upstream import FakeUpstream
 from testbed.images import (
     ACCEPT,
@@ -60,6 +61,30 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=30.0) as http:
         yield http
+
+
+# The fake clock.
+
+
+def test_fake_clock_moves_only_forward_and_only_when_told() -> None:
+    clock = FakeClock(100.0)
+    assert clock() == clock.now() == 100.0
+    clock.advance(2.5)
+    assert clock() == 102.5
+    with pytest.raises(ValueError, match="never goes back"):
+        clock.advance(-1)
+    assert clock() == 102.5
+
+
+def test_fake_clock_sleep_returns_at_once_later() -> None:
+    clock = FakeClock()
+    started = time.monotonic()
+    start = clock()
+    clock.sleep(3600)
+    clock.sleep(0.5)
+    assert clock() == start + 3600.5
+    assert clock.sleeps == [3600, 0.5]
+    assert time.monotonic() - started < 1
 
 
 # Processes.

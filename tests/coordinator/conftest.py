@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from coordinator.keys import Keys
+from testbed.clock import FakeClock
 from testbed.redis_server import RedisServer
-from tests.coordinator.fakes import FakeClock
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ from coordinator.leases import Leases
 from coordinator.locations import ContentInfo, Holder, Locations
 from coordinator.membership import Membership, NodeInfo
 from coordinator.scheduler import Schedule
+from testbed.clock import FakeClock
 from testbed.redis_server import RedisServer
-from tests.coordinator.fakes import FakeClock, digest
+from tests.coordinator.digests import digest
 
 HOUR = 3600.0
 

@@ -35,9 +35,10 @@ from node.coordinator_client import (
     LeaseLost,
     TagPointerInfo,
 )
+from testbed.clock import FakeClock
 from testbed.processes import Process, free_port, require_binary, wait_until
 from testbed.redis_server import RedisServer
-from tests.coordinator.fakes import FakeClock, digest
+from tests.coordinator.digests import digest
 
 SECRET = "cluster-secret-for-tests-7f3a"
 HOUR_MS = 3600 * 1000

@@ -10,7 +10,7 @@ from coordinator.keys import Keys
 from coordinator.leases import Leases
 from coordinator.tags import TagPointer, Tags, tag_lease_key
 from testbed.processes import wait_until
-from tests.coordinator.fakes import digest
+from tests.coordinator.digests import digest
 
 UPSTREAM, REPO, TAG = "registry-1.docker.io", "library/alpine", "3.20"
 LEASE = tag_lease_key(UPSTREAM, REPO, TAG)
