@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import yaml
 
+from testbed.proc import children
 from testbed.processes import Process, environment, free_port, wait_for_http, wait_until
 
 # What the tests change from the product's defaults: two workers whatever the
@@ -95,6 +96,10 @@ class NodeProcess:
         """The gunicorn master; its children are the workers."""
         assert self.process is not None
         return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers running now."""
+        return sorted(worker.pid for worker in children(self.pid))
 
     def start(self, wait: bool = True) -> None:
         """Start gunicorn; ``wait=False`` returns at once (then call ``wait_ready``)."""

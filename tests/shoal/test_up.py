@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from testbed.images import Image, build_image, push
+from testbed.proc import listening_ports
 from testbed.processes import wait_until
 from testbed.registry import DistributionRegistry
-from testbed.shoal_up import ShoalUp, consecutive_free_ports, listening_ports, port_is_free
+from testbed.shoal_up import ShoalUp, consecutive_free_ports, port_is_free
 from testbed.skopeo import skopeo_copy
 
 pytestmark = pytest.mark.integration
