@@ -19,7 +19,8 @@ from typing import TypeVar
 
 import httpx
 
-from bench.images import ACCEPT, Published
+from bench.publisher import Published
+from testbed.images import ACCEPT
 
 T = TypeVar("T")
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.images import Publisher
+from bench.publisher import Publisher
 from bench.settings import MiB
 from node.config import parse_size
-from tests.support.registry import DistributionRegistry
+from testbed.registry import DistributionRegistry
 
 
 class _Sink:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.ports import wait_for_port
-from tests.support.processes import Process, free_port, require_binary
+from testbed.processes import Process, free_port, require_binary, wait_for_port
 
 _GLOBAL = """\
 global

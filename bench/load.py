@@ -12,8 +12,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bench.images import ACCEPT
-from tests.support.processes import require_binary
+from testbed.images import ACCEPT
+from testbed.processes import require_binary
 
 
 def curl_throughput(url: str, concurrency: int, repeats: int, size: int) -> float:

@@ -14,23 +14,6 @@ from pathlib import Path
 _PROC = Path("/proc")
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``: a gunicorn master's workers."""
-    found = []
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name, in parentheses, may hold spaces; the ppid follows it.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
 def _status_kib(pid: int, key: str) -> int:
     for line in (_PROC / str(pid) / "status").read_text().splitlines():
         if line.startswith(f"{key}:"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.support.processes import Process, free_port, require_binary, wait_for_http
+from testbed.processes import Process, free_port, require_binary, wait_for_http
 
 _CONFIG = """\
 {user}worker_processes 2;

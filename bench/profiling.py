@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support.processes import require_binary
+from testbed.processes import require_binary
 
 
 @contextlib.contextmanager

@@ -20,13 +20,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.cluster import ShoalCluster
 from bench.haproxy import HAProxy
-from bench.images import Publisher
 from bench.nginx import Nginx
+from bench.publisher import Publisher
 from bench.upstream import Upstream
 from bench.upstream_log import AccessLog, Usage
-from tests.support.registry import DistributionRegistry
+from testbed.cluster import Cluster
+from testbed.registry import DistributionRegistry
 
 # How the report names each system.
 SYSTEMS = {
@@ -38,6 +38,15 @@ SYSTEMS = {
     "upstream-lb": "upstream behind HAProxy",
     "nginx": "nginx, sendfile",
 }
+
+# The product's settings, but for a cache that never evicts during a run:
+# every scenario pushes fresh images, so the default size would fill up.
+SHOAL_NODE_SETTINGS = {"cache": {"max_size": "200GiB"}}
+
+
+def shoal_cluster(workdir: Path, upstream_url: str, nodes: int) -> Cluster:
+    """A Shoal cluster started as ``shoal up`` starts one: the product's defaults, on loopback."""
+    return Cluster(workdir, upstream_url, nodes=nodes, node_settings=SHOAL_NODE_SETTINGS, product_defaults=True)
 
 
 class Stack:
@@ -58,7 +67,7 @@ class Stack:
             registry = DistributionRegistry(self.workdir / f"dist3-{index + 1}", proxy_remote_url=self.upstream.url)
             self._keep(registry.close)
             self.dist3.append(registry)
-        self.shoal = ShoalCluster(self.workdir / "shoal", self.upstream.url, nodes=3)
+        self.shoal = shoal_cluster(self.workdir / "shoal", self.upstream.url, nodes=3)
         self._keep(self.shoal.close)
         self.lb = HAProxy(
             self.workdir / "haproxy",

@@ -17,8 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.ports import wait_for_port
-from tests.support.processes import Process, free_port
+from testbed.processes import Process, free_port, wait_for_port
 
 # A connection that was idle may send this many seconds' worth of bytes at
 # once, no more: a keep-alive connection must not save up for a burst.

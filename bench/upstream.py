@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from tests.support.processes import free_port
-from tests.support.registry import DistributionRegistry
+from testbed.processes import free_port
+from testbed.registry import DistributionRegistry
 
 _IN_FLIGHT = re.compile(r"^registry_http_in_flight_requests\{[^}]*\} (\S+)$", re.MULTILINE)
 

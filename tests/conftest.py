@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.registry import DistributionRegistry
+from testbed.registry import DistributionRegistry
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.client import burst
-from bench.images import layer_sizes
+from bench.publisher import layer_sizes
 from bench.results import Ratio, Section, Table, Target
 from bench.scenarios import human_size, rotate, say, show
 from bench.settings import Settings

@@ -29,11 +29,11 @@ from pathlib import Path
 import httpx
 
 from bench import memory
-from bench.images import ACCEPT
 from bench.results import Section, Table, Target
 from bench.scenarios import human_size, say
 from bench.settings import Settings
 from bench.stack import Stack
+from testbed.images import ACCEPT
 
 # Between two probes.
 PROBE_INTERVAL = 0.02
@@ -88,8 +88,8 @@ def run(stack: Stack, settings: Settings) -> Section:
                         f"clients/cold-{system}-{count}", (settings.sizes.clients_layer,), f"cold-{system}-{count}"
                     )
                     path = f"/v2/{image.repository}/blobs/{image.largest_blob[0]}"
-                pid = stack.shoal.nodes[0].pid if system == "shoal-node" else None
-                record = _measure(stack.workdir, system, url, path, manifest, count, temperature, settings, pid)
+                workers = stack.shoal.nodes[0].worker_pids() if system == "shoal-node" else []
+                record = _measure(stack.workdir, system, url, path, manifest, count, temperature, settings, workers)
                 records.append(record)
                 say(
                     f"{count} {temperature} clients on {system}: {record.answered} answered, "
@@ -110,11 +110,10 @@ def _measure(
     count: int,
     temperature: str,
     settings: Settings,
-    pid: int | None,
+    workers: list[int],
 ) -> Record:
     rate, seconds = settings.clients_rate, settings.clients_seconds
     probes = [Probe("/v2/"), Probe(manifest)] + ([Probe("/healthz")] if system == "shoal-node" else [])
-    workers = memory.children(pid) if pid is not None else []
     idle_rss = sum(memory.rss(worker) for worker in workers)
     idle_fds = sum(_fds(worker) for worker in workers)
     cpu_before = sum(_cpu_seconds(worker) for worker in workers)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import time
 
 from bench.client import Download
-from bench.cluster import ShoalCluster
 from bench.results import Ratio, Section, Table, Target
 from bench.scenarios import human_size, median, say, show
 from bench.scenarios.pull import COLD_GOAL
 from bench.settings import Settings
-from bench.stack import Stack
+from bench.stack import Stack, shoal_cluster
 from bench.stats import ratios
 from bench.throttle import Throttle
+from testbed.cluster import Cluster
 
 # The follower's first byte must come within this many seconds of asking.
 GOAL = 0.100
@@ -29,7 +29,7 @@ def run(stack: Stack, settings: Settings) -> Section:
     sizes = settings.sizes
     throttle = Throttle(stack.workdir / "follower", stack.upstream.url, sizes.follow_rate)
     try:
-        cluster = ShoalCluster(stack.workdir / "follower" / "shoal", throttle.url, nodes=2)
+        cluster = shoal_cluster(stack.workdir / "follower" / "shoal", throttle.url, nodes=2)
         try:
             # One round first, not counted: each worker's first request pays for
             # setting up its gRPC channel and its peer connections.
@@ -42,7 +42,7 @@ def run(stack: Stack, settings: Settings) -> Section:
     return _section(records, settings)
 
 
-def _once(stack: Stack, cluster: ShoalCluster, throttle: Throttle, settings: Settings, number: int) -> dict[str, float]:
+def _once(stack: Stack, cluster: Cluster, throttle: Throttle, settings: Settings, number: int) -> dict[str, float]:
     sizes = settings.sizes
     image = stack.publisher.publish(f"follower/r{number}", (sizes.follow_layer,), "follower")
     digest, size = image.largest_blob

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import httpx
 
-from bench.images import ACCEPT, layer_sizes
 from bench.load import wrk_rate
+from bench.publisher import layer_sizes
 from bench.results import Ratio, Section, Table, Target
 from bench.scenarios import median, rotate, say, show
 from bench.settings import Settings
 from bench.stack import SYSTEMS, Stack
 from bench.stats import ratios
+from testbed.images import ACCEPT
 
 MEASURED = ("shoal", "shoal-node", "dist1", "dist3", "upstream")
 MODES = ("tag", "digest")

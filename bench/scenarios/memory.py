@@ -25,7 +25,7 @@ def run(stack: Stack, settings: Settings) -> Section:
             digest, blob_size = image.largest_blob
             url = f"{node.url}/v2/{image.repository}/blobs/{digest}"
             for phase in ("cold", "warm"):
-                workers = memory.children(node.pid)
+                workers = node.worker_pids()
                 if not workers:
                     raise RuntimeError(f"node 1 (pid {node.pid}) has no workers")
                 for pid in workers:

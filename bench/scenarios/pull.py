@@ -8,7 +8,7 @@ and the upstream's access log says what each phase asked of it.
 from __future__ import annotations
 
 from bench.client import Failures, pull
-from bench.images import layer_sizes
+from bench.publisher import layer_sizes
 from bench.results import Ratio, Section, Table, Target
 from bench.scenarios import human_size, median, rotate, say, show
 from bench.settings import Settings

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from coordinator.keys import Keys
-from tests.coordinator.fakes import FakeClock
-from tests.support.redis_server import RedisServer
+from testbed.clock import FakeClock
+from testbed.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from coordinator.membership import Membership, NodeInfo
 from coordinator.metrics import Metrics
 from coordinator.scheduler import Schedule
 from protos.metrics import DISTINCT_BYTES
-from tests.coordinator.fakes import FakeClock, digest
-from tests.support.redis_server import RedisServer
+from testbed.clock import FakeClock
+from testbed.redis_server import RedisServer
+from tests.coordinator.digests import digest
 
 HOUR = 3600.0
 HOUR_MS = 3_600_000

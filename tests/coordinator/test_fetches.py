@@ -13,8 +13,9 @@ from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import Membership, NodeInfo
 from coordinator.scheduler import Schedule
 from protos.leases import blob_lease
-from tests.coordinator.fakes import FakeClock, digest
-from tests.support.processes import wait_until
+from testbed.clock import FakeClock
+from testbed.processes import wait_until
+from tests.coordinator.digests import digest
 
 LAYER = ContentInfo(digest("layer"), size=1234, media_type="application/vnd.oci.image.layer.v1.tar+gzip")
 KEY = blob_lease(LAYER.digest)

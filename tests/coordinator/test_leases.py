@@ -8,7 +8,7 @@ import redis
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.leases import Leases
-from tests.support.processes import wait_until
+from testbed.processes import wait_until
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import Membership, NodeInfo
 from coordinator.scheduler import Schedule
 from protos.values import Holder
-from tests.coordinator.fakes import FakeClock, digest
-from tests.support.redis_server import RedisServer
+from testbed.clock import FakeClock
+from testbed.redis_server import RedisServer
+from tests.coordinator.digests import digest
 
 HOUR = 3600.0
 

@@ -10,8 +10,9 @@ from coordinator.keys import Keys
 from coordinator.leases import Leases
 from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import CLEANUP_CHUNK, Membership, NodeInfo
-from tests.coordinator.fakes import FakeClock, digest
-from tests.support.processes import wait_until
+from testbed.clock import FakeClock
+from testbed.processes import wait_until
+from tests.coordinator.digests import digest
 
 NODE_A = NodeInfo("node-a", "http://a:5000", capacity_bytes=100, used_bytes=10)
 NODE_B = NodeInfo("node-b", "http://b:5000")

@@ -11,8 +11,8 @@ from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
 from coordinator.membership import Membership, NodeInfo
 from coordinator.metrics import Metrics
-from tests.coordinator.fakes import FakeClock
-from tests.support.redis_server import RedisServer
+from testbed.clock import FakeClock
+from testbed.redis_server import RedisServer
 
 
 @pytest.fixture

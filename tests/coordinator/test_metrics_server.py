@@ -20,10 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.keys import Keys
 from coordinator.server import CoordinatorServer
 from node.coordinator_client import CoordinatorClient
-from tests.coordinator.fakes import FakeClock, digest
+from testbed.clock import FakeClock
+from testbed.processes import free_port
+from testbed.redis_server import RedisServer
+from tests.coordinator.digests import digest
 from tests.coordinator.test_servicer import SECRET, make_config
-from tests.support.processes import free_port
-from tests.support.redis_server import RedisServer
 
 LAYER = digest("layer")
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"

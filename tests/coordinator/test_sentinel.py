@@ -25,8 +25,8 @@ import yaml
 from coordinator.keys import Keys
 from node.coordinator_client import CoordinatorClient, CoordinatorUnavailable
 from protos.values import Content, Holder
-from tests.support.cluster import SECRET
-from tests.support.processes import Process, free_port, require_binary, wait_until
+from testbed.cluster import SECRET
+from testbed.processes import Process, free_port, require_binary, wait_until
 
 pytestmark = pytest.mark.integration
 

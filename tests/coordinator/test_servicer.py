@@ -34,9 +34,10 @@ from node.coordinator_client import (
 )
 from protos.leases import blob_lease
 from protos.values import Content, Holder, TagPointer
-from tests.coordinator.fakes import FakeClock, digest
-from tests.support.processes import Process, free_port, require_binary, wait_until
-from tests.support.redis_server import RedisServer
+from testbed.clock import FakeClock
+from testbed.processes import Process, free_port, require_binary, wait_until
+from testbed.redis_server import RedisServer
+from tests.coordinator.digests import digest
 
 SECRET = "cluster-secret-for-tests-7f3a"
 HOUR_MS = 3600 * 1000

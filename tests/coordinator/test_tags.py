@@ -11,8 +11,8 @@ from coordinator.leases import Leases
 from coordinator.tags import Tags
 from protos.leases import tag_lease
 from protos.values import TagPointer
-from tests.coordinator.fakes import digest
-from tests.support.processes import wait_until
+from testbed.processes import wait_until
+from tests.coordinator.digests import digest
 
 UPSTREAM, REPO, TAG = "registry-1.docker.io", "library/alpine", "3.20"
 LEASE = tag_lease(UPSTREAM, REPO, TAG)

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.cluster import Cluster
-from tests.support.images import Image, build_image, push, random_layer
-from tests.support.processes import Process, free_port, require_binary, wait_for_http, wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.skopeo import skopeo_copy
+from testbed.cluster import Cluster
+from testbed.images import Image, build_image, push, random_layer
+from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_until
+from testbed.registry import DistributionRegistry
+from testbed.skopeo import skopeo_copy
 
 pytestmark = pytest.mark.integration
 

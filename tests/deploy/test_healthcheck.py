@@ -13,10 +13,10 @@ from types import ModuleType
 import pytest
 
 from shoal.cli import gunicorn_command
-from tests.support.cluster import SECRET, CoordinatorProcess
-from tests.support.node import NodeProcess
-from tests.support.redis_server import RedisServer
-from tests.support.registry import DistributionRegistry
+from testbed.cluster import SECRET, CoordinatorProcess
+from testbed.node import NodeProcess
+from testbed.redis_server import RedisServer
+from testbed.registry import DistributionRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "healthcheck.py"

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.images import Image, Index, build_image, build_multiarch, push
-from tests.support.node import NodeProcess
-from tests.support.processes import wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.skopeo import skopeo_copy
+from testbed.images import Image, Index, build_image, build_multiarch, push
+from testbed.node import NodeProcess
+from testbed.processes import wait_until
+from testbed.registry import DistributionRegistry
+from testbed.skopeo import skopeo_copy
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.cluster import Cluster, verify_store
-from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import Image, build_image, push, random_layer
-from tests.support.node import NodeProcess
-from tests.support.processes import wait_until
-from tests.support.registry import DistributionRegistry
+from testbed.cluster import Cluster, verify_store
+from testbed.fake_upstream import FakeUpstream
+from testbed.images import Image, build_image, push, random_layer
+from testbed.node import NodeProcess
+from testbed.processes import wait_until
+from testbed.registry import DistributionRegistry
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """A real containerd pulls through a ``shoal up`` cluster, as a Kubernetes node does.
 
-A private containerd (tests.support.containerd) gets a ``hosts.toml`` per
+A private containerd (testbed.containerd) gets a ``hosts.toml`` per
 registry that lists node 1 as a mirror in front of the registry's own
 server, and that server is a port of 127.0.0.1 where nothing listens: a pull
 that succeeds was served by the mirror. (Docker Hub's real address would do
@@ -27,11 +27,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.support.containerd import Containerd, Pull, Request, chain_ids, write_hosts
-from tests.support.images import Image, Index, build_image, build_multiarch, push
-from tests.support.processes import wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.shoal_up import ShoalUp, consecutive_free_ports
+from testbed.containerd import Containerd, Pull, Request, chain_ids, write_hosts
+from testbed.images import Image, Index, build_image, build_multiarch, push
+from testbed.processes import wait_until
+from testbed.registry import DistributionRegistry
+from testbed.shoal_up import ShoalUp, consecutive_free_ports
 
 pytestmark = pytest.mark.integration
 

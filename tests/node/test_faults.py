@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import build_image, build_multiarch, random_layer, sha256_digest
-from tests.support.node import NodeProcess
-from tests.support.processes import wait_until
+from testbed.fake_upstream import FakeUpstream
+from testbed.images import build_image, build_multiarch, random_layer, sha256_digest
+from testbed.node import NodeProcess
+from testbed.processes import wait_until
 
 pytestmark = pytest.mark.integration
 

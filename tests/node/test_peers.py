@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.cluster import SECRET, Cluster
-from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import random_layer
-from tests.support.node import NodeProcess
-from tests.support.processes import wait_until
+from testbed.cluster import SECRET, Cluster
+from testbed.fake_upstream import FakeUpstream
+from testbed.images import random_layer
+from testbed.node import NodeProcess
+from testbed.processes import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.cluster import Cluster
-from tests.support.images import Image, build_image, push
-from tests.support.node import NodeProcess
-from tests.support.processes import wait_until
-from tests.support.registry import DistributionRegistry
+from testbed.cluster import Cluster
+from testbed.images import Image, build_image, push
+from testbed.node import NodeProcess
+from testbed.processes import wait_until
+from testbed.registry import DistributionRegistry
 
 pytestmark = pytest.mark.integration
 

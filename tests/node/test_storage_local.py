@@ -3,14 +3,7 @@ import os
 from node.reference import digest_of
 from node.storage.local import LocalStore
 from protos.values import TagPointer
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from testbed.clock import FakeClock
 
 
 def test_put_and_open(tmp_path) -> None:
@@ -36,10 +29,10 @@ def test_sweep_evicts_least_recently_used_over_the_limit(tmp_path) -> None:
         data = bytes([index]) * 100
         digest = digest_of(data)
         store.put(digest, data)
-        os.utime(store.layout.content(digest), (clock.now + index, clock.now + index))
+        os.utime(store.layout.content(digest), (clock() + index, clock() + index))
         digests.append(digest)
     # A hit on the oldest moves it to the front once touches are flushed.
-    clock.now += 10
+    clock.advance(10)
     store.touch(digests[0])
     store.flush_touches()
     assert store.sweep() == [(digests[1], "size")]
@@ -53,8 +46,8 @@ def test_sweep_expires_content_older_than_the_ttl(tmp_path) -> None:
     old, new = digest_of(b"old"), digest_of(b"new")
     store.put(old, b"old")
     store.put(new, b"new")
-    os.utime(store.layout.content(old), (clock.now - 61, clock.now - 61))
-    os.utime(store.layout.content(new), (clock.now - 59, clock.now - 59))
+    os.utime(store.layout.content(old), (clock() - 61, clock() - 61))
+    os.utime(store.layout.content(new), (clock() - 59, clock() - 59))
     assert store.sweep() == [(old, "ttl")]
 
 
@@ -89,7 +82,7 @@ def test_hits_extend_the_ttl_unless_told_not_to(tmp_path) -> None:
         store = LocalStore(str(tmp_path / str(extend)), max_size=1 << 20, ttl=60, clock=clock, extend_ttl_on_hit=extend)
         digest = digest_of(b"popular")
         store.put(digest, b"popular")
-        stored_at = clock.now - 120
+        stored_at = clock() - 120
         os.utime(store.layout.content(digest), (stored_at, stored_at))
         store.touch(digest)
         store.flush_touches()

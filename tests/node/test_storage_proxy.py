@@ -16,16 +16,9 @@ from node.storage.fill import FillFailed, Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
 from node.upstream import TagPage
+from testbed.clock import FakeClock
 
 MEDIA = "application/vnd.oci.image.manifest.v1+json"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeStream:
@@ -113,7 +106,7 @@ def test_tag_is_reused_within_tag_ttl(proxy: ProxyStore, upstream: FakeUpstream,
     digest = upstream.set_tag("app", "v1", b'{"v": 1}')
     assert str(proxy.manifest("app", "v1").digest) == digest
     assert upstream.calls == [("head", "v1"), ("get", digest)]
-    clock.now += 59
+    clock.advance(59)
     assert proxy.manifest("app", "v1").data == b'{"v": 1}'
     assert len(upstream.calls) == 2
 
@@ -123,11 +116,11 @@ def test_expired_tag_is_checked_with_head_and_refetched_only_on_change(
 ) -> None:
     first = upstream.set_tag("app", "v1", b'{"v": 1}')
     proxy.manifest("app", "v1")
-    clock.now += 61
+    clock.advance(61)
     proxy.manifest("app", "v1")
     assert upstream.calls[2:] == [("head", "v1")]
     second = upstream.set_tag("app", "v1", b'{"v": 2}')
-    clock.now += 61
+    clock.advance(61)
     manifest = proxy.manifest("app", "v1")
     assert str(manifest.digest) == second != first
     assert upstream.calls[3:] == [("head", "v1"), ("get", second)]
@@ -139,7 +132,7 @@ def test_stale_tag_is_served_when_the_upstream_is_down(
     digest = upstream.set_tag("app", "v1", b'{"v": 1}')
     proxy.manifest("app", "v1")
     upstream.down = True
-    clock.now += 3600
+    clock.advance(3600)
     assert str(proxy.manifest("app", "v1").digest) == digest
     assert "serving app:v1" in caplog.text
     with pytest.raises(UpstreamUnavailable):

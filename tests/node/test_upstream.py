@@ -32,6 +32,7 @@ from node.upstream import (
     TagPage,
     Upstream,
 )
+from testbed.clock import FakeClock
 
 REGISTRY = "http://registry.test"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -47,14 +48,6 @@ SECRET = f"pw-{uuid.uuid4().hex}"
 BASIC = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
 
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeRegistry:
@@ -410,13 +403,13 @@ def test_bearer_flow_caches_the_token(connect: Callable[..., Upstream], clock: F
     assert retry is not None and retry.startswith("Bearer ")
 
     # The second request carries the cached token up front: no 401, no token request.
-    clock.now += 200
+    clock.advance(200)
     upstream.get_manifest("library/alpine", "latest")
     assert fake.registry_authorizations()[2:] == [retry]
     assert len(fake.token_requests) == 1
 
     # Past expiry the token is not sent; the 401 leads to a new one.
-    clock.now += 101
+    clock.advance(101)
     upstream.get_manifest("library/alpine", "latest")
     assert len(fake.token_requests) == 2
     assert fake.registry_authorizations()[3] is None
@@ -428,11 +421,11 @@ def test_token_defaults_to_60_seconds_and_expires_early(connect: Callable[..., U
     fake.token_field = "access_token"
     upstream = connect(fake)
     upstream.get_manifest("library/alpine", "latest")
-    clock.now += 45
+    clock.advance(45)
     upstream.get_manifest("library/alpine", "latest")
     assert len(fake.token_requests) == 1
     # Still inside the 60 seconds, but too close to their end to trust.
-    clock.now += 10
+    clock.advance(10)
     upstream.get_manifest("library/alpine", "latest")
     assert len(fake.token_requests) == 2
 

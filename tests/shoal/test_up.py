@@ -12,13 +12,17 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
-from tests.support.images import Image, build_image, push
-from tests.support.processes import wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.shoal_up import ShoalUp, consecutive_free_ports, listening_ports, port_is_free
-from tests.support.skopeo import skopeo_copy
+from testbed.images import Image, build_image, push
+from testbed.proc import listening_ports
+from testbed.processes import wait_until
+from testbed.registry import DistributionRegistry
+from testbed.shoal_up import ShoalUp, consecutive_free_ports, port_is_free
+from testbed.skopeo import skopeo_copy
+
+pytestmark = pytest.mark.integration
 
 NODES = 2
 

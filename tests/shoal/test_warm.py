@@ -39,11 +39,12 @@ from shoal.warm import (
     parse_reference,
     summary,
 )
-from tests.support.cluster import Cluster
-from tests.support.images import Image, build_image, build_multiarch, push
-from tests.support.processes import free_port, wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.skopeo import skopeo_copy
+from testbed.clock import FakeClock
+from testbed.cluster import Cluster
+from testbed.images import Image, build_image, build_multiarch, push
+from testbed.processes import free_port, wait_until
+from testbed.registry import DistributionRegistry
+from testbed.skopeo import skopeo_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -284,15 +285,16 @@ def test_a_platform_matches_with_or_without_its_variant() -> None:
 
 
 def test_plain_lines_show_each_layer_and_the_end() -> None:
-    ticks = iter([0.0, 2.5])
+    clock = FakeClock(0.0)
     out = io.StringIO()
-    progress = LineProgress("app:1", out, clock=lambda: next(ticks))
+    progress = LineProgress("app:1", out, clock=clock)
     config, layer = Blob("sha256:" + "c" * 64, 1_000, False), Blob("sha256:" + "d" * 64, 2_500_000, True)
     progress.planned(Plan(manifests=1, blobs={config.digest: config, layer.digest: layer}))
     progress.advance(1_000)
     progress.blob_done(config)
     progress.advance(2_500_000)
     progress.blob_done(layer)
+    clock.advance(2.5)
     progress.finished(None)
     assert out.getvalue().splitlines() == [
         "app:1: 1 layer, 2.5 MB in 2 blobs, 1 manifest",
@@ -304,7 +306,7 @@ def test_plain_lines_show_each_layer_and_the_end() -> None:
 
 def test_the_bar_fits_a_narrow_terminal_by_shortening_the_name() -> None:
     out = io.StringIO()
-    progress = BarProgress("registry.example/" + "very-long-name/" * 4 + "app:1", out, clock=lambda: 0.0)
+    progress = BarProgress("registry.example/" + "very-long-name/" * 4 + "app:1", out, clock=FakeClock(0.0))
     layer = Blob("sha256:" + "d" * 64, 4_000_000, True)
     progress.planned(Plan(manifests=1, blobs={layer.digest: layer}))
     progress.advance(1_000_000)

@@ -12,7 +12,7 @@ from types import TracebackType
 
 import redis
 
-from tests.support.processes import Process, free_port, require_binary, wait_until
+from testbed.processes import Process, free_port, require_binary, wait_until
 
 
 class RedisServer:

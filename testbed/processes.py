@@ -85,6 +85,36 @@ def wait_for_http(url: str, timeout: float = 20.0, *, alive: Callable[[], bool] 
     return response
 
 
+def wait_for_port(port: int, process: Process, what: str, timeout: float = 30.0) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections; fail with the log if ``process`` exits first.
+
+    For a server whose HTTP answer would come from somewhere else (a load
+    balancer's backends) or that speaks no HTTP itself (a TCP forwarder).
+    """
+
+    def accepts() -> bool:
+        if not process.alive():
+            raise RuntimeError(f"{what} exited before listening\n{process.describe()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepts, timeout=timeout, message=lambda: f"{what} never listened on {port}\n{process.describe()}")
+
+
+def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its ``SHOAL_*`` variables, and ``extra`` on top.
+
+    A Shoal process the test bed starts reads every setting from its config
+    file or from ``extra``: nothing in the caller's shell changes what a test
+    checks or what the benchmark measures.
+    """
+    kept = {key: value for key, value in os.environ.items() if not key.startswith("SHOAL_")}
+    return {**kept, **(extra or {})}
+
+
 def require_binary(name: str, debian_package: str) -> str:
     """Return the path of ``name`` on PATH, or fail naming the package that provides it.
 

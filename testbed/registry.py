@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.processes import Process, free_port, require_binary, wait_for_http
+from testbed.processes import Process, free_port, require_binary, wait_for_http
 
 # One line of the combined log format that distribution writes to stdout, e.g.
 # 127.0.0.1 - - [27/Nov/2026:23:57:22 +0000] "HEAD /v2/foo/manifests/latest HTTP/1.1" 404 96 "" "curl/7.88.1"

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support.processes import require_binary
+from testbed.processes import require_binary
 
 _POLICY = '{"default": [{"type": "insecureAcceptAnything"}]}\n'
 

@@ -19,11 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-import pytest
-
-from tests.support.processes import free_port, wait_until
-
-pytestmark = pytest.mark.integration
+from testbed.proc import Proc, catches_signal, children, descendants
+from testbed.processes import free_port, wait_until
 
 READY = "Ctrl-C stops everything."
 _NODE_LINE = re.compile(r"^\s*node (\d+): (\S+)$")
@@ -52,98 +49,6 @@ def consecutive_free_ports(count: int) -> int:
         if base + count <= 65536 and all(port_is_free(base + offset) for offset in range(count)):
             return base
     raise RuntimeError(f"found no {count} consecutive free ports")
-
-
-@dataclass(frozen=True)
-class Proc:
-    """A process as seen in /proc; ``started`` (clock ticks after boot) tells a reused pid apart."""
-
-    pid: int
-    started: str
-    command: tuple[str, ...]
-
-    def running(self) -> bool:
-        """Alive, and the same process: a zombie has already exited, a new start time is someone else."""
-        state = _stat(self.pid)
-        return state is not None and state[1] == self.started and state[0] != "Z"
-
-
-def _stat(pid: int) -> tuple[str, str] | None:
-    """The state and the start time of ``pid``, or None when there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name in parentheses may hold spaces; fields 3 and 22 follow it.
-    fields = text.rpartition(")")[2].split()
-    return fields[0], fields[19]
-
-
-def _proc(pid: int) -> Proc | None:
-    state = _stat(pid)
-    if state is None:
-        return None
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return Proc(pid, state[1], tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part))
-
-
-def _children(pid: int) -> list[Proc]:
-    found = []
-    for path in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found += [int(child) for child in path.read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return [proc for proc in map(_proc, found) if proc is not None]
-
-
-def _descendants(pid: int) -> list[Proc]:
-    found = []
-    for child in _children(pid):
-        found += [child, *_descendants(child.pid)]
-    return found
-
-
-def listening_ports(pids: list[int]) -> set[tuple[str, int]]:
-    """The TCP addresses (host, port) that the processes ``pids`` listen on, found by their sockets' inodes."""
-    inodes = set()
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except FileNotFoundError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            # Counted from 0, field 3 is the state (0A is LISTEN) and field 9 the inode.
-            if fields[3] == "0A" and fields[9] in inodes:
-                host, _, port = fields[1].partition(":")
-                found.add((_host(host), int(port, 16)))
-    return found
-
-
-def _host(hex_address: str) -> str:
-    """An address as /proc/net/tcp{,6} prints it (32-bit words in host byte order), as text."""
-    raw = bytes.fromhex(hex_address)
-    if sys.byteorder == "little":
-        raw = b"".join(raw[index : index + 4][::-1] for index in range(0, len(raw), 4))
-    text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-    return text.removeprefix("::ffff:")
-
-
-def _catches(pid: int, signum: int) -> bool:
-    """Whether ``pid`` has a handler installed for ``signum`` (the SigCgt mask in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    return False
 
 
 @dataclass(frozen=True)
@@ -214,22 +119,24 @@ class ShoalUp:
         """
 
         def complete() -> Tree | None:
-            children = _children(self.popen.pid)
-            redis = [child for child in children if "redis-server" in os.path.basename(child.command[0])]
-            coordinator = [child for child in children if "coordinator.server" in child.command]
-            masters = [child for child in children if child not in redis + coordinator]
-            workers = [worker for master in masters for worker in _children(master.pid)]
-            if len(children) != 2 + nodes or len(redis) != 1 or len(coordinator) != 1:
+            started = children(self.popen.pid)
+            redis = [child for child in started if "redis-server" in os.path.basename(child.command[0])]
+            coordinator = [child for child in started if "coordinator.server" in child.command]
+            masters = [child for child in started if child not in redis + coordinator]
+            workers = [worker for master in masters for worker in children(master.pid)]
+            if len(started) != 2 + nodes or len(redis) != 1 or len(coordinator) != 1:
                 return None
             if len(workers) != nodes * workers_per_node:
                 return None
             return Tree(redis[0], coordinator[0], masters, workers)
 
         def describe() -> str:
-            return f"children {_children(self.popen.pid)}\n{self.describe()}"
+            return f"children {children(self.popen.pid)}\n{self.describe()}"
 
-        self.tree = wait_until(complete, timeout=30, interval=0.05, message=describe)
-        return self.tree
+        tree = wait_until(complete, timeout=30, interval=0.05, message=describe)
+        assert tree is not None  # wait_until returns only a truthy value
+        self.tree = tree
+        return tree
 
     def interrupt(self) -> None:
         """Press Ctrl-C once shoal up listens for it.
@@ -241,7 +148,7 @@ class ShoalUp:
         in SigCgt is the one that says both are in place.
         """
         wait_until(
-            lambda: _catches(self.popen.pid, signal.SIGTERM),
+            lambda: catches_signal(self.popen.pid, signal.SIGTERM),
             timeout=10,
             message="shoal up never installed its signal handlers",
         )
@@ -258,7 +165,7 @@ class ShoalUp:
         started = list(self.tree.everything) if self.tree is not None else []
         if self.popen.poll() is None:
             # Seen now, in case shoal up dies without stopping them.
-            started += _descendants(self.popen.pid)
+            started += descendants(self.popen.pid)
             self.popen.send_signal(signal.SIGINT)
             try:
                 self.popen.wait(timeout=60)

@@ -1,6 +1,6 @@
 """An in-process fake upstream registry whose failures tests can script.
 
-The real registry (``tests.support.registry``) cannot be told to corrupt a
+The real registry (``testbed.registry``) cannot be told to corrupt a
 blob, drop a connection half-way, or hold a response until the test says so;
 this one can. It speaks just enough of the distribution API for a pull:
 ``/v2/``, manifests by tag or digest, blobs and tag lists, on GET and HEAD.
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from tests.support.images import Image, Index, sha256_digest
+from testbed.images import Image, Index, sha256_digest
 
 _MANIFEST_OR_BLOB = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _TAGS_LIST = re.compile(r"^/v2/(?P<name>.+)/tags/list$")

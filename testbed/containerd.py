@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.processes import Process, require_binary, wait_until
+from testbed.processes import Process, require_binary, wait_until
 
 SNAPSHOTTER = "native"
 NAMESPACE = "shoaltest"

@@ -1,9 +1,14 @@
 """Real, deterministic container images built in memory, and pushing them to a registry.
 
-Layers are genuine gzip-compressed tar archives and configs carry the
-``rootfs.diff_ids`` of the uncompressed tars, so real clients such as skopeo
-accept the images. The same arguments always give the same bytes, hence the
-same digests, which keeps test failures reproducible.
+Layers are genuine tar archives, gzip-compressed unless asked otherwise, and
+configs carry the ``rootfs.diff_ids`` of the uncompressed tars, so real
+clients such as skopeo accept the images. The same arguments always give the
+same bytes, hence the same digests, which keeps test failures reproducible.
+
+Tests use small compressed layers of random bytes. The benchmark needs
+hundreds of MiB in a moment and nothing on its path compresses, so it asks
+for uncompressed layers (``compressed=False``), whose content only needs to
+be distinct: one random MiB per layer, each copy stamped with its offset.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import hashlib
 import io
 import json
 import random
+import struct
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -29,9 +35,13 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
+# What a registry client accepts for a manifest by tag.
+ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 
 # Every file and archive gets this modification time so that builds repeat exactly.
 _EPOCH = 0
+_MiB = 1024 * 1024
 
 
 def sha256_digest(data: bytes) -> str:
@@ -111,6 +121,30 @@ def random_layer(size: int, seed: int | str = 0) -> bytes:
     return make_layer({f"data/{seed}.bin": content})
 
 
+def stamped_layer(size: int, seed: int | str = 0) -> bytes:
+    """Return an uncompressed layer with one file of ``size`` bytes, distinct for every seed, fast.
+
+    One random MiB is repeated, and every copy starts with the seed's stamp
+    and its own offset, so no two MiB of any two layers are alike.
+    """
+    block = memoryview(random.Random(f"layer/{seed}").randbytes(_MiB))
+    stamp = hashlib.sha256(str(seed).encode()).digest()[:8]
+    info = tarfile.TarInfo(f"data/{hashlib.sha256(str(seed).encode()).hexdigest()[:16]}.bin")
+    info.size = size
+    info.mtime = _EPOCH
+    info.mode = 0o644
+    info.uname = info.gname = "root"
+    pieces: list[bytes | memoryview] = [info.tobuf(format=tarfile.PAX_FORMAT)]
+    for offset in range(0, size, _MiB):
+        length = min(_MiB, size - offset)
+        pieces += [(stamp + struct.pack(">Q", offset))[:length], block[16:length]]
+    # The file is padded to a whole block, then come the two empty blocks
+    # that end an archive, then padding to a whole record, as tarfile writes.
+    written = sum(len(piece) for piece in pieces) + -size % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE
+    pieces.append(b"\0" * (-size % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE + -written % tarfile.RECORDSIZE))
+    return b"".join(pieces)
+
+
 def _platform_parts(platform: str) -> dict[str, str]:
     parts = platform.split("/")
     if len(parts) not in (2, 3):
@@ -127,19 +161,31 @@ def _encode(document: dict[str, Any]) -> bytes:
 
 
 def build_image(
-    layer_sizes: list[int] | tuple[int, ...],
+    layer_sizes: Sequence[int],
     *,
     oci: bool = False,
     seed: int | str = 0,
     platform: str = "linux/amd64",
+    compressed: bool = True,
 ) -> Image:
-    """Build an image with one random layer per size, for ``platform`` (``os/arch[/variant]``).
+    """Build an image with one layer per size, for ``platform`` (``os/arch[/variant]``).
 
     The manifest is a Docker schema 2 manifest, or an OCI image manifest when
-    ``oci`` is true. Images built with different seeds share no blobs.
+    ``oci`` is true. Layers are ``random_layer``s, or with ``compressed=False``
+    ``stamped_layer``s, which only an OCI image can list. Images built with
+    different seeds share no blobs.
     """
-    layers = [random_layer(size, seed=f"{seed}/{platform}/{index}") for index, size in enumerate(layer_sizes)]
-    diff_ids = [sha256_digest(gzip.decompress(layer)) for layer in layers]
+    if not compressed and not oci:
+        raise ValueError("uncompressed layers need an OCI manifest")
+    seeds = [f"{seed}/{platform}/{index}" for index in range(len(layer_sizes))]
+    if compressed:
+        layers = [random_layer(size, seed=layer_seed) for size, layer_seed in zip(layer_sizes, seeds, strict=True)]
+        layer_digests = [sha256_digest(layer) for layer in layers]
+        diff_ids = [sha256_digest(gzip.decompress(layer)) for layer in layers]
+    else:
+        layers = [stamped_layer(size, seed=layer_seed) for size, layer_seed in zip(layer_sizes, seeds, strict=True)]
+        # An uncompressed layer is its own diff.
+        layer_digests = diff_ids = [sha256_digest(layer) for layer in layers]
     config = _encode(
         {
             **_platform_parts(platform),
@@ -150,8 +196,8 @@ def build_image(
         }
     )
     config_digest = sha256_digest(config)
-    layer_digests = [sha256_digest(layer) for layer in layers]
     media_type = OCI_MANIFEST if oci else DOCKER_MANIFEST
+    layer_type = (OCI_LAYER if compressed else OCI_LAYER_UNCOMPRESSED) if oci else DOCKER_LAYER
     manifest = _encode(
         {
             "schemaVersion": 2,
@@ -162,7 +208,7 @@ def build_image(
                 "digest": config_digest,
             },
             "layers": [
-                {"mediaType": OCI_LAYER if oci else DOCKER_LAYER, "size": len(layer), "digest": digest}
+                {"mediaType": layer_type, "size": len(layer), "digest": digest}
                 for layer, digest in zip(layers, layer_digests, strict=True)
             ],
         }
@@ -215,7 +261,7 @@ def build_index(images_by_platform: Mapping[str, Image], *, oci: bool = True) ->
 
 
 def build_multiarch(
-    layer_sizes: list[int] | tuple[int, ...],
+    layer_sizes: Sequence[int],
     platforms: tuple[str, ...] = ("linux/amd64", "linux/arm64"),
     *,
     oci: bool = True,
@@ -233,20 +279,24 @@ def push(
     image: Image | Index,
     *,
     client: httpx.Client | None = None,
+    skip_present: bool = True,
 ) -> str:
     """Push ``image`` to ``registry_url`` as ``name:tag`` through the registry HTTP API.
 
-    Blobs go up first (monolithic uploads, skipping those already present),
-    then the children of an index by digest, then the top manifest by tag, as
-    the registry refuses manifests that reference content it does not have.
-    Returns the digest of the manifest pushed under the tag.
+    Blobs go up first (monolithic uploads), then the children of an index by
+    digest, then the top manifest by tag, as the registry refuses manifests
+    that reference content it does not have. With ``skip_present`` a HEAD
+    asks for each blob first and a blob the registry has is not sent again;
+    the benchmark turns that off, as it counts every HEAD at its upstream as
+    a pull. Returns the digest of the manifest pushed under the tag.
     """
     owned = client is None
     http = client if client is not None else httpx.Client(timeout=60.0)
     try:
         base = registry_url.rstrip("/")
         for digest, data in image.blobs.items():
-            _push_blob(http, base, name, digest, data)
+            if not (skip_present and http.head(f"{base}/v2/{name}/blobs/{digest}").status_code == 200):
+                _push_blob(http, base, name, digest, data)
         children = image.children.values() if isinstance(image, Index) else ()
         for child in children:
             _push_manifest(http, base, name, child.digest, child.media_type, child.manifest)
@@ -258,8 +308,6 @@ def push(
 
 
 def _push_blob(http: httpx.Client, base: str, name: str, digest: str, data: bytes) -> None:
-    if http.head(f"{base}/v2/{name}/blobs/{digest}").status_code == 200:
-        return
     started = http.post(f"{base}/v2/{name}/blobs/uploads/")
     _expect(started, 202, f"starting upload of {digest}")
     # The Location may be relative and already carries state in its query
@@ -267,10 +315,17 @@ def _push_blob(http: httpx.Client, base: str, name: str, digest: str, data: byte
     location = httpx.URL(urljoin(f"{base}/", started.headers["Location"]))
     finished = http.put(
         location.copy_merge_params({"digest": digest}),
-        content=data,
-        headers={"Content-Type": "application/octet-stream"},
+        content=_pieces(data),
+        headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
     )
     _expect(finished, 201, f"finishing upload of {digest}")
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    # httpcore sends one large buffer by slicing off what each send() took,
+    # which copies the rest every time; MiB pieces keep a large blob cheap.
+    for start in range(0, len(data), _MiB):
+        yield data[start : start + _MiB]
 
 
 def _push_manifest(http: httpx.Client, base: str, name: str, reference: str, media_type: str, data: bytes) -> None:
