@@ -27,15 +27,6 @@ from bench.settings import MiB, Sizes
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-# What a registry client accepts for a manifest by tag.
-ACCEPT = ", ".join(
-    (
-        OCI_MANIFEST,
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    )
-)
 TAG = "latest"
 
 

@@ -42,19 +42,12 @@ from node.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
+from node.media_types import ACCEPT_MANIFESTS
 from node.reference import is_digest
 from node.upstream_auth import TOKEN_MAX, Challenge, Credentials, RegistryAuth, parse_token
 
 logger = logging.getLogger(__name__)
 
-ACCEPT_MANIFESTS = ", ".join(
-    (
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
-)
 MANIFEST_MAX = 4 * 1024 * 1024
 # Upstream connections per worker for manifests, tag checks and tokens, kept
 # apart from the blob connections (one per fill).

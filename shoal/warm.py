@@ -37,6 +37,8 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
+from node.media_types import ACCEPT_MANIFESTS
+
 DEFAULT_URL = "http://127.0.0.1:5000"
 HELP = "pull images through the cluster so that later pulls are hits"
 DESCRIPTION = (
@@ -46,12 +48,6 @@ DESCRIPTION = (
     "(alpine:3.19); a registry host in it (ghcr.io/team/app:1.2) is sent as containerd's ?ns= parameter. "
     "Prints a progress bar per image and a summary; exits 1 when any image failed."
 )
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -316,7 +312,7 @@ class Warmer:
     def _manifest(self, ref: Reference, reference: str) -> tuple[str, dict[str, Any]]:
         url = f"/v2/{ref.name}/manifests/{reference}"
         try:
-            response = self.http.get(url, params=ref.params, headers={"Accept": ACCEPT})
+            response = self.http.get(url, params=ref.params, headers={"Accept": ACCEPT_MANIFESTS})
         except httpx.HTTPError as exc:
             raise WarmError(f"manifest {reference}: {exc or type(exc).__name__}") from None
         if response.status_code != 200:

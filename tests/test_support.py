@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from node.media_types import ACCEPT_MANIFESTS
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
     Image,
@@ -41,8 +41,6 @@ from tests.support.registry import DistributionRegistry
 from tests.support.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
 
 pytestmark = pytest.mark.integration
-
-ACCEPT_ALL = ", ".join([DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX])
 
 
 def unique_name(prefix: str) -> str:
@@ -179,7 +177,7 @@ def test_index_lists_platforms() -> None:
 
 
 def assert_served(client: httpx.Client, base: str, name: str, reference: str, media_type: str, manifest: bytes) -> None:
-    response = client.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_ALL})
+    response = client.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_MANIFESTS})
     assert response.status_code == 200, response.text
     assert response.content == manifest
     assert response.headers["Content-Type"] == media_type

@@ -29,11 +29,11 @@ from pathlib import Path
 import httpx
 
 from bench import memory
-from bench.images import ACCEPT
 from bench.results import Section, Table, Target
 from bench.scenarios import human_size, say
 from bench.settings import Settings
 from bench.stack import Stack
+from node.media_types import ACCEPT_MANIFESTS
 
 # Between two probes.
 PROBE_INTERVAL = 0.02
@@ -98,7 +98,7 @@ def run(stack: Stack, settings: Settings) -> Section:
     return _section(records, settings)
 
 
-_ACCEPT = {"Accept": ACCEPT}
+_ACCEPT = {"Accept": ACCEPT_MANIFESTS}
 
 
 def _measure(
