@@ -38,6 +38,7 @@ from typing import Any, Protocol, TextIO
 import httpx
 
 from node.media_types import ACCEPT_MANIFESTS
+from node.reference import ALGORITHMS, DIGEST, NAME, TAG
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 HELP = "pull images through the cluster so that later pulls are hits"
@@ -49,10 +50,6 @@ DESCRIPTION = (
     "Prints a progress bar per image and a summary; exits 1 when any image failed."
 )
 
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_DIGEST = re.compile(r"(?P<algorithm>[a-z0-9]+(?:[+._-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)")
 # A host name or [IPv6 address], and a port: what Docker takes for a registry.
 _REGISTRY = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?")
 _PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
@@ -101,11 +98,11 @@ def parse_reference(text: str) -> Reference:
             raise WarmError(f"{text!r}: invalid registry {registry!r}")
         if registry in _DOCKER_HUB:
             registry = "docker.io"
-    if not rest or not _NAME.fullmatch(rest):
+    if not rest or not NAME.fullmatch(rest):
         raise WarmError(f"{text!r} is not an image reference (name:tag or name@sha256:...)")
-    if tag is not None and not _TAG.fullmatch(tag):
+    if tag is not None and not TAG.fullmatch(tag):
         raise WarmError(f"{text!r}: invalid tag {tag!r}")
-    if digest and not _DIGEST.fullmatch(digest):
+    if digest and not DIGEST.fullmatch(digest):
         raise WarmError(f"{text!r}: invalid digest {digest!r}")
     return Reference(text=text, registry=registry, name=rest, reference=digest or tag or "latest")
 
@@ -232,9 +229,9 @@ def _matches(platform: str | None, wanted: list[str]) -> bool:
 
 
 def _check_digest(digest: str, data: bytes) -> None:
-    match = _DIGEST.fullmatch(digest)
-    algorithm = match["algorithm"] if match else ""
-    if match and algorithm in ("sha256", "sha512") and hashlib.new(algorithm, data).hexdigest() != match["hex"]:
+    """Check a manifest asked for by a digest of a verifiable algorithm (others pass unchecked)."""
+    algorithm, _, expected = digest.partition(":")
+    if algorithm in ALGORITHMS and hashlib.new(algorithm, data).hexdigest() != expected:
         raise WarmError(f"manifest {digest}: the bytes do not match the digest")
 
 
@@ -278,7 +275,7 @@ class Warmer:
                 )
         for entry in children:
             digest = str(entry.get("digest", ""))
-            if not _DIGEST.fullmatch(digest):
+            if not DIGEST.fullmatch(digest):
                 raise WarmError(f"the index lists an invalid digest {digest!r}")
             media_type, document = self._manifest(ref, digest)
             plan.manifests += 1
@@ -304,7 +301,7 @@ class Warmer:
             if descriptor.get("urls") and "foreign" in str(descriptor.get("mediaType", "")):
                 continue
             digest = str(descriptor["digest"])
-            if not _DIGEST.fullmatch(digest):
+            if not DIGEST.fullmatch(digest):
                 raise WarmError(f"the manifest lists an invalid digest {digest!r}")
             size = descriptor.get("size")
             plan.blobs.setdefault(digest, Blob(digest, int(size) if isinstance(size, int) else 0, is_layer))
@@ -319,7 +316,7 @@ class Warmer:
             raise WarmError(f"manifest {reference}: {_describe_error(response)}")
         if len(response.content) > _MANIFEST_MAX:
             raise WarmError(f"manifest {reference}: larger than {_MANIFEST_MAX} bytes")
-        if _DIGEST.fullmatch(reference):
+        if DIGEST.fullmatch(reference):
             _check_digest(reference, response.content)
         try:
             document = json.loads(response.content)
@@ -369,9 +366,9 @@ class Warmer:
             raise WarmError(failures[0] + more)
 
     def _blob(self, ref: Reference, blob: Blob, progress: Progress) -> None:
-        match = _DIGEST.fullmatch(blob.digest)
-        assert match is not None
-        hasher = hashlib.new(match["algorithm"]) if match["algorithm"] in ("sha256", "sha512") else None
+        # The plan holds only digests that match the grammar: one colon.
+        algorithm, _, expected = blob.digest.partition(":")
+        hasher = hashlib.new(algorithm) if algorithm in ALGORITHMS else None
         received = 0
         try:
             with self.http.stream("GET", f"/v2/{ref.name}/blobs/{blob.digest}", params=ref.params) as response:
@@ -389,7 +386,7 @@ class Warmer:
             raise WarmError(f"blob {blob.digest}: {exc or type(exc).__name__} after {received} bytes") from None
         if blob.size and received != blob.size:
             raise WarmError(f"blob {blob.digest}: got {received} bytes, the manifest says {blob.size}")
-        if hasher is not None and hasher.hexdigest() != match["hex"]:
+        if hasher is not None and hasher.hexdigest() != expected:
             raise WarmError(f"blob {blob.digest}: the bytes do not match the digest")
         self._warm.add(blob.digest)
         progress.blob_done(blob)
