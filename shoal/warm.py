@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import httpx
 
@@ -53,6 +53,7 @@ DESCRIPTION = (
 )
 
 _PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
+_Number = TypeVar("_Number", int, float)
 
 
 def _platform(value: str) -> str:
@@ -62,22 +63,21 @@ def _platform(value: str) -> str:
 
 
 def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
-    return number
+    return _above_zero(int, value, "a positive whole number", "a positive whole number")
 
 
 def _seconds(value: str) -> float:
+    return _above_zero(float, value, "a number of seconds", "a number of seconds above 0")
+
+
+def _above_zero(kind: Callable[[str], _Number], value: str, expected: str, expected_above_zero: str) -> _Number:
+    """``value`` read as ``kind`` and above 0; the usage error says which of the two it is not."""
     try:
-        number = float(value)
+        number = kind(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, not {value!r}") from None
     if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected_above_zero}, not {value!r}")
     return number
 
 
