@@ -20,7 +20,7 @@ from typing import TypeVar
 import httpx
 
 from bench.publisher import Published
-from testbed.images import ACCEPT
+from node.media_types import ACCEPT_MANIFESTS
 
 T = TypeVar("T")
 
@@ -114,7 +114,8 @@ def pull(
 
 
 def _manifest(client: httpx.Client, base_url: str, image: Published) -> bytes:
-    response = client.get(f"{base_url}/v2/{image.repository}/manifests/{image.tag}", headers={"Accept": ACCEPT})
+    url = f"{base_url}/v2/{image.repository}/manifests/{image.tag}"
+    response = client.get(url, headers={"Accept": ACCEPT_MANIFESTS})
     if response.status_code != 200:
         failure = _Broken if response.status_code >= 500 else PullFailed
         raise failure(f"manifest {image.repository}:{image.tag} answered {response.status_code}: {response.text}")

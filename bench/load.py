@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from testbed.images import ACCEPT
+from node.media_types import ACCEPT_MANIFESTS
 from testbed.processes import require_binary
 
 
@@ -70,7 +70,7 @@ def wrk_rate(url: str, seconds: int, connections: int) -> Rate:
         "--timeout",
         "10s",
         "--header",
-        f"Accept: {ACCEPT}",
+        f"Accept: {ACCEPT_MANIFESTS}",
         url,
     ]
     result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=seconds + 60, check=False)

@@ -274,7 +274,14 @@ def _show(value: object) -> str:
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> CoordinatorConfig:
-    """Read the YAML file at ``path`` (or ``$SHOAL_CONFIG``), apply overrides, validate."""
+    """Read the YAML file at ``path`` (or ``$SHOAL_CONFIG``), apply overrides, validate.
+
+    The file may be the one the nodes read, so it fails with the messages
+    ``node.config.load_config`` uses. The few lines that read it are written
+    again here rather than shared: node and coordinator share only
+    ``protos/``, the contract between them, and reading a YAML file is no
+    part of that.
+    """
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV)
     document: object = {}

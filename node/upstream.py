@@ -8,10 +8,10 @@ answers onto the node's domain errors: 404 becomes the matching "unknown"
 error, 401/403 ``UpstreamDenied``, 429 ``TooManyRequests``, anything else
 that is not a 200 (and every transport failure) ``UpstreamUnavailable``.
 
-Authentication follows the upstream's 401 challenges: HTTP Basic, or a bearer
-token fetched from the challenge's realm. Credentials reach a token realm only
-over https, on the upstream's own host, or on a host listed in
-``upstream.token_realms``; elsewhere the token is requested anonymously.
+Authentication follows the upstream's 401 challenges, as
+``node.upstream_auth`` decides: HTTP Basic, or a bearer token from the
+challenge's realm, which this client fetches for it (``_fetch_token``) so that
+the token request is timed, observed and mapped like any other.
 
 Secrets never appear in an error or a log record: messages name the upstream
 by its URL and say what happened, and transport failures are described by
@@ -20,14 +20,12 @@ their kind only, because an exception's text can quote a header value.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,41 +42,22 @@ from node.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
+from node.media_types import ACCEPT_MANIFESTS
 from node.reference import Digest, digest_of, is_digest, parse_digest
 from node.sources import FetchedManifest, Origin, TagAnswer
+from node.upstream_auth import TOKEN_MAX, Challenge, Credentials, RegistryAuth, parse_token
 
 logger = logging.getLogger(__name__)
 
-ACCEPT_MANIFESTS = ", ".join(
-    (
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
-)
 MANIFEST_MAX = 4 * 1024 * 1024
 # Upstream connections per worker for manifests, tag checks and tokens, kept
 # apart from the blob connections (one per fill).
 METADATA_CONNECTIONS = 16
 
-# A tag list page and a token answer are small JSON documents; a larger body
-# is a misbehaving server, not something worth buffering.
+# A tag list page is a small JSON document; a larger body is a misbehaving
+# server, not something worth buffering.
 _TAGS_MAX = 16 * 1024 * 1024
-_TOKEN_MAX = 1024 * 1024
-# The distribution token spec: a token without expires_in lasts 60 seconds.
-_DEFAULT_TOKEN_LIFETIME = 60.0
-# Tokens are dropped this long before they expire (at most half their
-# lifetime), so a request never leaves with a token that dies on the way.
-_EXPIRY_MARGIN = 10.0
 _RATE_LIMIT_HEADERS = ("ratelimit-limit", "ratelimit-remaining")
-# A token becomes a header value: printable ASCII without spaces keeps it
-# from smuggling in another header, and from reaching an exception's text.
-_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
-_AUTH_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))')
-# The repository is everything between /v2/ and the last API segment; a
-# reference, digest or "list" never holds a slash, so the greedy match is exact.
-_REPOSITORY_PATH = re.compile(r"/v2/(.+)/(?:manifests|blobs|tags)/[^/]*$")
 
 
 @dataclass(frozen=True)
@@ -175,15 +154,13 @@ class Upstream:
         self.url = config.url
         self.name = config.name
         self._observer: Observer = observer or _Unobserved()
-        self._token_realms = frozenset(host.lower() for host in config.token_realms)
-        self._host = (httpx.URL(config.url).host or "").lower()
-        self._basic = _basic_authorization(config)
+        self._credentials = Credentials(config)
         # Readers take a snapshot by reading the attribute; updates replace
         # the whole dict under the lock, so a reader never sees it change.
         self.rate_limits: dict[str, str] = {}
         self._rate_lock = threading.Lock()
         self._closed = False
-        auth = _RegistryAuth(self._basic, self._fetch_token, clock)
+        auth = RegistryAuth(self._credentials, self._fetch_token, clock)
         # Two pools: blobs (at most one connection per fill) and everything
         # else (manifests, tag checks, tokens), so that a burst of fills never
         # makes a tag check wait for a connection.
@@ -351,49 +328,22 @@ class Upstream:
             raise self._failure(TooManyRequests, f"{what}: too many requests (HTTP 429)", detail)
         raise self._failure(UpstreamUnavailable, f"{what}: unexpected answer (HTTP {status})", detail)
 
-    def _fetch_token(self, challenge: _Challenge) -> tuple[str, float]:
-        """A token and its lifetime in seconds from the challenge's realm."""
-        try:
-            realm = httpx.URL(challenge.realm)
-        except httpx.InvalidURL:
-            realm = None
-        if realm is None or realm.scheme not in ("http", "https") or not realm.host:
+    def _fetch_token(self, challenge: Challenge) -> tuple[str, float]:
+        """A token and its lifetime in seconds from the challenge's realm (the auth's ``TokenSource``)."""
+        asked = self._credentials.token_request(challenge)
+        if asked is None:
             raise self._failure(UpstreamInvalid, "the token realm in the upstream's challenge is not an http(s) URL")
-        # Named without query or userinfo: only where the token came from.
-        what = f"token from {realm.scheme}://{realm.netloc.decode('ascii')}{realm.path}"
-        # A challenge's scope may name several, space separated; the realm
-        # takes each as its own scope parameter.
-        params: dict[str, str | list[str]] = {"scope": (challenge.scope or "").split()}
-        if challenge.service:
-            params["service"] = challenge.service
-        headers = {}
-        if self._basic is not None and self._may_receive_credentials(realm):
-            headers["Authorization"] = self._basic
         # A fresh request: the token request must never carry the registry's
         # own bearer token, so the client's auth is switched off for it.
-        # Merged, not passed as params: httpx would replace a query the realm
-        # already has.
-        request = self._client.build_request("GET", realm.copy_merge_params(params), headers=headers)
-        with self._open(request, what, None, "token", use_auth=False) as response:
-            body = _read_limited(response, _TOKEN_MAX)
-        if len(body) > _TOKEN_MAX:
-            raise self._too_large(what, _TOKEN_MAX)
-        data = _json_object(body) or {}
-        token = data.get("token") or data.get("access_token")
-        if not isinstance(token, str) or not _TOKEN_CHARS.fullmatch(token):
-            raise self._failure(UpstreamInvalid, f"{what}: the answer holds no usable token")
-        lifetime = data.get("expires_in", _DEFAULT_TOKEN_LIFETIME)
-        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
-            lifetime = _DEFAULT_TOKEN_LIFETIME
-        return token, float(lifetime)
-
-    def _may_receive_credentials(self, realm: httpx.URL) -> bool:
-        if realm.scheme == "https":
-            return True
-        host = realm.host.lower()
-        if host == self._host:
-            return True
-        return host in self._token_realms or f"{host}:{realm.port}" in self._token_realms
+        request = self._client.build_request("GET", asked.url, headers=asked.headers)
+        with self._open(request, asked.what, None, "token", use_auth=False) as response:
+            body = _read_limited(response, TOKEN_MAX)
+        if len(body) > TOKEN_MAX:
+            raise self._too_large(asked.what, TOKEN_MAX)
+        token = parse_token(body)
+        if token is None:
+            raise self._failure(UpstreamInvalid, f"{asked.what}: the answer holds no usable token")
+        return token
 
     def _record_rate_limits(self, response: httpx.Response) -> None:
         seen = {key: response.headers[key] for key in _RATE_LIMIT_HEADERS if key in response.headers}
@@ -413,127 +363,6 @@ class Upstream:
         text = f"upstream {self.url}: {message}"
         logger.warning("%s", text)
         return cls(text, {"upstream": self.url} if detail is None else detail)
-
-
-@dataclass(frozen=True)
-class _Challenge:
-    """A bearer challenge; tokens are cached per challenge."""
-
-    realm: str
-    service: str | None
-    scope: str | None
-
-
-@dataclass(frozen=True)
-class _Token:
-    value: str
-    expires_at: float
-
-
-class _RegistryAuth(httpx.Auth):
-    """Answers the upstream's 401 challenges and remembers what worked.
-
-    Basic: once the upstream has asked for it, the credentials go with every
-    request. Bearer: tokens are cached per challenge until shortly before they
-    expire, and each repository remembers the challenge it last received, so
-    the next request for it carries the token without a 401 round trip.
-
-    One instance serves every thread. The lock guards the caches only, never
-    a network call, so two threads missing the same token may both fetch it,
-    which costs a request and nothing else.
-    """
-
-    def __init__(
-        self,
-        basic: str | None,
-        fetch_token: Callable[[_Challenge], tuple[str, float]],
-        clock: Callable[[], float],
-    ) -> None:
-        self._basic = basic
-        self._fetch_token = fetch_token
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._basic_wanted = False
-        self._tokens: dict[_Challenge, _Token] = {}
-        self._challenges: dict[str, _Challenge] = {}
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        repository = _repository_of(request.url.path)
-        sent = self._known_authorization(repository)
-        if sent is not None:
-            request.headers["Authorization"] = sent
-        response = yield request
-        if response.status_code != 401:
-            return
-        challenges = _challenges(response)
-        bearer = challenges.get("bearer")
-        if bearer is not None and bearer.get("realm"):
-            challenge = _Challenge(bearer["realm"], bearer.get("service"), bearer.get("scope"))
-            # Free the connection before the token request may want one.
-            response.read()
-            authorization = f"Bearer {self._token(challenge, rejected=sent)}"
-            with self._lock:
-                self._challenges[repository] = challenge
-        elif "basic" in challenges and self._basic is not None and sent != self._basic:
-            authorization = self._basic
-            with self._lock:
-                self._basic_wanted = True
-        else:
-            # Nothing to answer the challenge with: the 401 is the answer.
-            return
-        # One retry only: a 401 to fresh credentials means they are refused.
-        request.headers["Authorization"] = authorization
-        yield request
-
-    def _known_authorization(self, repository: str) -> str | None:
-        with self._lock:
-            challenge = self._challenges.get(repository)
-            token = self._tokens.get(challenge) if challenge is not None else None
-            if token is not None and token.expires_at > self._clock():
-                return f"Bearer {token.value}"
-            return self._basic if self._basic_wanted else None
-
-    def _token(self, challenge: _Challenge, rejected: str | None) -> str:
-        """A live token for ``challenge``, other than the one just rejected."""
-        with self._lock:
-            cached = self._tokens.get(challenge)
-            if cached is not None and cached.expires_at > self._clock() and f"Bearer {cached.value}" != rejected:
-                return cached.value
-        value, lifetime = self._fetch_token(challenge)
-        now = self._clock()
-        expires_at = now + lifetime - min(_EXPIRY_MARGIN, lifetime / 2)
-        with self._lock:
-            # Drop expired tokens here so the cache cannot grow without bound.
-            self._tokens = {key: token for key, token in self._tokens.items() if token.expires_at > now}
-            if expires_at > now:
-                self._tokens[challenge] = _Token(value, expires_at)
-        return value
-
-
-def _challenges(response: httpx.Response) -> dict[str, dict[str, str]]:
-    """The WWW-Authenticate challenges by lower-case scheme, first one wins."""
-    found: dict[str, dict[str, str]] = {}
-    for value in response.headers.get_list("www-authenticate"):
-        scheme, _, rest = value.strip().partition(" ")
-        params = {}
-        for match in _AUTH_PARAM.finditer(rest):
-            quoted, plain = match.group(2), match.group(3)
-            params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else plain
-        found.setdefault(scheme.lower(), params)
-    return found
-
-
-def _repository_of(path: str) -> str:
-    """The repository a request is for; empty for ``/v2/`` itself."""
-    match = _REPOSITORY_PATH.search(path)
-    return match.group(1) if match else ""
-
-
-def _basic_authorization(config: UpstreamConfig) -> str | None:
-    if config.username is None:
-        return None
-    raw = f"{config.username}:{config.password or ''}".encode()
-    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 def _manifest_ref(name: str, reference: str) -> str:

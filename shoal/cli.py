@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from node.config import CONFIG_ENV, ConfigError, load_config
+from shoal import stats as stats_command
 from shoal import warm as warm_command
 
 
@@ -98,19 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     warm_command.add_arguments(warm)
     warm.set_defaults(run=warm_command.run)
 
-    stats = commands.add_parser(
-        "stats",
-        help="show the cluster's counters as a table",
-        description=(
-            "Show requests, hit ratio, bytes pushed to clients and pulled from the upstream for every node "
-            "and the whole cluster, and the upstream amplification (bytes pulled / distinct bytes cached), "
-            "read from any node's /debug/vars."
-        ),
-    )
-    stats.add_argument("--url", default="http://127.0.0.1:5000", help="any node of the cluster (default %(default)s)")
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
-    stats.set_defaults(run=_run_stats)
+    stats = commands.add_parser("stats", help=stats_command.HELP, description=stats_command.DESCRIPTION)
+    stats_command.add_arguments(stats)
+    stats.set_defaults(run=stats_command.run)
 
     return parser
 
@@ -163,10 +154,4 @@ def _run_up(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise SystemExit("shoal up: --nodes must be at least 1")
-    return run(args)
-
-
-def _run_stats(args: argparse.Namespace) -> int:
-    from shoal.stats import run
-
     return run(args)

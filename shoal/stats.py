@@ -13,6 +13,20 @@ import httpx
 
 from protos.metrics import DISTINCT_BYTES, TYPES, key
 
+HELP = "show the cluster's counters as a table"
+DESCRIPTION = (
+    "Show requests, hit ratio, bytes pushed to clients and pulled from the upstream for every node "
+    "and the whole cluster, and the upstream amplification (bytes pulled / distinct bytes cached), "
+    "read from any node's /debug/vars."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``shoal stats``."""
+    parser.add_argument("--url", default="http://127.0.0.1:5000", help="any node of the cluster (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+
 
 def _sum(counters: Mapping[str, int], counter: str) -> int:
     return sum(int(counters.get(key(kind, counter), 0)) for kind in TYPES)

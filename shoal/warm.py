@@ -16,26 +16,31 @@ containerd's ``ns`` query parameter (``?ns=ghcr.io``), which the cluster
 uses to pick the upstream; a short name (``alpine:3.19``) goes to the
 cluster's default upstream, which adds Docker Hub's ``library/`` itself.
 
-The command line wires ``add_arguments`` and ``run``; ``python -m
-shoal.warm`` runs the same without it.
+This module is the command and its runner (``Warmer``: plan, then fetch a
+few blobs at a time); the image's reference and plan are
+``shoal.warm_plan``'s, the requests ``shoal.warm_client``'s and the display
+``shoal.warm_progress``'s. The command line wires ``add_arguments`` and
+``run``; ``python -m shoal.warm`` runs the same without it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from dataclasses import dataclass
+from typing import TextIO, TypeVar
 
 import httpx
+
+from shoal.errors import Stopped, WarmError
+from shoal.warm_client import RegistryClient
+from shoal.warm_plan import Blob, Plan, Planner, Reference, parse_reference
+from shoal.warm_progress import BarProgress, LineProgress, Progress, human_bytes, plural
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 HELP = "pull images through the cluster so that later pulls are hits"
@@ -47,71 +52,8 @@ DESCRIPTION = (
     "Prints a progress bar per image and a summary; exits 1 when any image failed."
 )
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
-
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_DIGEST = re.compile(r"(?P<algorithm>[a-z0-9]+(?:[+._-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)")
-# A host name or [IPv6 address], and a port: what Docker takes for a registry.
-_REGISTRY = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?")
 _PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
-# Docker Hub's other names; containerd calls it docker.io.
-_DOCKER_HUB = {"index.docker.io", "registry-1.docker.io"}
-# A manifest bigger than this is not a manifest (distribution refuses 4 MiB).
-_MANIFEST_MAX = 4 * 1024 * 1024
-_CHUNK = 256 * 1024
-
-
-class WarmError(Exception):
-    """One image could not be warmed; the message says what failed."""
-
-
-class _Stopped(WarmError):
-    """A transfer given up because another one failed, or on Ctrl-C; not a failure of its own."""
-
-
-@dataclass(frozen=True)
-class Reference:
-    """An image reference: the registry it names (None: the cluster's default), the name, a tag or digest."""
-
-    text: str
-    registry: str | None
-    name: str
-    reference: str
-
-    @property
-    def params(self) -> dict[str, str]:
-        """Query parameters of every request for this image: containerd's ``ns``."""
-        return {"ns": self.registry} if self.registry else {}
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse ``[registry/]name[:tag][@digest]``; a missing tag is ``latest``, a digest wins over a tag."""
-    rest, _, digest = text.strip().partition("@")
-    tag = None
-    slash, colon = rest.rfind("/"), rest.rfind(":")
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1 :]
-    registry = None
-    first, sep, remainder = rest.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        registry, rest = first, remainder
-        if not _REGISTRY.fullmatch(registry):
-            raise WarmError(f"{text!r}: invalid registry {registry!r}")
-        if registry in _DOCKER_HUB:
-            registry = "docker.io"
-    if not rest or not _NAME.fullmatch(rest):
-        raise WarmError(f"{text!r} is not an image reference (name:tag or name@sha256:...)")
-    if tag is not None and not _TAG.fullmatch(tag):
-        raise WarmError(f"{text!r}: invalid tag {tag!r}")
-    if digest and not _DIGEST.fullmatch(digest):
-        raise WarmError(f"{text!r}: invalid digest {digest!r}")
-    return Reference(text=text, registry=registry, name=rest, reference=digest or tag or "latest")
+_Number = TypeVar("_Number", int, float)
 
 
 def _platform(value: str) -> str:
@@ -121,22 +63,21 @@ def _platform(value: str) -> str:
 
 
 def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
-    return number
+    return _above_zero(int, value, "a positive whole number", "a positive whole number")
 
 
 def _seconds(value: str) -> float:
+    return _above_zero(float, value, "a number of seconds", "a number of seconds above 0")
+
+
+def _above_zero(kind: Callable[[str], _Number], value: str, expected: str, expected_above_zero: str) -> _Number:
+    """``value`` read as ``kind`` and above 0; the usage error says which of the two it is not."""
     try:
-        number = float(value)
+        number = kind(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, not {value!r}") from None
     if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected_above_zero}, not {value!r}")
     return number
 
 
@@ -177,164 +118,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# What to fetch.
-
-
-@dataclass(frozen=True)
-class Blob:
-    digest: str
-    size: int
-    is_layer: bool
-
-
-@dataclass
-class Plan:
-    """Everything one image consists of: its manifests (already fetched) and the blobs to fetch."""
-
-    manifests: int = 0
-    blobs: dict[str, Blob] = field(default_factory=dict)
-    platforms: list[str] = field(default_factory=list)
-
-    @property
-    def layers(self) -> int:
-        return sum(1 for blob in self.blobs.values() if blob.is_layer)
-
-    @property
-    def size(self) -> int:
-        return sum(blob.size for blob in self.blobs.values())
-
-
-def _describe_error(response: httpx.Response) -> str:
-    """``404 MANIFEST_UNKNOWN: manifest unknown`` from an OCI error body, else the status."""
-    text = f"{response.status_code} {response.reason_phrase}".strip()
-    try:
-        errors = response.json().get("errors") or []
-        first = errors[0]
-        return f"{response.status_code} {first.get('code', '')}: {first.get('message', '')}".strip()
-    except (ValueError, AttributeError, IndexError, TypeError):
-        return text
-
-
-def _platform_of(descriptor: dict[str, Any]) -> str | None:
-    platform = descriptor.get("platform")
-    if not isinstance(platform, dict) or not platform.get("os") or not platform.get("architecture"):
-        return None
-    parts = [str(platform["os"]), str(platform["architecture"])]
-    if platform.get("variant"):
-        parts.append(str(platform["variant"]))
-    return "/".join(parts)
-
-
-def _matches(platform: str | None, wanted: list[str]) -> bool:
-    """An index entry for os/arch/variant matches os/arch/variant exactly, and os/arch."""
-    if platform is None:
-        return False
-    for want in wanted:
-        if platform == want or (want.count("/") == 1 and platform.split("/")[:2] == want.split("/")):
-            return True
-    return False
-
-
-def _check_digest(digest: str, data: bytes) -> None:
-    match = _DIGEST.fullmatch(digest)
-    algorithm = match["algorithm"] if match else ""
-    if match and algorithm in ("sha256", "sha512") and hashlib.new(algorithm, data).hexdigest() != match["hex"]:
-        raise WarmError(f"manifest {digest}: the bytes do not match the digest")
-
-
 class Warmer:
     """Warms images through one cluster URL: ``plan`` then ``fetch``, for one image after another."""
 
     def __init__(
         self,
-        http: httpx.Client,
+        client: RegistryClient,
         pool: ThreadPoolExecutor,
         concurrency: int,
-        platforms: list[str] | None = None,
+        platforms: Sequence[str] | None = None,
     ) -> None:
-        self.http = http
+        self.client = client
         self.pool = pool
         self.concurrency = concurrency
-        self.platforms = platforms or []
+        self.planner = Planner(client, platforms)
         self.stop = threading.Event()
         # Blobs warmed earlier in this run; another image sharing them skips them.
         self._warm: set[str] = set()
 
     def plan(self, ref: Reference) -> Plan:
         """Fetch the manifest, and the children of an index, and list the blobs."""
-        plan = Plan()
-        media_type, document = self._manifest(ref, ref.reference)
-        plan.manifests += 1
-        if "manifests" in document:
-            self._plan_index(ref, document, plan, depth=0)
-        else:
-            self._plan_image(document, media_type, plan)
-        return plan
-
-    def _plan_index(self, ref: Reference, index: dict[str, Any], plan: Plan, depth: int) -> None:
-        children = [entry for entry in index.get("manifests") or [] if isinstance(entry, dict)]
-        if self.platforms:
-            offered = sorted({platform for entry in children if (platform := _platform_of(entry))})
-            children = [entry for entry in children if _matches(_platform_of(entry), self.platforms)]
-            if not children and depth == 0:
-                raise WarmError(
-                    f"no manifest for {', '.join(self.platforms)} (the image has {', '.join(offered) or 'none'})"
-                )
-        for entry in children:
-            digest = str(entry.get("digest", ""))
-            if not _DIGEST.fullmatch(digest):
-                raise WarmError(f"the index lists an invalid digest {digest!r}")
-            media_type, document = self._manifest(ref, digest)
-            plan.manifests += 1
-            if "manifests" in document:
-                # An index in an index is rare; deeper than two levels is a loop or a mistake.
-                if depth < 2:
-                    self._plan_index(ref, document, plan, depth + 1)
-                continue
-            platform = _platform_of(entry)
-            if platform:
-                plan.platforms.append(platform)
-            self._plan_image(document, media_type, plan)
-
-    @staticmethod
-    def _plan_image(document: dict[str, Any], media_type: str, plan: Plan) -> None:
-        if "layers" not in document and "config" not in document:
-            raise WarmError(f"unsupported manifest type {media_type or 'without a media type'}")
-        descriptors = [(document.get("config"), False)] + [(layer, True) for layer in document.get("layers") or []]
-        for descriptor, is_layer in descriptors:
-            if not isinstance(descriptor, dict) or not descriptor.get("digest"):
-                continue
-            # Foreign (non-distributable) layers live at their own URLs, not in any registry.
-            if descriptor.get("urls") and "foreign" in str(descriptor.get("mediaType", "")):
-                continue
-            digest = str(descriptor["digest"])
-            if not _DIGEST.fullmatch(digest):
-                raise WarmError(f"the manifest lists an invalid digest {digest!r}")
-            size = descriptor.get("size")
-            plan.blobs.setdefault(digest, Blob(digest, int(size) if isinstance(size, int) else 0, is_layer))
-
-    def _manifest(self, ref: Reference, reference: str) -> tuple[str, dict[str, Any]]:
-        url = f"/v2/{ref.name}/manifests/{reference}"
-        try:
-            response = self.http.get(url, params=ref.params, headers={"Accept": ACCEPT})
-        except httpx.HTTPError as exc:
-            raise WarmError(f"manifest {reference}: {exc or type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise WarmError(f"manifest {reference}: {_describe_error(response)}")
-        if len(response.content) > _MANIFEST_MAX:
-            raise WarmError(f"manifest {reference}: larger than {_MANIFEST_MAX} bytes")
-        if _DIGEST.fullmatch(reference):
-            _check_digest(reference, response.content)
-        try:
-            document = json.loads(response.content)
-        except ValueError:
-            raise WarmError(f"manifest {reference}: not JSON") from None
-        if not isinstance(document, dict):
-            raise WarmError(f"manifest {reference}: not a JSON object")
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip() or str(
-            document.get("mediaType", "")
-        )
-        return media_type, document
+        return self.planner.plan(ref)
 
     def fetch(self, ref: Reference, plan: Plan, progress: Progress) -> None:
         """Download every blob of ``plan``, ``concurrency`` at a time; raise WarmError naming the first failure."""
@@ -358,7 +162,7 @@ class Warmer:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     error = future.exception()
-                    if error is not None and not isinstance(error, _Stopped):
+                    if error is not None and not isinstance(error, Stopped):
                         failures.append(str(error))
                 if failures:
                     # The image has failed: the transfers in flight stop at their next chunk.
@@ -373,201 +177,9 @@ class Warmer:
             raise WarmError(failures[0] + more)
 
     def _blob(self, ref: Reference, blob: Blob, progress: Progress) -> None:
-        match = _DIGEST.fullmatch(blob.digest)
-        assert match is not None
-        hasher = hashlib.new(match["algorithm"]) if match["algorithm"] in ("sha256", "sha512") else None
-        received = 0
-        try:
-            with self.http.stream("GET", f"/v2/{ref.name}/blobs/{blob.digest}", params=ref.params) as response:
-                if response.status_code != 200:
-                    response.read()
-                    raise WarmError(f"blob {blob.digest}: {_describe_error(response)}")
-                for chunk in response.iter_bytes(_CHUNK):
-                    if self.stop.is_set():
-                        raise _Stopped(f"blob {blob.digest}: stopped")
-                    if hasher is not None:
-                        hasher.update(chunk)
-                    received += len(chunk)
-                    progress.advance(len(chunk))
-        except httpx.HTTPError as exc:
-            raise WarmError(f"blob {blob.digest}: {exc or type(exc).__name__} after {received} bytes") from None
-        if blob.size and received != blob.size:
-            raise WarmError(f"blob {blob.digest}: got {received} bytes, the manifest says {blob.size}")
-        if hasher is not None and hasher.hexdigest() != match["hex"]:
-            raise WarmError(f"blob {blob.digest}: the bytes do not match the digest")
+        self.client.download(ref, blob, progress, self.stop)
         self._warm.add(blob.digest)
         progress.blob_done(blob)
-
-
-# Showing it.
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    raise AssertionError("not reached")
-
-
-class Progress(Protocol):
-    """What happens to one image, as it happens; ``advance`` and ``blob_done`` come from several threads."""
-
-    def planned(self, plan: Plan) -> None: ...
-
-    def advance(self, count: int) -> None: ...
-
-    def blob_done(self, blob: Blob) -> None: ...
-
-    def finished(self, error: str | None) -> None: ...
-
-
-class _Counts:
-    def __init__(self, label: str, clock: Callable[[], float]) -> None:
-        self.label = label
-        self.clock = clock
-        self.started = clock()
-        self.lock = threading.Lock()
-        self.total_bytes = 0
-        self.total_layers = 0
-        self.bytes = 0
-        self.layers = 0
-
-    def plan(self, plan: Plan) -> None:
-        self.total_bytes, self.total_layers = plan.size, plan.layers
-
-    def elapsed(self) -> float:
-        return self.clock() - self.started
-
-
-class BarProgress:
-    """One line per image on a terminal, redrawn in place: a bar, bytes and layers.
-
-    The line never wraps, which would break the redrawing: on a narrow
-    terminal the image's name is shortened from the left first.
-    """
-
-    BAR = 24
-
-    def __init__(
-        self,
-        label: str,
-        out: TextIO,
-        clock: Callable[[], float] = time.monotonic,
-        columns: Callable[[], int] | None = None,
-    ) -> None:
-        self.counts = _Counts(label, clock)
-        self.out = out
-        self.columns = columns or self._terminal_columns
-        self._last_draw = 0.0
-        self._draw(force=True)
-
-    def _terminal_columns(self) -> int:
-        try:
-            return os.get_terminal_size(self.out.fileno()).columns or 80
-        except (OSError, ValueError, AttributeError):
-            return 80
-
-    def planned(self, plan: Plan) -> None:
-        with self.counts.lock:
-            self.counts.plan(plan)
-            self._draw(force=True)
-
-    def advance(self, count: int) -> None:
-        with self.counts.lock:
-            self.counts.bytes += count
-            self._draw()
-
-    def blob_done(self, blob: Blob) -> None:
-        with self.counts.lock:
-            self.counts.layers += blob.is_layer
-            self._draw(force=True)
-
-    def finished(self, error: str | None) -> None:
-        with self.counts.lock:
-            counts = self.counts
-            tail = f"done in {counts.elapsed():.1f}s" if error is None else f"FAILED: {error}"
-            self._draw(force=True, tail=tail)
-            self.out.write("\n")
-            self.out.flush()
-
-    def line(self, width: int, tail: str = "") -> str:
-        """The line as drawn, at most ``width`` characters."""
-        counts = self.counts
-        if counts.total_bytes:
-            share = min(1.0, counts.bytes / counts.total_bytes)
-            filled = round(share * self.BAR)
-            bar = f"[{'#' * filled}{'.' * (self.BAR - filled)}] {share * 100:3.0f}%"
-            size = f"{human_bytes(counts.bytes)} / {human_bytes(counts.total_bytes)}"
-            status = f"{bar}  {size}  {counts.layers}/{counts.total_layers} layers"
-        else:
-            status = "resolving..."
-        if tail:
-            status = f"{status}  {tail}"
-        room = width - len(status) - 2
-        label = counts.label
-        if len(label) > room:
-            label = "..." + label[-(room - 3) :] if room > 12 else label[: max(room, 12)]
-        return f"{label}  {status}"[:width]
-
-    def _draw(self, force: bool = False, tail: str = "") -> None:
-        now = self.counts.clock()
-        if not force and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        # One column short of the edge: a full line would move the cursor on some terminals.
-        self.out.write("\r\x1b[K" + self.line(max(20, self.columns() - 1), tail))
-        self.out.flush()
-
-
-class LineProgress:
-    """Plain lines for logs (stdout is not a terminal): the plan, each finished layer, the end."""
-
-    def __init__(self, label: str, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
-        self.counts = _Counts(label, clock)
-        self.out = out
-
-    def _print(self, text: str) -> None:
-        self.out.write(f"{self.counts.label}: {text}\n")
-        self.out.flush()
-
-    def planned(self, plan: Plan) -> None:
-        with self.counts.lock:
-            self.counts.plan(plan)
-            platforms = f" for {', '.join(plan.platforms)}" if plan.platforms else ""
-            self._print(
-                f"{plural(plan.layers, 'layer')}, {human_bytes(plan.size)} in {plural(len(plan.blobs), 'blob')}, "
-                f"{plural(plan.manifests, 'manifest')}{platforms}"
-            )
-
-    def advance(self, count: int) -> None:
-        with self.counts.lock:
-            self.counts.bytes += count
-
-    def blob_done(self, blob: Blob) -> None:
-        with self.counts.lock:
-            counts = self.counts
-            if blob.is_layer:
-                counts.layers += 1
-                what = f"layer {counts.layers}/{counts.total_layers}"
-            else:
-                what = "config"
-            self._print(
-                f"{what} {blob.digest[:19]} {human_bytes(blob.size)} "
-                f"({human_bytes(counts.bytes)} / {human_bytes(counts.total_bytes)})"
-            )
-
-    def finished(self, error: str | None) -> None:
-        with self.counts.lock:
-            counts = self.counts
-            if error is None:
-                self._print(f"done, {human_bytes(counts.bytes)} in {counts.elapsed():.1f}s")
-            else:
-                self._print(f"FAILED: {error}")
 
 
 @dataclass
@@ -609,17 +221,6 @@ def _warm_one(warmer: Warmer, text: str, progress: Progress, clock: Callable[[],
     return result
 
 
-def _reachable(http: httpx.Client) -> str | None:
-    """None when the URL answers the registry API's base endpoint, else why not."""
-    try:
-        response = http.get("/v2/")
-    except httpx.HTTPError as exc:
-        return str(exc) or type(exc).__name__
-    if response.status_code not in (200, 401):
-        return f"GET /v2/ answered {_describe_error(response)}"
-    return None
-
-
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Warm ``args.images`` through ``args.url``; 0 when every image is warm, 1 otherwise."""
     out = sys.stdout if out is None else out
@@ -637,11 +238,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         httpx.Client(base_url=url, timeout=timeout, limits=limits, headers=headers, follow_redirects=True) as http,
         ThreadPoolExecutor(args.concurrency, thread_name_prefix="shoal-warm") as pool,
     ):
-        problem = _reachable(http)
+        client = RegistryClient(http)
+        problem = client.reachable()
         if problem is not None:
             err.write(f"shoal warm: cannot reach a registry at {url}: {problem}\n")
             return 1
-        warmer = Warmer(http, pool, args.concurrency, args.platform)
+        warmer = Warmer(client, pool, args.concurrency, args.platform)
         bar = out.isatty()
         try:
             for text in args.images:

@@ -36,8 +36,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
-# What a registry client accepts for a manifest by tag.
-ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 
 # Every file and archive gets this modification time so that builds repeat exactly.
 _EPOCH = 0

@@ -1,4 +1,4 @@
-"""The test bed, proved against the real services it wraps.
+"""The test-support layer, proved against the real services it wraps.
 
 If these fail, every integration test built on the helpers would fail for
 reasons unrelated to Shoal, so they run first and speak plainly.
@@ -21,14 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from testbed.clock import FakeClock
-from testbed.fake_upstream import FakeUpstream
-from testbed.images import (
-    ACCEPT,
+from node.media_types import ACCEPT_MANIFESTS
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     OCI_INDEX,
-    OCI_LAYER_UNCOMPRESSED,
     OCI_MANIFEST,
     Image,
     build_image,
@@ -37,11 +35,10 @@ from testbed.images import (
     make_layer,
     push,
     sha256_digest,
-    stamped_layer,
 )
-from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_for_port, wait_until
-from testbed.registry import DistributionRegistry
-from testbed.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
+from tests.support.processes import Process, free_port, require_binary, wait_for_http, wait_until
+from tests.support.registry import DistributionRegistry
+from tests.support.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
 
 pytestmark = pytest.mark.integration
 
@@ -61,30 +58,6 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=30.0) as http:
         yield http
-
-
-# The fake clock.
-
-
-def test_fake_clock_moves_only_forward_and_only_when_told() -> None:
-    clock = FakeClock(100.0)
-    assert clock() == clock.now() == 100.0
-    clock.advance(2.5)
-    assert clock() == 102.5
-    with pytest.raises(ValueError, match="never goes back"):
-        clock.advance(-1)
-    assert clock() == 102.5
-
-
-def test_fake_clock_sleep_returns_at_once_later() -> None:
-    clock = FakeClock()
-    started = time.monotonic()
-    start = clock()
-    clock.sleep(3600)
-    clock.sleep(0.5)
-    assert clock() == start + 3600.5
-    assert clock.sleeps == [3600, 0.5]
-    assert time.monotonic() - started < 1
 
 
 # Processes.
@@ -108,20 +81,6 @@ def test_free_ports_are_bindable() -> None:
 def test_require_binary_names_the_package() -> None:
     with pytest.raises(RuntimeError, match="Debian package 'no-such-package'"):
         require_binary("shoal-no-such-binary", "no-such-package")
-
-
-def test_wait_for_port_waits_for_a_listener_and_fails_when_the_process_exits(tmp_path: Path) -> None:
-    port = free_port()
-    script = (
-        f"import socket, time\ntime.sleep(0.2)\nserver = socket.create_server(('127.0.0.1', {port}))\ntime.sleep(60)\n"
-    )
-    with Process([sys.executable, "-c", script], tmp_path / "listener.log") as listener:
-        wait_for_port(port, listener, "the listener", timeout=20)
-    with (
-        Process([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "quitter.log") as quitter,
-        pytest.raises(RuntimeError, match="the quitter exited before listening"),
-    ):
-        wait_for_port(free_port(), quitter, "the quitter", timeout=20)
 
 
 def test_process_logs_output_and_is_killed_when_it_ignores_sigterm(tmp_path: Path) -> None:
@@ -206,30 +165,6 @@ def test_image_config_describes_its_layers() -> None:
     assert set(build_image([100], seed="other").blobs).isdisjoint(image.blobs)
 
 
-def test_uncompressed_layers_are_tars_distinct_per_seed_and_offset() -> None:
-    size = 2 * 1024 * 1024 + 100
-    layer = stamped_layer(size, seed="stamped")
-    assert len(layer) % tarfile.RECORDSIZE == 0
-    with tarfile.open(fileobj=io.BytesIO(layer)) as archive:
-        (member,) = archive.getmembers()
-        content = archive.extractfile(member)
-        assert content is not None
-        data = content.read()
-    assert len(data) == size
-    mib = 1024 * 1024
-    assert data[:mib] != data[mib : 2 * mib]
-    assert stamped_layer(size, seed="stamped") == layer != stamped_layer(size, seed="other")
-
-
-def test_an_image_of_uncompressed_layers_lists_them_as_their_own_diffs() -> None:
-    image = build_image([1000, 3000], oci=True, seed="uncompressed", compressed=False)
-    manifest = json.loads(image.manifest)
-    assert {entry["mediaType"] for entry in manifest["layers"]} == {OCI_LAYER_UNCOMPRESSED}
-    assert json.loads(image.config)["rootfs"]["diff_ids"] == image.layer_digests
-    with pytest.raises(ValueError, match="need an OCI manifest"):
-        build_image([1000], compressed=False)
-
-
 def test_index_lists_platforms() -> None:
     index = build_multiarch([100], seed="index")
     document = json.loads(index.manifest)
@@ -242,7 +177,7 @@ def test_index_lists_platforms() -> None:
 
 
 def assert_served(client: httpx.Client, base: str, name: str, reference: str, media_type: str, manifest: bytes) -> None:
-    response = client.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT})
+    response = client.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT_MANIFESTS})
     assert response.status_code == 200, response.text
     assert response.content == manifest
     assert response.headers["Content-Type"] == media_type
@@ -257,7 +192,7 @@ def assert_blobs_served(client: httpx.Client, base: str, name: str, image: Image
 
 
 def test_push_docker_image_and_read_it_back(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("testbed/docker")
+    name = unique_name("support/docker")
     image = build_image([1000, 300_000], seed=name)
     assert push(upstream_registry.url, name, "v1", image) == image.digest
     assert_served(client, upstream_registry.url, name, "v1", DOCKER_MANIFEST, image.manifest)
@@ -268,7 +203,7 @@ def test_push_docker_image_and_read_it_back(upstream_registry: DistributionRegis
 
 
 def test_push_oci_index_and_read_it_back(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("testbed/oci")
+    name = unique_name("support/oci")
     index = build_multiarch([2000, 5000], seed=name)
     push(upstream_registry.url, name, "multi", index)
     assert_served(client, upstream_registry.url, name, "multi", OCI_INDEX, index.manifest)
@@ -278,7 +213,7 @@ def test_push_oci_index_and_read_it_back(upstream_registry: DistributionRegistry
 
 
 def test_access_log_counts_requests(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("testbed/counted")
+    name = unique_name("support/counted")
     image = build_image([100], seed=name)
     push(upstream_registry.url, name, "latest", image)
     path = f"/v2/{name}/blobs/{image.layer_digests[0]}"
@@ -289,19 +224,6 @@ def test_access_log_counts_requests(upstream_registry: DistributionRegistry, cli
     # The push checked for the blob first, and the registry logged that too.
     assert ("HEAD", path, 404) in upstream_registry.requests(path_prefix=f"/v2/{name}/")
     assert upstream_registry.count("GET", f"/v2/{name}/manifests/latest") == 0
-
-
-def test_push_without_skip_present_asks_for_no_blob_first(
-    upstream_registry: DistributionRegistry, client: httpx.Client
-) -> None:
-    name = unique_name("testbed/unasked")
-    image = build_image([100], oci=True, seed=name, compressed=False)
-    push(upstream_registry.url, name, "latest", image, skip_present=False)
-    assert_served(client, upstream_registry.url, name, "latest", OCI_MANIFEST, image.manifest)
-    assert_blobs_served(client, upstream_registry.url, name, image)
-    path = f"/v2/{name}/blobs/{image.layer_digests[0]}"
-    wait_until(lambda: upstream_registry.count("GET", path) == 1, message=lambda: str(upstream_registry.requests()))
-    assert upstream_registry.count("HEAD", path) == 0
 
 
 def test_registry_restarts_on_the_same_port_with_its_data(tmp_path: Path, client: httpx.Client) -> None:
@@ -318,7 +240,7 @@ def test_registry_restarts_on_the_same_port_with_its_data(tmp_path: Path, client
 
 
 def test_registry_in_proxy_mode_pulls_through(upstream_registry: DistributionRegistry, client: httpx.Client) -> None:
-    name = unique_name("testbed/proxied")
+    name = unique_name("support/proxied")
     image = build_image([1000], seed=name)
     push(upstream_registry.url, name, "v1", image)
     with DistributionRegistry(proxy_remote_url=upstream_registry.url) as proxy:
@@ -334,7 +256,7 @@ def test_registry_in_proxy_mode_pulls_through(upstream_registry: DistributionReg
 
 
 def test_skopeo_copies_a_pushed_image(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
-    name = unique_name("testbed/skopeo")
+    name = unique_name("support/skopeo")
     image = build_image([1000, 200_000], seed=name)
     push(upstream_registry.url, name, "v1", image)
     dest = skopeo_copy(f"{upstream_registry.host}/{name}:v1", tmp_path / "copy")
@@ -346,7 +268,7 @@ def test_skopeo_copies_a_pushed_image(upstream_registry: DistributionRegistry, t
 
 
 def test_skopeo_picks_the_requested_platform(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
-    name = unique_name("testbed/skopeo-multi")
+    name = unique_name("support/skopeo-multi")
     index = build_multiarch([1000], seed=name)
     push(upstream_registry.url, name, "multi", index)
     dest = skopeo_copy(f"{upstream_registry.host}/{name}:multi", tmp_path / "arm64", override_arch="arm64")
@@ -357,7 +279,7 @@ def test_skopeo_picks_the_requested_platform(upstream_registry: DistributionRegi
 
 def test_skopeo_failure_carries_stderr(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
     with pytest.raises(SkopeoError, match="manifest unknown"):
-        skopeo_copy(f"{upstream_registry.host}/testbed/missing:nope", tmp_path / "missing")
+        skopeo_copy(f"{upstream_registry.host}/support/missing:nope", tmp_path / "missing")
 
 
 # The fake upstream.

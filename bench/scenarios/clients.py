@@ -33,7 +33,7 @@ from bench.results import Section, Table, Target
 from bench.scenarios import human_size, say
 from bench.settings import Settings
 from bench.stack import Stack
-from testbed.images import ACCEPT
+from node.media_types import ACCEPT_MANIFESTS
 
 # Between two probes.
 PROBE_INTERVAL = 0.02
@@ -98,7 +98,7 @@ def run(stack: Stack, settings: Settings) -> Section:
     return _section(records, settings)
 
 
-_ACCEPT = {"Accept": ACCEPT}
+_ACCEPT = {"Accept": ACCEPT_MANIFESTS}
 
 
 def _measure(

@@ -11,7 +11,7 @@ from bench.scenarios import median, rotate, say, show
 from bench.settings import Settings
 from bench.stack import SYSTEMS, Stack
 from bench.stats import ratios
-from testbed.images import ACCEPT
+from node.media_types import ACCEPT_MANIFESTS
 
 MEASURED = ("shoal", "shoal-node", "dist1", "dist3", "upstream")
 MODES = ("tag", "digest")
@@ -28,7 +28,7 @@ def run(stack: Stack, settings: Settings) -> Section:
         urls[system, "tag"] = f"{base}/{image.tag}"
         urls[system, "digest"] = f"{base}/{image.digest}"
         # Warm: a few of each, so every instance behind the balancer has seen both.
-        with httpx.Client(headers={"Accept": ACCEPT}, timeout=30) as client:
+        with httpx.Client(headers={"Accept": ACCEPT_MANIFESTS}, timeout=30) as client:
             for _ in range(6):
                 for mode in MODES:
                     response = client.get(urls[system, mode])

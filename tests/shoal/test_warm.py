@@ -26,20 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shoal.warm import (
-    BarProgress,
-    Blob,
-    LineProgress,
-    Plan,
-    Result,
-    Warmer,
-    WarmError,
-    _matches,
-    _warm_one,
-    parse_reference,
-    summary,
-)
-from testbed.clock import FakeClock
+from shoal.warm import Result, Warmer, _warm_one, summary
+from shoal.warm_client import RegistryClient
+from shoal.warm_progress import LineProgress
 from testbed.cluster import Cluster
 from testbed.images import Image, build_image, build_multiarch, push
 from testbed.processes import free_port, wait_until
@@ -248,74 +237,6 @@ def test_bad_options_are_usage_errors() -> None:
     assert "expected OS/ARCH" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("text", "registry", "name", "reference"),
-    [
-        ("alpine", None, "alpine", "latest"),
-        ("alpine:3.19", None, "alpine", "3.19"),
-        ("library/redis:7", None, "library/redis", "7"),
-        ("ghcr.io/team/app:1.2", "ghcr.io", "team/app", "1.2"),
-        ("localhost:5000/app", "localhost:5000", "app", "latest"),
-        ("registry.local:5000/a/b:c", "registry.local:5000", "a/b", "c"),
-        ("index.docker.io/library/alpine:3", "docker.io", "library/alpine", "3"),
-        ("alpine:3.19@sha256:" + "a" * 64, None, "alpine", "sha256:" + "a" * 64),
-        ("quay.io/x/y@sha256:" + "b" * 64, "quay.io", "x/y", "sha256:" + "b" * 64),
-    ],
-)
-def test_references_are_parsed_as_docker_does(text: str, registry: str | None, name: str, reference: str) -> None:
-    parsed = parse_reference(text)
-    assert (parsed.registry, parsed.name, parsed.reference) == (registry, name, reference)
-    assert parsed.params == ({"ns": registry} if registry else {})
-
-
-@pytest.mark.parametrize(
-    "text", ["", "Alpine:3", "alpine:", "alpine@sha256", "a//b", "alpine:bad/tag", "ghcr.io:x/app"]
-)
-def test_malformed_references_are_refused(text: str) -> None:
-    with pytest.raises(WarmError):
-        parse_reference(text)
-
-
-def test_a_platform_matches_with_or_without_its_variant() -> None:
-    assert _matches("linux/arm64/v8", ["linux/arm64"])
-    assert _matches("linux/arm/v7", ["linux/arm/v7"])
-    assert not _matches("linux/arm/v6", ["linux/arm/v7"])
-    assert not _matches("linux/arm64", ["linux/arm64/v8"])
-    assert not _matches(None, ["linux/amd64"])
-
-
-def test_plain_lines_show_each_layer_and_the_end() -> None:
-    clock = FakeClock(0.0)
-    out = io.StringIO()
-    progress = LineProgress("app:1", out, clock=clock)
-    config, layer = Blob("sha256:" + "c" * 64, 1_000, False), Blob("sha256:" + "d" * 64, 2_500_000, True)
-    progress.planned(Plan(manifests=1, blobs={config.digest: config, layer.digest: layer}))
-    progress.advance(1_000)
-    progress.blob_done(config)
-    progress.advance(2_500_000)
-    progress.blob_done(layer)
-    clock.advance(2.5)
-    progress.finished(None)
-    assert out.getvalue().splitlines() == [
-        "app:1: 1 layer, 2.5 MB in 2 blobs, 1 manifest",
-        "app:1: config sha256:cccccccccccc 1.0 kB (1.0 kB / 2.5 MB)",
-        "app:1: layer 1/1 sha256:dddddddddddd 2.5 MB (2.5 MB / 2.5 MB)",
-        "app:1: done, 2.5 MB in 2.5s",
-    ]
-
-
-def test_the_bar_fits_a_narrow_terminal_by_shortening_the_name() -> None:
-    out = io.StringIO()
-    progress = BarProgress("registry.example/" + "very-long-name/" * 4 + "app:1", out, clock=FakeClock(0.0))
-    layer = Blob("sha256:" + "d" * 64, 4_000_000, True)
-    progress.planned(Plan(manifests=1, blobs={layer.digest: layer}))
-    progress.advance(1_000_000)
-    line = progress.line(80)
-    assert len(line) == 80
-    assert line.startswith("...") and "name/app:1  [######..................]  25%  1.0 MB / 4.0 MB  0/1 layers" in line
-    assert progress.line(200).startswith("registry.example/very-long-name/")
-
-
 class _Registry:
     """An in-process registry for ``httpx.MockTransport``: content by path, and a log of requests."""
 
@@ -347,7 +268,7 @@ def _warm_with(registry: _Registry, *images: str) -> tuple[list[Result], str]:
         httpx.Client(base_url="http://shoal", transport=httpx.MockTransport(registry.handle)) as http,
         concurrent.futures.ThreadPoolExecutor(2) as pool,
     ):
-        warmer = Warmer(http, pool, concurrency=2)
+        warmer = Warmer(RegistryClient(http), pool, concurrency=2)
         results = [_warm_one(warmer, text, LineProgress(text, out), time.monotonic) for text in images]
     return results, out.getvalue()
 
