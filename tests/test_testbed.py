@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from node.media_types import ACCEPT_MANIFESTS
-from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import (
+from testbed.fake_upstream import FakeUpstream
+from testbed.images import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -36,9 +36,9 @@ from tests.support.images import (
     push,
     sha256_digest,
 )
-from tests.support.processes import Process, free_port, require_binary, wait_for_http, wait_until
-from tests.support.registry import DistributionRegistry
-from tests.support.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
+from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_until
+from testbed.registry import DistributionRegistry
+from testbed.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
 
 pytestmark = pytest.mark.integration
 
