@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from coordinator.errors import ConfigError
+from protos.config_file import read_config_file
 
 SECTION = "coordinator"
 ENV_PREFIX = "SHOAL_COORDINATOR__"
@@ -276,28 +275,13 @@ def _show(value: object) -> str:
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> CoordinatorConfig:
     """Read the YAML file at ``path`` (or ``$SHOAL_CONFIG``), apply overrides, validate.
 
-    The file may be the one the nodes read, so it fails with the messages
-    ``node.config.load_config`` uses. The few lines that read it are written
-    again here rather than shared: node and coordinator share only
-    ``protos/``, the contract between them, and reading a YAML file is no
-    part of that.
+    The file may be the one the nodes read; ``protos.config_file`` reads it
+    for both, with the same messages.
     """
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV)
-    document: object = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                document = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if document is None:
-            document = {}
-        if not isinstance(document, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    section = document.get(SECTION) if isinstance(document, dict) else None
+    document = read_config_file(path, ConfigError) if path else {}
+    section = document.get(SECTION)
     if section is None:
         section = {}
     if not isinstance(section, dict):

@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from node.config import UpstreamConfig
 from node.coordinator_client import Coordinator
@@ -45,26 +46,25 @@ log = logging.getLogger(__name__)
 _STALE_OK = (UpstreamUnavailable, TooManyRequests)
 
 
+@dataclass
 class ClusterSource:
-    def __init__(
-        self,
-        upstream: Source,
-        config: UpstreamConfig,
-        flight: Flight,
-        coordinator: Coordinator,
-        peers: PeerClient,
-        local: LocalStore,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.upstream = upstream
-        self.config = config
-        self.flight = flight
-        self.coordinator = coordinator
-        self.peers = peers
-        self.local = local
-        self._node_id = flight.node_id
-        self._ttl_ms = int(config.ttl * 1000)
-        self._clock = clock
+    """The ``Source`` of one mirrored registry on a node in a cluster."""
+
+    upstream: Source
+    config: UpstreamConfig
+    flight: Flight
+    coordinator: Coordinator
+    peers: PeerClient
+    local: LocalStore
+    clock: Callable[[], float] = time.time
+
+    @property
+    def _node_id(self) -> str:
+        return self.flight.node_id
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.config.ttl * 1000)
 
     @contextlib.contextmanager
     def open_blob(self, name: str, digest: Digest) -> Iterator[BlobStream]:
@@ -111,7 +111,7 @@ class ClusterSource:
             if pointer is None:
                 return None
             seen.append(pointer)
-            if not pointer.fresh(self._clock(), self.config.tag_ttl):
+            if not pointer.fresh(self.clock(), self.config.tag_ttl):
                 return None
             return TagAnswer(parse_digest(pointer.digest))
 
@@ -163,5 +163,5 @@ class ClusterSource:
             stored = self.local.read(answer.digest)
             manifest = FetchedManifest(*stored) if stored is not None else None
         if manifest is None:
-            return TagPointer(str(answer.digest), "", 0, self._clock())
-        return TagPointer(str(answer.digest), manifest.media_type, len(manifest.data), self._clock())
+            return TagPointer(str(answer.digest), "", 0, self.clock())
+        return TagPointer(str(answer.digest), manifest.media_type, len(manifest.data), self.clock())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
+from protos.config_file import read_config_file
 
 ENV_PREFIX = "SHOAL_"
 CONFIG_ENV = "SHOAL_CONFIG"
@@ -287,18 +287,7 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     """Read the YAML file at ``path`` (or ``$SHOAL_CONFIG``), apply overrides."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV)
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        raw = dict(loaded or {})
+    raw = read_config_file(path, ConfigError) if path else {}
     return config_from_dict(raw, environ)
 
 

@@ -84,22 +84,15 @@ class Manifest:
     outcome: str = "hits"
 
 
+@dataclass
 class ProxyStore:
     """The cache of one mirrored registry: ``local`` in front of ``source``."""
 
-    def __init__(
-        self,
-        local: LocalStore,
-        fills: Fills,
-        source: Source,
-        config: UpstreamConfig,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.local = local
-        self.fills = fills
-        self.source = source
-        self.config = config
-        self._clock = clock
+    local: LocalStore
+    fills: Fills
+    source: Source
+    config: UpstreamConfig
+    clock: Callable[[], float] = time.time
 
     # Blobs.
 
@@ -175,13 +168,13 @@ class ProxyStore:
             self.local.write_tag(
                 self._scoped(name),
                 tag,
-                TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self._clock()),
+                TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self.clock()),
             )
             return manifest
 
     def _fresh_tag(self, name: str, tag: str) -> Manifest | None:
         pointer = self.local.read_tag(self._scoped(name), tag)
-        if pointer is None or not pointer.fresh(self._clock(), self.config.tag_ttl):
+        if pointer is None or not pointer.fresh(self.clock(), self.config.tag_ttl):
             return None
         return self._manifest_by_digest(name, parse_digest(pointer.digest))
 
