@@ -27,6 +27,7 @@ from node.reference import parse_digest
 from node.responses import file_body, growing_body
 from node.services import services
 from node.sources import FetchedManifest, Origin
+from node.transport import Urllib3Transport, read1
 from node.upstream import Observer
 
 internal = Blueprint("internal", __name__)
@@ -35,6 +36,8 @@ SECRET_HEADER = "X-Shoal-Secret"
 MEDIA_TYPE_HEADER = "X-Shoal-Media-Type"
 # Set on answers that follow a fill still in progress on the peer.
 IN_PROGRESS_HEADER = "X-Shoal-In-Progress"
+# Connections a worker keeps to each peer: one per fill it runs, at most.
+PEER_CONNECTIONS = 32
 
 
 class PeerDenied(ShoalError):
@@ -81,21 +84,24 @@ class PeerStream:
         self.media_type = response.headers.get(MEDIA_TYPE_HEADER, "application/octet-stream")
         self.joined = response.headers.get(IN_PROGRESS_HEADER) == "1"
 
-    def iter_bytes(self) -> Iterator[bytes]:
+    def read(self, size: int) -> bytes:
         try:
-            for chunk in self._response.iter_raw():
-                self._observer.count(self._kind, "peer_bytes", len(chunk))
-                yield chunk
+            data = read1(self._response, size)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"the peer broke off the transfer ({type(exc).__name__})") from None
+        self._observer.count(self._kind, "peer_bytes", len(data))
+        return data
 
 
 class PeerClient:
     """Streams content from other nodes; one per worker, shared by its threads."""
 
-    def __init__(self, secret: str, timeout: float, observer: Observer) -> None:
+    def __init__(self, secret: str, timeout: float, observer: Observer, connections: int = PEER_CONNECTIONS) -> None:
         self._observer = observer
         self._client = httpx.Client(
+            # Read in large pieces, like blobs from the upstream; a peer
+            # answers with sendfile, so the copy is the whole cost.
+            transport=Urllib3Transport(connections),
             headers={SECRET_HEADER: secret, "Accept-Encoding": "identity"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
         )
@@ -126,7 +132,7 @@ class PeerClient:
         """The whole content (a manifest) from a peer, at most ``limit`` bytes; errors as ``open``."""
         with self.open(peer_url, digest, "manifest") as stream:
             data = bytearray()
-            for chunk in stream.iter_bytes():
+            while chunk := stream.read(limit + 1 - len(data)):
                 data += chunk
                 if len(data) > limit:
                     raise UpstreamUnavailable(f"peer {peer_url} sent more than {limit} bytes")

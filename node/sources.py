@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -42,15 +41,18 @@ class BlobStream(Protocol):
 
     ``size`` is what the source announced (None when unknown); ``joined`` is
     true when the bytes ride on a fetch that was already running elsewhere
-    (a peer's fill in progress). ``iter_bytes`` yields the bytes as they
-    arrive and raises ``UpstreamUnavailable`` when the transfer breaks off.
+    (a peer's fill in progress). ``read`` returns the next bytes, at most
+    ``size`` but as many as have arrived, as soon as any have (followers of a
+    fill see the first bytes at once); empty at the end. It raises
+    ``UpstreamUnavailable`` when the transfer breaks off. The bytes are the
+    ones sent, never content-decoded.
     """
 
     size: int | None
     origin: Origin
     joined: bool
 
-    def iter_bytes(self) -> Iterator[bytes]: ...
+    def read(self, size: int) -> bytes: ...
 
 
 @dataclass(frozen=True)

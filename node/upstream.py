@@ -3,7 +3,8 @@
 ``Upstream`` speaks the read side of the OCI distribution API over two
 ``httpx.Client`` pools that every greenlet of a worker shares: one for blobs,
 capped at the worker's fills, and one kept for manifests, tag checks and
-tokens. It maps the upstream's
+tokens. Blob bodies are read below httpx, in pieces as large as what has
+arrived (``node.transport``), and never content-decoded. It maps the upstream's
 answers onto the node's domain errors: 404 becomes the matching "unknown"
 error, 401/403 ``UpstreamDenied``, 429 ``TooManyRequests``, anything else
 that is not a 200 (and every transport failure) ``UpstreamUnavailable``.
@@ -45,6 +46,7 @@ from node.errors import (
 from node.media_types import ACCEPT_MANIFESTS
 from node.reference import Digest, digest_of, is_digest, parse_digest
 from node.sources import FetchedManifest, Origin, TagAnswer
+from node.transport import Urllib3Transport, read1
 from node.upstream_auth import TOKEN_MAX, Challenge, Credentials, RegistryAuth, parse_token
 
 logger = logging.getLogger(__name__)
@@ -125,18 +127,14 @@ class BlobStream:
         self._observer = observer
         self.size = _content_length(response)
 
-    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
-        """The body in chunks; a failure part way raises ``UpstreamUnavailable``.
-
-        Without a chunk size the bytes come as they arrive, so followers of
-        a fill see the first bytes at once, not after a full chunk.
-        """
+    def read(self, size: int) -> bytes:
+        """The bytes as they arrive, at most ``size``; a failure part way raises ``UpstreamUnavailable``."""
         try:
-            for chunk in self._response.iter_bytes(chunk_size):
-                self._observer.count("blob", "bytes_pulled", len(chunk))
-                yield chunk
+            data = read1(self._response, size)
         except httpx.HTTPError as exc:
             raise self._on_error(exc) from None
+        self._observer.count("blob", "bytes_pulled", len(data))
+        return data
 
 
 class Upstream:
@@ -164,8 +162,10 @@ class Upstream:
         # Two pools: blobs (at most one connection per fill) and everything
         # else (manifests, tag checks, tokens), so that a burst of fills never
         # makes a tag check wait for a connection.
+        # Blob bodies are read below httpx (node.transport), which caps its
+        # own connections; httpx's limits apply to the other pool only.
         self._client = self._pool(config, transport, auth, METADATA_CONNECTIONS)
-        self._blobs = self._pool(config, transport, auth, blob_connections)
+        self._blobs = self._pool(config, transport or Urllib3Transport(blob_connections), auth, blob_connections)
 
     def _pool(
         self, config: UpstreamConfig, transport: httpx.BaseTransport | None, auth: httpx.Auth, connections: int

@@ -30,6 +30,7 @@ from testbed.images import Image, Index, sha256_digest
 
 _MANIFEST_OR_BLOB = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _TAGS_LIST = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
+_CDN = re.compile(r"^/cdn/(?P<digest>[^/]+)$")
 
 
 @dataclass
@@ -42,7 +43,10 @@ class Fault:
     promised the full length. ``gate`` holds everything after the first chunk
     until the event is set; ``reached`` is set when a response is waiting
     there, so a test can await that point instead of guessing. ``chunk_delay``
-    pauses between chunks to make a slow upstream.
+    pauses between chunks to make a slow upstream. ``content_encoding`` is
+    sent as the ``Content-Encoding`` header (a wrong one: the body is the
+    content as it is). ``redirect`` answers a GET with a 307 to
+    ``/cdn/<digest>``, which serves the content as a CDN would.
     """
 
     corrupt: bool = False
@@ -50,6 +54,8 @@ class Fault:
     gate: threading.Event | None = None
     chunk_delay: float = 0.0
     chunk_size: int = 16 * 1024
+    content_encoding: str | None = None
+    redirect: bool = False
     # A gate never opened must not keep a handler thread forever.
     gate_timeout: float = 60.0
     reached: threading.Event = field(default_factory=threading.Event)
@@ -113,9 +119,19 @@ class FakeUpstream:
         gate: threading.Event | None = None,
         chunk_delay: float = 0.0,
         chunk_size: int = 16 * 1024,
+        content_encoding: str | None = None,
+        redirect: bool = False,
     ) -> Fault:
         """Make every later GET of the content with ``digest`` misbehave; replaces an earlier fault."""
-        fault = Fault(corrupt=corrupt, die_after=die_after, gate=gate, chunk_delay=chunk_delay, chunk_size=chunk_size)
+        fault = Fault(
+            corrupt=corrupt,
+            die_after=die_after,
+            gate=gate,
+            chunk_delay=chunk_delay,
+            chunk_size=chunk_size,
+            content_encoding=content_encoding,
+            redirect=redirect,
+        )
         with self._lock:
             self._faults[digest] = fault
         return fault
@@ -229,6 +245,10 @@ class FakeUpstream:
         with self._lock:
             return self._blobs.get((name, digest))
 
+    def _lookup_any_blob(self, digest: str) -> bytes | None:
+        with self._lock:
+            return next((data for (_, known), data in self._blobs.items() if known == digest), None)
+
     def _lookup_tags(self, name: str) -> list[str] | None:
         with self._lock:
             if name not in self._tags:
@@ -297,6 +317,15 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps({"name": match["name"], "tags": tags}).encode()
             self._send(200, "application/json", body, digest=None, send_body=send_body)
             return
+        if match := _CDN.match(path):
+            data = self.upstream._lookup_any_blob(match["digest"])
+            if data is None:
+                self._send_error(404, "BLOB_UNKNOWN", "blob unknown to the CDN", send_body=send_body)
+                return
+            self._send(
+                200, "application/octet-stream", data, digest=None, send_body=send_body, fault_of=match["digest"]
+            )
+            return
         if match := _MANIFEST_OR_BLOB.match(path):
             name, reference = match["name"], match["reference"]
             if match["kind"] == "manifests":
@@ -311,6 +340,13 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send_error(404, "BLOB_UNKNOWN", "blob unknown to registry", send_body=send_body)
                     return
                 media_type, data = "application/octet-stream", blob
+                fault = self.upstream._fault(reference)
+                if fault is not None and fault.redirect and self.command == "GET":
+                    self.send_response(307)
+                    self.send_header("Location", f"/cdn/{reference}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
             self._send(200, media_type, data, digest=sha256_digest(data), send_body=send_body)
             return
         self._send_error(404, "NOT_FOUND", "no such endpoint", send_body=send_body)
@@ -319,17 +355,29 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
         self._send(status, "application/json", body, digest=None, send_body=send_body)
 
-    def _send(self, status: int, content_type: str, body: bytes, *, digest: str | None, send_body: bool) -> None:
+    def _send(
+        self,
+        status: int,
+        content_type: str,
+        body: bytes,
+        *,
+        digest: str | None,
+        send_body: bool,
+        fault_of: str | None = None,
+    ) -> None:
+        fault_of = fault_of or digest
+        fault = self.upstream._fault(fault_of) if fault_of is not None else None
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
         if digest is not None:
             self.send_header("Docker-Content-Digest", digest)
+        if fault is not None and fault.content_encoding is not None:
+            self.send_header("Content-Encoding", fault.content_encoding)
         self.end_headers()
         if not send_body:
             return
-        fault = self.upstream._fault(digest) if digest is not None else None
         try:
             if fault is None:
                 self.wfile.write(body)

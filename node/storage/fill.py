@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from node.errors import Busy, ShoalError, UpstreamInvalid, UpstreamUnavailable
-from node.offload import run_blocking
+from node.offload import run_blocking, start_blocking
 from node.reference import Digest
 from node.sources import BlobStream, Origin, Source
 from node.storage.files import RETRY_FIRST, RETRY_LAST, try_lock, write_atomic
@@ -222,15 +223,16 @@ class Fill:
         try:
             self._remove_stale()
             with self._source.open_blob(self._name, digest) as stream:
-                fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as out:
+                out = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                try:
                     self._announce(stream, partial)
                     _copy_verified(stream, out, digest)
-                    out.flush()
                     # Followers may finish now: the bytes match the digest.
                     # Syncing to disk is for the store, not for them.
-                    os.fchmod(out.fileno(), 0o444)
-                    run_blocking(os.fdatasync, out.fileno())
+                    os.fchmod(out, 0o444)
+                    run_blocking(os.fdatasync, out)
+                finally:
+                    os.close(out)
                 # Committed inside the source's context: leaving it without an
                 # error tells the source that the content is in the store.
                 self._fills.store.commit(digest, partial)
@@ -385,17 +387,51 @@ def _verified(fd: int) -> bool:
     return not os.fstat(fd).st_mode & _WRITABLE
 
 
-def _copy_verified(source: BlobStream, out: object, digest: Digest) -> None:
+def _copy_verified(source: BlobStream, out: int, digest: Digest) -> None:
+    """Copy ``source`` into the file ``out``; raise unless the bytes are the announced size and match ``digest``."""
     hasher = digest.hasher()
     written = 0
-    write = out.write  # type: ignore[attr-defined]
-    for chunk in source.iter_bytes():
-        written += len(chunk)
-        if source.size is not None and written > source.size:
-            raise UpstreamInvalid("the upstream sent more bytes than it announced", {"digest": str(digest)})
-        hasher.update(chunk)
-        write(chunk)
+    absorb = _Absorber(hasher, out)
+    try:
+        while piece := source.read(CHUNK):
+            written += len(piece)
+            if source.size is not None and written > source.size:
+                raise UpstreamInvalid("the upstream sent more bytes than it announced", {"digest": str(digest)})
+            absorb.add(piece)
+    finally:
+        absorb.wait()
     if source.size is not None and written != source.size:
         raise UpstreamUnavailable("the upstream closed the blob early", {"digest": str(digest)})
     if hasher.hexdigest() != digest.hex:
         raise UpstreamInvalid("the upstream sent a blob that does not match its digest", {"digest": str(digest)})
+
+
+class _Absorber:
+    """Hashes and writes a fill's pieces in order, each off the event loop while the next one is read.
+
+    hashlib and ``os.write`` release the GIL, so on a fast source the read
+    of one piece overlaps the hashing of the last and the fill runs at about
+    the speed of the hash. One piece at a time is in flight: ``add`` waits
+    for the last one first, and ``wait`` must be called before the file is
+    closed.
+    """
+
+    def __init__(self, hasher: hashlib._Hash, out: int) -> None:
+        self._hasher = hasher
+        self._out = out
+        self._pending: Callable[[], None] | None = None
+
+    def add(self, piece: bytes) -> None:
+        self.wait()
+        self._pending = start_blocking(self._absorb, piece)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
+
+    def _absorb(self, piece: bytes) -> None:
+        self._hasher.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(self._out, view) :]

@@ -27,11 +27,14 @@ class Stream:
         self.origin = origin
         self.joined = origin is Origin.PEER
 
-    def iter_bytes(self) -> Iterator[bytes]:
-        for start in range(0, len(self.data), 65536):
-            yield self.data[start : start + 65536]
-            if self.gate is not None:
-                assert self.gate.wait(10), "the test never opened the gate"
+        self.sent = 0
+
+    def read(self, size: int) -> bytes:
+        if self.sent and self.gate is not None:
+            assert self.gate.wait(10), "the test never opened the gate"
+        piece = self.data[self.sent : self.sent + min(size, 65536)]
+        self.sent += len(piece)
+        return piece
 
 
 class Source:

@@ -27,10 +27,12 @@ class FakeStream:
 
     def __init__(self, data: bytes, size: int | None) -> None:
         self.data, self.size = data, size
+        self.sent = 0
 
-    def iter_bytes(self) -> Iterator[bytes]:
-        for start in range(0, len(self.data), 3):
-            yield self.data[start : start + 3]
+    def read(self, size: int) -> bytes:
+        piece = self.data[self.sent : self.sent + min(size, 3)]
+        self.sent += len(piece)
+        return piece
 
 
 class FakeUpstream:
