@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import report
+from bench import issue12, report
 from bench.results import Run, Section, section_from_dict
 from bench.scenarios import burst, clients, follower, manifests, memory, pull, say, throughput
 from bench.settings import QUICK, SCENARIOS, Settings, Sizes
@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, caches) afterwards")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="JSON",
+        help="a file --json wrote for an earlier version: the 'before' column of the issue 12 table",
+    )
+    parser.add_argument(
         "--profile",
         type=lambda text: _names(text, SCENARIOS),
         help="record py-spy profiles of node 1 during these scenarios (into the work directory)",
@@ -156,6 +162,17 @@ def settings_from(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
         keep=args.keep,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
+
+
+def _with_issue12(sections: list[Section], baseline: Path | None) -> list[Section]:
+    """The sections with the issue 12 table first, its 'before' column from ``baseline``."""
+    sections = [section for section in sections if section.key != "issue12"]
+    earlier, command = None, None
+    if baseline is not None:
+        document = json.loads(baseline.read_text(encoding="utf-8"))
+        earlier = [section_from_dict(section) for section in document["sections"]]
+        command = document["command"]
+    return [issue12.section(sections, earlier, command), *sections]
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
@@ -221,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The measurements of an earlier run, written again (after an edit of bench/analysis.md, say).
         document = json.loads(args.render.read_text(encoding="utf-8"))
         sections = [section_from_dict(section) for section in document.pop("sections")]
-        write(sections, Run(**document), settings.markdown, settings.chart, None)
+        write(_with_issue12(sections, args.baseline), Run(**document), settings.markdown, settings.chart, None)
         return 0
     # Both unwind through every finally that stops a server; SIGINT is set
     # too because a shell starts background jobs with it ignored.
@@ -234,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("python -m bench: interrupted; every server was stopped", file=sys.stderr)
         return 130
     measured = Run(settings.command, settings.runs, started.isoformat(), time.monotonic() - clock, report.machine())
+    sections = _with_issue12(sections, args.baseline)
     write(sections, measured, settings.markdown, settings.chart, settings.json)
     for section in sections:
         for target in section.targets:

@@ -49,10 +49,14 @@ def curl_throughput(url: str, concurrency: int, repeats: int, size: int) -> floa
 class Rate:
     requests_per_second: float
     requests: int
+    # wrk's 99th percentile of the latency, in seconds.
+    p99: float
 
 
 _REQUESTS = re.compile(r"(\d+) requests in")
 _RATE = re.compile(r"Requests/sec:\s+([\d.]+)")
+_P99 = re.compile(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _FAILURES = re.compile(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)")
 
 
@@ -69,6 +73,7 @@ def wrk_rate(url: str, seconds: int, connections: int) -> Rate:
         f"{seconds}s",
         "--timeout",
         "10s",
+        "--latency",
         "--header",
         f"Accept: {ACCEPT_MANIFESTS}",
         url,
@@ -80,7 +85,7 @@ def wrk_rate(url: str, seconds: int, connections: int) -> Rate:
     failures = _FAILURES.search(out)
     if failures:
         raise RuntimeError(f"wrk {url}: some requests failed:\n{out}")
-    rate, requests = _RATE.search(out), _REQUESTS.search(out)
-    if rate is None or requests is None:
+    rate, requests, p99 = _RATE.search(out), _REQUESTS.search(out), _P99.search(out)
+    if rate is None or requests is None or p99 is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    return Rate(float(rate.group(1)), int(requests.group(1)))
+    return Rate(float(rate.group(1)), int(requests.group(1)), float(p99.group(1)) * _UNIT[p99.group(2)])

@@ -10,8 +10,9 @@ from bench.settings import Settings
 from bench.stack import SYSTEMS, Stack
 from bench.stats import percentile, ratios
 
-MEASURED = ("shoal", "dist1", "dist3")
-ANCHORS = ("dist1", "dist3")
+MEASURED = ("shoal", "dist1", "dist3", "upstream")
+# Each gets a copy of the image; the upstream's is the reference of a pull straight from it.
+ANCHORS = ("dist1", "dist3", "upstream")
 
 
 def run(stack: Stack, settings: Settings) -> Section:
@@ -94,7 +95,11 @@ def _section(raw: dict[str, dict[int, dict[str, list[dict[str, float]]]]], setti
                             f"{kind}, C={clients}: Shoal ÷ {_short(system)}", ratios(shoal_walls, walls), "burst", 1.0
                         )
                     )
-                section.ratios.append(Ratio(f"{_short(system)}, {kind}, C={clients}", amplification, "amplification"))
+                if system != "upstream":
+                    # Straight from the upstream, every client's bytes cross the link: C by definition.
+                    section.ratios.append(
+                        Ratio(f"{_short(system)}, {kind}, C={clients}", amplification, "amplification")
+                    )
                 rows.append(
                     [
                         kind,
@@ -140,7 +145,7 @@ def _section(raw: dict[str, dict[int, dict[str, list[dict[str, float]]]]], setti
 
 
 def _short(system: str) -> str:
-    return {"shoal": "Shoal", "dist1": "distx1", "dist3": "distx3"}[system]
+    return {"shoal": "Shoal", "dist1": "distx1", "dist3": "distx3", "upstream": "upstream"}[system]
 
 
 def _images(settings: Settings) -> str:

@@ -43,7 +43,12 @@ def run(stack: Stack, settings: Settings) -> Section:
                 rate = wrk_rate(urls[system, mode], settings.manifest_seconds, settings.manifest_connections)
                 caused = stack.settled(repositories[system]) - before
                 raw[mode][system].append(
-                    {"rate": rate.requests_per_second, "requests": rate.requests, "upstream": caused.requests}
+                    {
+                        "rate": rate.requests_per_second,
+                        "requests": rate.requests,
+                        "upstream": caused.requests,
+                        "p99": rate.p99,
+                    }
                 )
                 say(
                     f"manifests by {mode} run {number + 1}: {system} {rate.requests_per_second:.0f}/s, "
@@ -75,6 +80,7 @@ def run(stack: Stack, settings: Settings) -> Section:
                     mode,
                     SYSTEMS[system],
                     show(rates, 0),
+                    show([record["p99"] * 1000 for record in records], 1),
                     show([record["upstream"] for record in records], 0),
                     show([record["upstream"] / record["requests"] for record in records], 3),
                     "—" if system == "shoal" else show(relative),
@@ -91,6 +97,7 @@ def run(stack: Stack, settings: Settings) -> Section:
                 "by",
                 "system",
                 "requests/s",
+                "p99 ms",
                 "upstream requests",
                 "upstream requests per request",
                 "Shoal's rate ÷ this",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"burst", "cold", "warm", "throughput", "manifests", "follower", "memory", "clients"}
+SECTIONS = {"burst", "cold", "warm", "throughput", "manifests", "follower", "memory", "clients", "issue12"}
 
 
 def _processes_mentioning(text: str) -> list[str]:
