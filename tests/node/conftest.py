@@ -1,4 +1,4 @@
-"""Fixtures of the upstream client's tests (``test_upstream.py``, ``test_upstream_auth.py``)."""
+"""Fixtures of the upstream client's tests and of the fill tests (a store and its fills)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import httpx
 import pytest
 
 from node.config import UpstreamConfig
+from node.storage.fill import Fills
+from node.storage.local import LocalStore
 from node.upstream import Upstream
 from testbed.clock import FakeClock
 from tests.node.fake_registry import REGISTRY, Handler
@@ -35,3 +37,15 @@ def connect(clock: FakeClock) -> Iterator[Callable[..., Upstream]]:
     yield connect
     for upstream in made:
         upstream.close()
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    return LocalStore(str(tmp_path), 1 << 30)
+
+
+@pytest.fixture
+def fills(store: LocalStore) -> Iterator[Fills]:
+    fills = Fills(store, timeout=5)
+    yield fills
+    fills.close()

@@ -46,18 +46,6 @@ def upstream(fake: FakeUpstream) -> Iterator[Upstream]:
     client.close()
 
 
-@pytest.fixture
-def store(tmp_path) -> LocalStore:
-    return LocalStore(str(tmp_path), 1 << 30)
-
-
-@pytest.fixture
-def fills(store: LocalStore) -> Iterator[Fills]:
-    fills = Fills(store, timeout=5)
-    yield fills
-    fills.close()
-
-
 def fill(fills: Fills, upstream: Upstream, digest: Digest) -> bytes:
     """Fill ``digest`` and follow it to the end, as the first client does."""
     following = fills.join(upstream, NAME, digest)

@@ -62,18 +62,6 @@ class Source:
         self.left.append("committed")
 
 
-@pytest.fixture
-def store(tmp_path) -> LocalStore:
-    return LocalStore(str(tmp_path), 1 << 30)
-
-
-@pytest.fixture
-def fills(store: LocalStore) -> Iterator[Fills]:
-    fills = Fills(store, timeout=5)
-    yield fills
-    fills.close()
-
-
 def leftovers(store: LocalStore) -> list[str]:
     return sorted(name for name in os.listdir(store.layout.fills) if not name.endswith(".lock"))
 
