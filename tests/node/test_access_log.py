@@ -68,28 +68,29 @@ def logging_state() -> Iterator[None]:
         lg.handlers, lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
 
 
-def _config() -> Config:
+def _config(**settings: str) -> Config:
     config = Config()
-    for name, value in vars(gunicorn_conf).items():
+    for name, value in {**vars(gunicorn_conf), **settings}.items():
         if name in config.settings:
             config.set(name, value)
     return config
 
 
-def _logger(cls: type[GunicornLogger], stream: io.StringIO) -> GunicornLogger:
+def _logger(cls: type[GunicornLogger], stream: io.StringIO, **settings: str) -> GunicornLogger:
     """The node's gunicorn logger, its access lines written to ``stream``."""
-    logger = cls(_config())
+    logger = cls(_config(**settings))
     for handler in logger.access_log.handlers:
         assert isinstance(handler, logging.StreamHandler)
         handler.setStream(stream)
     return logger
 
 
-def _request(logger: GunicornLogger, path: str) -> None:
+def _request(logger: GunicornLogger, path: str, user_agent: str = "skopeo/1.13") -> None:
     """What gunicorn's worker calls once it has answered a request."""
     response = SimpleNamespace(status="200 OK", sent=524, headers=[("Content-Type", "application/json")])
-    request = SimpleNamespace(headers=[("HOST", "127.0.0.1"), ("ACCEPT", "*/*")])
+    request = SimpleNamespace(headers=[("HOST", "127.0.0.1"), ("USER-AGENT", user_agent)])
     environ = {
+        "HTTP_USER_AGENT": user_agent,
         "REQUEST_METHOD": "GET",
         "RAW_URI": f"{path}?secret=1",
         "PATH_INFO": path,
@@ -101,7 +102,7 @@ def _request(logger: GunicornLogger, path: str) -> None:
 
 
 def _without_time(text: str) -> list[str]:
-    return [re.sub(r"^\[[^]]+\] ", "[time] ", line) for line in text.splitlines()]
+    return [re.sub(r"\[\d[^]]*[ /:][^]]*\]", "[time]", line) for line in text.splitlines()]
 
 
 def test_lines_keep_gunicorns_format() -> None:
@@ -116,6 +117,27 @@ def test_lines_keep_gunicorns_format() -> None:
     assert _without_time(queued.getvalue()) == [
         f'[time] [{os.getpid()}] [INFO] 127.0.0.1 "GET /v2/app/manifests/v1" 200 524 12ms'
     ]
+
+
+@pytest.mark.parametrize(
+    "access_log_format",
+    [
+        # Only atoms the node's logger builds itself; a quote in them is escaped as gunicorn does.
+        '%(h)s %(m)s "%(U)s" %(q)s %(H)s %(s)s %(b)s %(B)s %(T)s %(D)s %(M)s %(L)s',
+        # gunicorn's default: the other atoms come from gunicorn's own access().
+        '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({user-agent}i)s',
+    ],
+)
+def test_any_format_gives_gunicorns_line(access_log_format: str) -> None:
+    plain, queued = io.StringIO(), io.StringIO()
+    _request(_logger(GunicornLogger, plain, access_log_format=access_log_format), '/v2/a"b', 'curl "8"')
+    logger = _logger(Logger, queued, access_log_format=access_log_format)
+    assert isinstance(logger, Logger)
+    logger.start_writer()
+    _request(logger, '/v2/a"b', 'curl "8"')
+    logger.stop_writer()
+    assert _without_time(queued.getvalue()) == _without_time(plain.getvalue())
+    assert '\\"' in queued.getvalue()
 
 
 def test_lines_are_written_in_order_by_a_thread_of_their_own() -> None:
@@ -165,8 +187,8 @@ def test_stopping_writes_what_is_queued_first() -> None:
     assert writer is not None
     stopping = threading.Thread(target=logger.stop_writer)
     stopping.start()
-    # The stop is queued behind the 49 lines still waiting (the writer holds the first).
-    wait_until(lambda: writer.lines.qsize() == 50, message="the stop was not queued")
+    # The writer holds the lines, stuck at the first; the stop waits behind them.
+    wait_until(lambda: writer.lines.qsize() == 1, message="the stop was not queued")
     assert stopping.is_alive()
     gate.gate.set()
     stopping.join(10)
