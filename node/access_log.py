@@ -224,24 +224,28 @@ class Writer:
 
 
 def _write(handler: logging.Handler, records: list[logging.LogRecord]) -> None:
-    """What ``handler.handle`` does for each record; a stream handler flushes (writes) once for all of them."""
+    """What ``handler.handle`` does for each record; a stream handler writes them all at once."""
     records = [record for record in records if record.levelno >= handler.level]
     if not isinstance(handler, logging.StreamHandler) or handler.stream is None:
         for record in records:
             handler.handle(record)
         return
-    with handler.lock or contextlib.nullcontext():
-        for record in records:
-            try:
-                if handler.filter(record):
-                    handler.stream.write(handler.format(record) + handler.terminator)
-            except Exception:
-                handler.handleError(record)
+    lines = []
+    for record in records:
         try:
+            if handler.filter(record):
+                lines.append(handler.format(record) + handler.terminator)
+        except Exception:
+            handler.handleError(record)
+    if not lines:
+        return
+    # One write: the stream may be unbuffered (PYTHONUNBUFFERED, common in containers).
+    with handler.lock or contextlib.nullcontext():
+        try:
+            handler.stream.write("".join(lines))
             handler.flush()
         except Exception:
-            if records:
-                handler.handleError(records[-1])
+            handler.handleError(records[-1])
 
 
 class Logger(GunicornLogger):

@@ -153,6 +153,36 @@ def test_lines_are_written_in_order_by_a_thread_of_their_own() -> None:
     assert gate.threads and threading.get_ident() not in gate.threads
 
 
+class GatedStream(io.StringIO):
+    """A stream whose first write waits for ``gate``; ``writes`` counts the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().write(text)
+
+
+def test_lines_that_wait_meanwhile_are_written_in_one_write() -> None:
+    stream = GatedStream()
+    logger = _logger(Logger, stream)
+    assert isinstance(logger, Logger)
+    logger.start_writer()
+    _request(logger, "/first")
+    assert stream.entered.wait(10)
+    for number in range(100):
+        _request(logger, f"/v2/app/manifests/{number}")
+    stream.gate.set()
+    logger.stop_writer()
+    assert stream.writes == 2
+    assert len(stream.getvalue().splitlines()) == 101
+
+
 def test_a_full_queue_drops_and_counts_instead_of_waiting() -> None:
     logger = Logger(_config())
     gate, counts, errors = Gate(), Counts(), Gate()
