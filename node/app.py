@@ -28,6 +28,7 @@ from node.sources import Source
 from node.status import status
 from node.storage.fill import Fills
 from node.storage.local import LocalStore
+from node.storage.memory import MemoryCache
 from node.storage.proxy import ProxyStore
 from node.upstream import Upstream
 from protos.metrics import eviction_key
@@ -96,8 +97,13 @@ class Node:
                 wait_timeout=config.upstream.timeout + config.cluster.lease_ttl,
             )
             sources = {settings.name: self._cluster_source(settings, flight, clock) for settings in config.upstreams}
+        # Manifests are the same whichever registry they came from; tags are
+        # kept by registry-scoped name: one memory serves every proxy store.
+        self.memory = MemoryCache(memory_per_worker(config))
         self.proxies = {
-            settings.name: ProxyStore(self.local, self.fills, sources[settings.name], settings, clock=clock)
+            settings.name: ProxyStore(
+                self.local, self.fills, sources[settings.name], settings, clock=clock, memory=self.memory
+            )
             for settings in config.upstreams
         }
         self.services = Services(config, self.proxies, self.local, self.fills, self.metrics)
@@ -165,11 +171,17 @@ class Node:
             self.coordinator.close()
         for client in self.upstreams.values():
             client.close()
+        self.local.close()
 
 
 def fills_per_worker(config: NodeConfig) -> int:
     """A worker's share of ``cache.max_fills``, at least one."""
     return max(1, math.ceil(config.cache.max_fills / config.server.workers))
+
+
+def memory_per_worker(config: NodeConfig) -> int:
+    """A worker's share of ``cache.memory``: the node's total stays within it."""
+    return config.cache.memory // config.server.workers
 
 
 def _coordinator_client(config: NodeConfig) -> CoordinatorClient | None:

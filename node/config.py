@@ -165,6 +165,10 @@ class CacheConfig:
     # fill of the same blob); the upstream's blob connections are capped
     # by it too, so manifests and tag checks always find a connection.
     max_fills: int = _parsed(_positive_int, default=16)
+    # Memory for manifests and tag pointers, so that a warm manifest request
+    # touches no file; shared evenly by the workers (each holds its own
+    # copies). 0 turns it off: every request reads the disk.
+    memory: int = _parsed(parse_size, default=32 * 1024**2)
 
 
 @dataclass(frozen=True)

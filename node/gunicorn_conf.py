@@ -24,6 +24,9 @@ keepalive = 15
 control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
+# gunicorn's logger, with the access log written by a thread of each
+# worker's own through a bounded queue, off the request path (node/access_log.py).
+logger_class = "node.access_log.Logger"
 # No query string in the access log: the request line is enough, and it
 # keeps anything a client put there out of the log.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
@@ -44,12 +47,31 @@ logconfig_dict = {
 }
 
 
+def post_worker_init(worker):
+    """Start the worker's access log writer; dropped lines count in the node's metrics."""
+    node = _node(worker)
+    start_writer = getattr(worker.log, "start_writer", None)
+    if start_writer is not None:
+        start_writer(node.metrics if node is not None else None)
+
+
 def worker_exit(server, worker):
-    """Stop the node's background threads and close its upstream client."""
-    app = getattr(worker, "wsgi", None)
-    node = getattr(app, "extensions", {}).get("shoal.node") if app is not None else None
+    """Write the queued access log lines, then stop the node's background threads and close its clients.
+
+    gunicorn also calls this in the master for a worker that vanished; there
+    the node is not loaded and the writer was never started, so both are no-ops.
+    """
+    stop_writer = getattr(worker.log, "stop_writer", None)
+    if stop_writer is not None:
+        stop_writer()
+    node = _node(worker)
     if node is not None:
         node.close()
+
+
+def _node(worker):
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("shoal.node") if app is not None else None
 
 
 def on_starting(server):

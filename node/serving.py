@@ -10,6 +10,9 @@ worker this adds what a registry mirror needs:
   non-blocking socket and waits for writability between calls, so hits and
   followers of a fill stay zero-copy. A sender that never has to wait (a
   fast client on loopback) still yields to the others every few MiB.
+- **Fair turns.** After every request the connection's greenlet yields,
+  so a keep-alive client that always has its next request ready cannot
+  keep the worker to itself.
 - **Growing files.** A body that is still being written (``GrowingFile``,
   a followed fill) is asked before each sendfile how far it may be sent.
 - **Bounded clients.** A client that accepts no bytes for
@@ -178,6 +181,21 @@ class Worker(GeventWorker):
     def _close_idle(self) -> None:
         for connection, timeout in list(self._idle.items()):
             connection.kill(timeout, block=False)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> None:
+        """Answer one request, then let the worker's other connections have their turn.
+
+        A greenlet yields only when a socket would block. A keep-alive
+        client whose next request is already in by the time this one is
+        answered (any fast client of a fast answer, such as a warm
+        manifest) would otherwise be served again and again while the
+        other connections wait: measured, a p99 of a second for 16
+        connections on one worker, and 9 ms with this.
+        """
+        try:
+            super().handle_request(listener_name, req, sock, addr)
+        finally:
+            gevent.sleep(0)
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         if self.open_connections >= self.connection_limit:

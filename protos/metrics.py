@@ -18,6 +18,8 @@ Counter keys are flat strings:
   peer_hits of content per registry (the registry's name comes last);
 - ``evictions.<reason>``: ``ttl`` or ``size``;
 - ``errors.<CODE>``: error answers to clients, by OCI code;
+- ``access_log.dropped``: access log lines a node dropped because its log
+  was written slower than requests arrived;
 - ``cached.distinct_bytes`` (cluster only, kept by the coordinator): the
   bytes of every distinct digest the cluster came to hold, counted once per
   digest from the moment the cluster first holds it until it expires.
@@ -44,6 +46,7 @@ COUNTERS = (
     "lease_waits",  # requests that waited for another node's fetch lease
 )
 DISTINCT_BYTES = "cached.distinct_bytes"
+ACCESS_LOG_DROPPED = "access_log.dropped"
 
 # Distribution v3's names, so existing dashboards keep working.
 _DISTRIBUTION = {
@@ -126,6 +129,8 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
     result += _grouped(nodes, cluster, "registry", "shoal_registry_content", "Content requests per registry", labels)
     result += _grouped(nodes, cluster, "evictions", "shoal_evictions", "Content evicted", ["reason"])
     result += _grouped(nodes, cluster, "errors", "shoal_errors", "Error answers to clients", ["code"])
+    dropped_help = "Access log lines dropped because the log was written slower than requests arrived"
+    result += _grouped(nodes, cluster, ACCESS_LOG_DROPPED, "shoal_access_log_dropped", dropped_help, [])
     up = GaugeMetricFamily("shoal_node_up", "1 while the node heartbeats to the coordinator", labels=["node"])
     for node in nodes:
         up.add_metric([node.node_id], 1 if node.live else 0)

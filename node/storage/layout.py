@@ -16,6 +16,7 @@
       fills/cluster.lock                         flock: the worker on heartbeat duty
       fills/unannounced                          content arrived that the coordinator has not heard of
       sweep.lock                                 flock: the worker sweeping the store
+      removals                                   removal stamps, mapped by every worker (``removals.py``)
       metrics.json, metrics.json.lock            a node on its own: its workers' counters
 
 Files written atomically (``files.write_atomic``) pass through a hidden
@@ -104,6 +105,9 @@ class Layout:
 
     def sweep_lock(self) -> str:
         return os.path.join(self.root, "sweep.lock")
+
+    def removals(self) -> str:
+        return os.path.join(self.root, "removals")
 
     def metrics(self) -> str:
         return os.path.join(self.root, "metrics.json")

@@ -11,6 +11,10 @@ path is an open, a stat and sendfile); they record the digest with
 ``touch``, and ``flush_touches`` sets the access times in the background.
 The TTL counts from the last access (``extend_ttl_on_hit``, the default)
 or from when the content was stored, as distribution's proxy does.
+
+Every removal is recorded in the node's removal table (``removals.py``),
+which tells the workers' memory copies of manifests that they are gone.
+The store owns the table's mapping: ``close`` unmaps it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from node.reference import Digest
 from node.storage.files import try_lock, write_atomic
 from node.storage.layout import TYPE_SUFFIX, Layout
+from node.storage.removals import Removals
 from protos.values import Content, TagPointer
 
 OCTET_STREAM = "application/octet-stream"
@@ -93,6 +98,7 @@ class LocalStore:
         self._touched: set[Digest] = set()
         self._touched_lock = threading.Lock()
         self.layout.create()
+        self.removals = Removals(self.layout.removals())
 
     # Content.
 
@@ -149,6 +155,7 @@ class LocalStore:
             raise
 
     def remove(self, digest: Digest) -> bool:
+        """Unlink the content, then record the removal for every worker's memory; True if it was there."""
         path = self.layout.content(digest)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.media_type(digest))
@@ -156,6 +163,8 @@ class LocalStore:
             os.unlink(path)
         except FileNotFoundError:
             return False
+        finally:
+            self.removals.record(digest)
         return True
 
     def media_type(self, digest: Digest) -> str:
@@ -277,3 +286,6 @@ class LocalStore:
             if "_repo" in files:
                 names.append(os.path.relpath(folder, base))
         return sorted(names)
+
+    def close(self) -> None:
+        self.removals.close()

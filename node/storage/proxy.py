@@ -10,6 +10,15 @@ Single flight on a node spans all its gunicorn workers: blobs through
 ``Fills``; manifests and tag checks, which are small, under an exclusive
 ``flock`` (waited for cooperatively, with a deadline) with a second look
 after the lock is taken.
+
+Manifests and fresh tag pointers are answered from the worker's memory
+(``node.storage.memory``) when it holds them, so that a warm manifest
+request touches no file. A manifest enters memory once its bytes were
+verified (on a fetch, or on its first read from the disk), is served from
+there only while the node has not removed its digest since
+(``node.storage.removals``), and records its hits at most every
+``TOUCH_INTERVAL``. A tag pointer is served from memory only while it is
+fresh, exactly as long as its file would be.
 """
 
 from __future__ import annotations
@@ -18,15 +27,16 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from node.config import UpstreamConfig
+from node.config import CacheConfig, UpstreamConfig
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Source
 from node.storage.files import exclusive
 from node.storage.fill import Fills, Following
-from node.storage.local import LocalStore, Stored
+from node.storage.local import OCTET_STREAM, LocalStore, Stored
+from node.storage.memory import MemoryCache, RememberedManifest
 from node.upstream import TagPage
 from protos.values import TagPointer
 
@@ -35,6 +45,11 @@ log = logging.getLogger(__name__)
 # Upstream failures for which a cached tag answer is served instead
 # (stale-if-error). A 404 is an answer, not a failure: it is passed on.
 _STALE_OK = (UpstreamUnavailable, TooManyRequests)
+
+# A manifest answered from memory records its hits (``LocalStore.touch``:
+# access order, and expiry with extend_ttl_on_hit) at most this often, and
+# at least ten times per upstream.ttl, so content in use never expires.
+TOUCH_INTERVAL = 30.0
 
 
 @dataclass
@@ -93,6 +108,9 @@ class ProxyStore:
     source: Source
     config: UpstreamConfig
     clock: Callable[[], float] = time.time
+    # The worker's memory of manifests and tags, shared by its proxy stores
+    # (``Node`` passes one); a store made on its own gets one of its own.
+    memory: MemoryCache = field(default_factory=lambda: MemoryCache(CacheConfig().memory))
 
     # Blobs.
 
@@ -117,8 +135,14 @@ class ProxyStore:
             manifest = self._manifest_by_digest(name, parse_digest(reference))
         else:
             manifest = self._manifest_by_tag(name, reference)
-        self.local.remember_repository(self._scoped(name))
+        self._remember_repository(self._scoped(name))
         return manifest
+
+    def _remember_repository(self, scoped: str) -> None:
+        """The catalog lists the repository; its marker is looked for (or written) once per worker."""
+        if not self.memory.knows_repository(scoped):
+            self.local.remember_repository(scoped)
+            self.memory.keep_repository(scoped)
 
     def _manifest_by_digest(self, name: str, digest: Digest) -> Manifest:
         cached = self._cached_manifest(digest)
@@ -135,14 +159,46 @@ class ProxyStore:
     def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> None:
         if digest_of(fetched.data, digest.algorithm) != digest:
             raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
+        # Read before the bytes reach the disk: any removal after it voids the copy.
+        stamp = self.local.removals.stamp(digest)
         self.local.put(digest, fetched.data, fetched.media_type)
+        # What a read from the disk would answer (the store keeps no type for octet-stream).
+        media_type = fetched.media_type or OCTET_STREAM
+        self.memory.keep_manifest(digest, RememberedManifest(fetched.data, media_type, stamp, self.clock()))
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
+        """The manifest from memory, else from the disk; None when the store does not hold it."""
+        # Read before the disk is: a removal after it voids the copy read now.
+        stamp = self.local.removals.stamp(digest)
+        remembered = self.memory.manifest(digest, stamp) or self._read_manifest(digest, stamp)
+        if remembered is None:
+            return None
+        if remembered.touch_due(self.clock(), self._touch_interval):
+            self.local.touch(digest)
+        return Manifest(remembered.data, remembered.media_type, digest)
+
+    def _read_manifest(self, digest: Digest, stamp: bytes) -> RememberedManifest | None:
+        """The manifest from the disk, verified, and kept in memory under ``stamp``.
+
+        A file that does not match its digest breaks the store's invariant
+        (a disk error, a hand edit): it is removed and fetched again.
+        """
         found = self.local.read(digest)
         if found is None:
             return None
-        self.local.touch(digest)
-        return Manifest(found[0], found[1], digest)
+        data, media_type = found
+        if digest_of(data, digest.algorithm) != digest:
+            log.error("%s in the store does not match its digest: removed it, to fetch it again", digest)
+            self.local.remove(digest)
+            return None
+        remembered = RememberedManifest(data, media_type, stamp)
+        self.memory.keep_manifest(digest, remembered)
+        return remembered
+
+    @property
+    def _touch_interval(self) -> float:
+        ttl = self.config.ttl
+        return min(TOUCH_INTERVAL, ttl / 10) if ttl > 0 else TOUCH_INTERVAL
 
     def _manifest_by_tag(self, name: str, tag: str) -> Manifest:
         fresh = self._fresh_tag(name, tag)
@@ -165,17 +221,20 @@ class ProxyStore:
                     raise
                 log.warning("serving %s:%s as %s from the cache: %s", name, tag, pointer.digest, exc.message)
                 return stale
-            self.local.write_tag(
-                self._scoped(name),
-                tag,
-                TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self.clock()),
-            )
+            checked = TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self.clock())
+            self.local.write_tag(self._scoped(name), tag, checked)
+            self.memory.keep_tag(self._scoped(name), tag, checked)
             return manifest
 
     def _fresh_tag(self, name: str, tag: str) -> Manifest | None:
-        pointer = self.local.read_tag(self._scoped(name), tag)
-        if pointer is None or not pointer.fresh(self.clock(), self.config.tag_ttl):
-            return None
+        """The tag's manifest if its pointer is fresh: from memory, else from the pointer's file."""
+        scoped, now = self._scoped(name), self.clock()
+        pointer = self.memory.tag(scoped, tag)
+        if pointer is None or not pointer.fresh(now, self.config.tag_ttl):
+            pointer = self.local.read_tag(scoped, tag)
+            if pointer is None or not pointer.fresh(now, self.config.tag_ttl):
+                return None
+            self.memory.keep_tag(scoped, tag, pointer)
         return self._manifest_by_digest(name, parse_digest(pointer.digest))
 
     # Tags and the catalog.

@@ -216,3 +216,46 @@ def test_fills_beyond_max_fills_wait_and_tag_checks_do_not(tmp_path: Path, upstr
     finally:
         gate.set()
         node.stop()
+
+
+def test_a_client_that_always_has_its_next_request_ready_does_not_starve_the_others(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    node = _node(tmp_path, upstream, {"workers": 1})
+    pipelined = 1000
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", node.port), timeout=30) as greedy,
+            socket.create_connection(("127.0.0.1", node.port), timeout=30) as other,
+        ):
+            # Warm: the first requests of a worker wait on things of their own.
+            for sock in (greedy, other):
+                sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert _read_answers(sock, 1, b"{}\n") == 1
+            # Its answers are read as they come, so no send of the node ever waits.
+            reader = ThreadPoolExecutor(1)
+            answers = reader.submit(_read_answers, greedy, pipelined)
+            greedy.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * pipelined)
+            other.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert other.recv(12) == b"HTTP/1.1 200"
+            assert answers.result(timeout=60) == pipelined
+            reader.shutdown()
+    finally:
+        node.stop()
+    # One worker logs its answers in the order it sent them: the other
+    # client's came between the greedy one's, not after all of them.
+    served = [line for line in node.log_text().splitlines() if '"GET /healthz"' in line or '"GET /v2/"' in line]
+    served = served[3:]
+    position = next(number for number, line in enumerate(served) if '"GET /v2/"' in line)
+    assert position < pipelined // 2, f"answered after {position} requests of the other client"
+
+
+def _read_answers(sock: socket.socket, expected: int, last_body: bytes = b"") -> int:
+    """Read until ``expected`` answers (the last ending in ``last_body``) came in; how many did."""
+    received = bytearray()
+    while not (received.count(b"HTTP/1.1 200") >= expected and received.endswith(last_body)):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        received += chunk
+    return received.count(b"HTTP/1.1 200")
