@@ -113,7 +113,7 @@ class ClusterSource:
             seen.append(pointer)
             if not pointer.fresh(self.clock(), self.config.tag_ttl):
                 return None
-            return TagAnswer(parse_digest(pointer.digest))
+            return TagAnswer(parse_digest(pointer.digest), checked_at=pointer.checked_at)
 
         with self.flight.coordinate(tag_lease(registry, name, tag), look) as turn:
             if turn.found is not None:

@@ -66,10 +66,17 @@ class FetchedManifest:
 
 @dataclass(frozen=True)
 class TagAnswer:
-    """What a tag points at now; ``manifest`` when the check had to fetch it."""
+    """What a tag points at; ``manifest`` when the check had to fetch it.
+
+    ``checked_at`` is when the upstream was asked (Unix seconds), when that
+    was before now: a node that takes the tag from the cluster's pointer
+    keeps it fresh only as long as that pointer is, so that a tag changed
+    upstream is seen on every node within ``tag_ttl``. None means now.
+    """
 
     digest: Digest
     manifest: FetchedManifest | None = None
+    checked_at: float | None = None
 
 
 class Source(Protocol):

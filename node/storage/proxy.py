@@ -221,7 +221,8 @@ class ProxyStore:
                     raise
                 log.warning("serving %s:%s as %s from the cache: %s", name, tag, pointer.digest, exc.message)
                 return stale
-            checked = TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), self.clock())
+            checked_at = self.clock() if answer.checked_at is None else answer.checked_at
+            checked = TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), checked_at)
             self.local.write_tag(self._scoped(name), tag, checked)
             self.memory.keep_tag(self._scoped(name), tag, checked)
             return manifest

@@ -431,14 +431,6 @@ def test_a_tag_changed_upstream_is_served_new_by_every_worker_of_every_node_with
     assert _digests(cluster) == {second}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "issue 12: a node that takes a tag from the cluster's pointer stores it with its own time, not the "
-        "pointer's checked_at (node/sources.py's TagAnswer carries no time), so it may keep the old digest "
-        "for up to twice tag_ttl after the change; the memory cache adds nothing to that"
-    ),
-)
 def test_a_tag_taken_from_the_clusters_pointer_is_fresh_only_as_long_as_that_pointer(
     cluster: Cluster, upstream: FakeUpstream, clock: FakeClock
 ) -> None:
