@@ -176,8 +176,8 @@ def test_a_429_pauses_tag_checks_on_every_worker_until_retry_after(node: NodePro
     with node.client() as http:
         assert http.get(tag_path).status_code == 200
     # tag_ttl is 0: every request checks the tag. This one meets the 429 and
-    # is answered from the cache; Retry-After pauses the checks for 3 s.
-    upstream.set_rate_limit(RateLimit(refuse=True, retry_after="3"))
+    # is answered from the cache; Retry-After pauses the checks for 5 s.
+    upstream.set_rate_limit(RateLimit(refuse=True, retry_after="5"))
     with node.client() as http:
         response = http.get(tag_path)
     refused_at = time.monotonic()
@@ -190,7 +190,7 @@ def test_a_429_pauses_tag_checks_on_every_worker_until_retry_after(node: NodePro
     for _ in range(20):
         with node.client() as http:
             assert http.get(tag_path).headers["docker-content-digest"] == image.digest
-    assert time.monotonic() - refused_at < 2.5, "too slow to tell the pause from its end"
+    assert time.monotonic() - refused_at < 4, "too slow to tell the pause from its end"
     assert upstream.count("HEAD", tag_path) == upstream.count("GET", tag_path) == 0
     # By digest nothing is paused: a miss goes to the upstream.
     with node.client() as http:
@@ -204,7 +204,7 @@ def test_a_429_pauses_tag_checks_on_every_worker_until_retry_after(node: NodePro
         return upstream.count("HEAD", tag_path) > 0
 
     wait_until(checked, timeout=15, interval=0.1, message="tag checks did not resume after Retry-After")
-    assert time.monotonic() - refused_at > 2.5
+    assert time.monotonic() - refused_at > 4
 
 
 def test_a_tag_never_cached_answers_the_upstreams_429_with_retry_after(
