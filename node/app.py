@@ -16,6 +16,7 @@ from collections.abc import Callable
 from flask import Flask
 
 from node import api
+from node.budget import Budget
 from node.cluster_source import ClusterSource
 from node.config import NodeConfig, UpstreamConfig
 from node.coordinator_client import CoordinatorClient
@@ -76,7 +77,7 @@ class Node:
             settings.name: (
                 upstream
                 if upstream is not None and settings.name == config.upstream.name
-                else Upstream(settings, clock=clock, observer=self.metrics, blob_connections=fills_per_worker(config))
+                else self._upstream(settings, clock)
             )
             for settings in config.upstreams
         }
@@ -102,7 +103,13 @@ class Node:
         self.memory = MemoryCache(memory_per_worker(config))
         self.proxies = {
             settings.name: ProxyStore(
-                self.local, self.fills, sources[settings.name], settings, clock=clock, memory=self.memory
+                self.local,
+                self.fills,
+                sources[settings.name],
+                settings,
+                clock=clock,
+                memory=self.memory,
+                budget=self.upstreams[settings.name].budget,
             )
             for settings in config.upstreams
         }
@@ -114,10 +121,18 @@ class Node:
         self._thread = threading.Thread(target=self._background, name="shoal-background", daemon=True)
         self._thread.start()
 
+    def _upstream(self, settings: UpstreamConfig, clock: Callable[[], float]) -> Upstream:
+        # The pause of tag checks is shared by the node's workers through a file.
+        budget = Budget(settings, self.local.layout.budget(settings.name), clock=clock, observer=self.metrics)
+        return Upstream(
+            settings, clock=clock, observer=self.metrics, blob_connections=fills_per_worker(self.config), budget=budget
+        )
+
     def _cluster_source(self, settings: UpstreamConfig, flight: Flight, clock: Callable[[], float]) -> ClusterSource:
         assert self.coordinator is not None and self.peers is not None
+        upstream = self.upstreams[settings.name]
         return ClusterSource(
-            self.upstreams[settings.name], settings, flight, self.coordinator, self.peers, self.local, clock
+            upstream, settings, flight, self.coordinator, self.peers, self.local, clock, budget=upstream.budget
         )
 
     def _background(self) -> None:

@@ -13,7 +13,8 @@ mirrored registry. For every miss it runs the cluster's single flight
 - a **tag**: the cluster's pointer while it is fresh (``tag_ttl``); else the
   one node holding the tag's lease asks the upstream and shares the answer.
   When the upstream fails, that node answers with the cluster's stale
-  pointer (stale-if-error).
+  pointer (stale-if-error), and so does every node while the upstream's
+  rate-limit budget pauses tag checks (``node.budget``).
 
 Content is announced to the coordinator once the caller committed it, when
 the caller leaves the ``open_`` context (``Flight.committed``).
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from node.budget import Budget
 from node.config import UpstreamConfig
 from node.coordinator_client import Coordinator
 from node.errors import BlobUnknown, TooManyRequests, UpstreamUnavailable
@@ -57,6 +59,8 @@ class ClusterSource:
     peers: PeerClient
     local: LocalStore
     clock: Callable[[], float] = time.time
+    # The upstream's rate-limit budget; without one, tag checks never pause.
+    budget: Budget | None = None
 
     @property
     def _node_id(self) -> str:
@@ -112,7 +116,10 @@ class ClusterSource:
                 return None
             seen.append(pointer)
             if not pointer.fresh(self.clock(), self.config.tag_ttl):
-                return None
+                if self.budget is None or self.budget.paused() == 0:
+                    return None
+                # Served stale, and kept stale: checked_at stays the pointer's.
+                self.budget.skipped_tag_check()
             return TagAnswer(parse_digest(pointer.digest), checked_at=pointer.checked_at)
 
         with self.flight.coordinate(tag_lease(registry, name, tag), look) as turn:

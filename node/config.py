@@ -103,6 +103,18 @@ def _positive_int(value: object) -> int:
     return number
 
 
+def _non_negative_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number, 0 or more")
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ValueError("expected a whole number, 0 or more") from None
+    if number < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return number
+
+
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -191,6 +203,11 @@ class UpstreamConfig:
     token_realms: tuple[str, ...] = _parsed(_string_list, default=())
     # Seconds to wait for the upstream to connect or send the next bytes.
     timeout: float = _parsed(parse_duration, default=30.0)
+    # When the upstream's ratelimit-remaining falls below this, tag checks
+    # pause and cached tags are served stale, keeping what is left of the
+    # budget for content the node does not hold (node.budget). 0 turns the
+    # floor off; a 429 pauses tag checks whatever the floor.
+    ratelimit_floor: int = _parsed(_non_negative_int, default=10)
 
     @property
     def is_docker_hub(self) -> bool:

@@ -9,6 +9,11 @@ answers onto the node's domain errors: 404 becomes the matching "unknown"
 error, 401/403 ``UpstreamDenied``, 429 ``TooManyRequests``, anything else
 that is not a 200 (and every transport failure) ``UpstreamUnavailable``.
 
+Every answer is shown to the upstream's ``Budget`` (``node.budget``), which
+pauses tag checks on a 429 or a low ``ratelimit-remaining``; the client
+itself still sends whatever it is asked to, and a 429 it passes on carries
+the pause as its ``Retry-After``.
+
 Authentication follows the upstream's 401 challenges, as
 ``node.upstream_auth`` decides: HTTP Basic, or a bearer token from the
 challenge's realm, which this client fetches for it (``_fetch_token``) so that
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +38,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from node.budget import Budget
 from node.config import UpstreamConfig
 from node.errors import (
     BlobUnknown,
@@ -148,10 +155,13 @@ class Upstream:
         clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
         blob_connections: int = 16,
+        budget: Budget | None = None,
     ) -> None:
         self.url = config.url
         self.name = config.name
         self._observer: Observer = observer or _Unobserved()
+        # Without one from the node, the pause is this client's own.
+        self.budget = budget or Budget(config, clock=clock)
         self._credentials = Credentials(config)
         # Readers take a snapshot by reading the attribute; updates replace
         # the whole dict under the lock, so a reader never sees it change.
@@ -323,9 +333,14 @@ class Upstream:
         if status in (401, 403):
             raise self._failure(UpstreamDenied, f"{what}: denied (HTTP {status})", detail)
         if status == 429:
-            if "retry-after" in response.headers:
-                detail["retry_after"] = response.headers["retry-after"]
-            raise self._failure(TooManyRequests, f"{what}: too many requests (HTTP 429)", detail)
+            # The budget read this answer already (the response hook): its
+            # pause is how long the client should wait too.
+            error = self._failure(TooManyRequests, f"{what}: too many requests (HTTP 429)", detail)
+            paused = self.budget.paused()
+            if paused > 0:
+                error.retry_after = math.ceil(paused)
+                detail["retry_after"] = error.retry_after
+            raise error
         raise self._failure(UpstreamUnavailable, f"{what}: unexpected answer (HTTP {status})", detail)
 
     def _fetch_token(self, challenge: Challenge) -> tuple[str, float]:
@@ -346,6 +361,7 @@ class Upstream:
         return token
 
     def _record_rate_limits(self, response: httpx.Response) -> None:
+        self.budget.record(response.status_code, response.headers)
         seen = {key: response.headers[key] for key in _RATE_LIMIT_HEADERS if key in response.headers}
         if seen:
             with self._rate_lock:

@@ -18,6 +18,11 @@ Counter keys are flat strings:
   peer_hits of content per registry (the registry's name comes last);
 - ``evictions.<reason>``: ``ttl`` or ``size``;
 - ``errors.<CODE>``: error answers to clients, by OCI code;
+- ``tag_checks_skipped.<registry>``: tag requests answered from the node's
+  cache, stale, because the upstream's rate-limit budget paused tag checks;
+- ``budget_pauses.<reason>.<registry>``: pauses of tag checks a node began,
+  by reason: ``429`` (the upstream refused) or ``floor`` (its
+  ``ratelimit-remaining`` fell below ``ratelimit_floor``);
 - ``access_log.dropped``: access log lines a node dropped because its log
   was written slower than requests arrived;
 - ``cached.distinct_bytes`` (cluster only, kept by the coordinator): the
@@ -94,6 +99,16 @@ def error_key(code: str) -> str:
     return f"errors.{code}"
 
 
+def tag_checks_skipped_key(registry: str) -> str:
+    """``tag_checks_skipped.docker.io``: tags served stale while the budget paused their checks."""
+    return f"tag_checks_skipped.{registry}"
+
+
+def budget_pause_key(reason: str, registry: str) -> str:
+    """``budget_pauses.429.docker.io``: pauses of tag checks begun, by reason."""
+    return f"budget_pauses.{reason}.{registry}"
+
+
 @dataclass(frozen=True)
 class NodeCounts:
     node_id: str
@@ -129,6 +144,11 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
     result += _grouped(nodes, cluster, "registry", "shoal_registry_content", "Content requests per registry", labels)
     result += _grouped(nodes, cluster, "evictions", "shoal_evictions", "Content evicted", ["reason"])
     result += _grouped(nodes, cluster, "errors", "shoal_errors", "Error answers to clients", ["code"])
+    skipped_help = "Tag requests served stale from the cache because the upstream's rate-limit budget paused tag checks"
+    result += _grouped(nodes, cluster, "tag_checks_skipped", "shoal_tag_checks_skipped", skipped_help, ["registry"])
+    pauses_help = "Pauses of tag checks begun for the upstream's rate-limit budget (reason 429 or floor)"
+    labels = ["reason", "registry"]
+    result += _grouped(nodes, cluster, "budget_pauses", "shoal_upstream_budget_pauses", pauses_help, labels)
     dropped_help = "Access log lines dropped because the log was written slower than requests arrived"
     result += _grouped(nodes, cluster, ACCESS_LOG_DROPPED, "shoal_access_log_dropped", dropped_help, [])
     up = GaugeMetricFamily("shoal_node_up", "1 while the node heartbeats to the coordinator", labels=["node"])

@@ -10,6 +10,9 @@ blobs and to manifests alike (a manifest fetched by tag is affected by the
 fault on its digest). They only change GET bodies; headers, including
 ``Content-Length`` and ``Docker-Content-Digest``, always describe the true
 content, as they would from a real upstream that fails mid-transfer.
+
+A ``RateLimit`` (``set_rate_limit``) plays Docker Hub's rate limits on the
+whole registry: the ``ratelimit-*`` headers on every answer, and 429s.
 """
 
 from __future__ import annotations
@@ -61,6 +64,28 @@ class Fault:
     reached: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """Docker Hub's rate-limit answers, for every request but ``/v2/``.
+
+    ``remaining`` (with ``limit`` and the window ``window``) is sent on every
+    answer as ``ratelimit-limit: <limit>;w=<window>`` and ``ratelimit-remaining:
+    <remaining>;w=<window>``; None sends neither. ``refuse`` answers manifest
+    requests by tag (``refuse_digests`` also those by digest) with 429
+    TOOMANYREQUESTS, with ``retry_after`` as the ``Retry-After`` header when
+    given; blobs are never refused. ``headers`` are sent as they are on every
+    answer, malformed ones included.
+    """
+
+    remaining: int | None = None
+    limit: int = 100
+    window: int = 21600
+    refuse: bool = False
+    refuse_digests: bool = False
+    retry_after: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 class FakeUpstream:
     """A registry on 127.0.0.1 served from dicts, with per-digest faults and a request log.
 
@@ -76,6 +101,7 @@ class FakeUpstream:
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._tags: dict[str, dict[str, str]] = {}
         self._faults: dict[str, Fault] = {}
+        self._rate_limit = RateLimit()
         self._requests: list[tuple[str, str]] = []
         self._connections: set[socket.socket] = set()
         self.server_log: list[str] = []
@@ -143,6 +169,11 @@ class FakeUpstream:
                 self._faults.clear()
             else:
                 self._faults.pop(digest, None)
+
+    def set_rate_limit(self, rate_limit: RateLimit | None) -> None:
+        """Answer as ``rate_limit`` says from now on; None sends no rate-limit headers and refuses nothing."""
+        with self._lock:
+            self._rate_limit = rate_limit or RateLimit()
 
     # Requests.
 
@@ -255,6 +286,10 @@ class FakeUpstream:
                 return None
             return sorted(self._tags[name])
 
+    def _rate_limits(self) -> RateLimit:
+        with self._lock:
+            return self._rate_limit
+
     def _fault(self, digest: str) -> Fault | None:
         with self._lock:
             return self._faults.get(digest)
@@ -328,6 +363,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if match := _MANIFEST_OR_BLOB.match(path):
             name, reference = match["name"], match["reference"]
+            rate_limit = self.upstream._rate_limits()
+            by_digest = ":" in reference
+            refused = rate_limit.refuse_digests if by_digest else rate_limit.refuse
+            if match["kind"] == "manifests" and refused:
+                self._send_error(429, "TOOMANYREQUESTS", "you have reached your pull rate limit", send_body=send_body)
+                return
             if match["kind"] == "manifests":
                 found = self.upstream._lookup_manifest(name, reference)
                 if found is None:
@@ -371,6 +412,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        if self.path.split("?", 1)[0] not in ("/v2/", "/v2"):
+            self._send_rate_limit_headers(status)
         if digest is not None:
             self.send_header("Docker-Content-Digest", digest)
         if fault is not None and fault.content_encoding is not None:
@@ -386,6 +429,16 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             # The client went away, or down() cut the connection.
             self.close_connection = True
+
+    def _send_rate_limit_headers(self, status: int) -> None:
+        rate_limit = self.upstream._rate_limits()
+        if rate_limit.remaining is not None:
+            self.send_header("ratelimit-limit", f"{rate_limit.limit};w={rate_limit.window}")
+            self.send_header("ratelimit-remaining", f"{rate_limit.remaining};w={rate_limit.window}")
+        if status == 429 and rate_limit.retry_after is not None:
+            self.send_header("Retry-After", rate_limit.retry_after)
+        for header, value in rate_limit.headers:
+            self.send_header(header, value)
 
     def _send_faulty(self, body: bytes, fault: Fault) -> None:
         if fault.corrupt and body:

@@ -17,6 +17,7 @@
       fills/unannounced                          content arrived that the coordinator has not heard of
       sweep.lock                                 flock: the worker sweeping the store
       removals                                   removal stamps, mapped by every worker (``removals.py``)
+      budget/<registry>.json                     while tag checks of an upstream pause (``node.budget``)
       metrics.json, metrics.json.lock            a node on its own: its workers' counters
 
 Files written atomically (``files.write_atomic``) pass through a hidden
@@ -41,9 +42,10 @@ class Layout:
         self.blobs = os.path.join(self.root, "blobs")
         self.repos = os.path.join(self.root, "repos")
         self.fills = os.path.join(self.root, "fills")
+        self.budgets = os.path.join(self.root, "budget")
 
     def create(self) -> None:
-        for folder in (self.blobs, self.repos, self.fills):
+        for folder in (self.blobs, self.repos, self.fills, self.budgets):
             os.makedirs(folder, exist_ok=True)
 
     # Content.
@@ -108,6 +110,10 @@ class Layout:
 
     def removals(self) -> str:
         return os.path.join(self.root, "removals")
+
+    def budget(self, registry: str) -> str:
+        """The pause of one upstream's tag checks; ``registry`` is a validated registry name."""
+        return os.path.join(self.budgets, f"{registry}.json")
 
     def metrics(self) -> str:
         return os.path.join(self.root, "metrics.json")

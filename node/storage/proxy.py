@@ -19,6 +19,10 @@ there only while the node has not removed its digest since
 (``node.storage.removals``), and records its hits at most every
 ``TOUCH_INTERVAL``. A tag pointer is served from memory only while it is
 fresh, exactly as long as its file would be.
+
+While the upstream's rate-limit budget pauses tag checks (``node.budget``),
+a tag past ``tag_ttl`` whose manifest the node holds is served stale without
+asking anyone; a tag it cannot answer still goes to the source.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from node.budget import Budget
 from node.config import CacheConfig, UpstreamConfig
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
@@ -111,6 +116,9 @@ class ProxyStore:
     # The worker's memory of manifests and tags, shared by its proxy stores
     # (``Node`` passes one); a store made on its own gets one of its own.
     memory: MemoryCache = field(default_factory=lambda: MemoryCache(CacheConfig().memory))
+    # The upstream's rate-limit budget (``Node`` passes the upstream client's);
+    # without one, tag checks never pause.
+    budget: Budget | None = None
 
     # Blobs.
 
@@ -204,6 +212,9 @@ class ProxyStore:
         fresh = self._fresh_tag(name, tag)
         if fresh is not None:
             return fresh
+        paused = self._paused_tag(name, tag)
+        if paused is not None:
+            return paused
         with self._lock(self.local.layout.tag_lock(name, tag)):
             # Another worker may have checked the tag while this one waited.
             fresh = self._fresh_tag(name, tag)
@@ -237,6 +248,25 @@ class ProxyStore:
                 return None
             self.memory.keep_tag(scoped, tag, pointer)
         return self._manifest_by_digest(name, parse_digest(pointer.digest))
+
+    def _paused_tag(self, name: str, tag: str) -> Manifest | None:
+        """The tag's cached manifest, stale, while the budget pauses tag checks; else None.
+
+        No lock is taken and nobody is asked: the pointer and the manifest are
+        the node's own. A tag the node has no pointer or manifest for is None,
+        so it goes to the source (and the upstream) as usual.
+        """
+        if self.budget is None or self.budget.paused() == 0:
+            return None
+        scoped = self._scoped(name)
+        # The file first: another worker may have checked the tag since this one kept it.
+        pointer = self.local.read_tag(scoped, tag) or self.memory.tag(scoped, tag)
+        manifest = self._cached_manifest(parse_digest(pointer.digest)) if pointer is not None else None
+        if manifest is None:
+            return None
+        self.budget.skipped_tag_check()
+        log.debug("serving %s:%s as %s from the cache: tag checks are paused", name, tag, manifest.digest)
+        return manifest
 
     # Tags and the catalog.
 

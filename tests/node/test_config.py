@@ -69,6 +69,20 @@ def test_extend_ttl_on_hit_defaults_on() -> None:
         config_from_dict({"cache": {"extend_ttl_on_hit": "sometimes"}})
 
 
+def test_ratelimit_floor_is_per_upstream_and_zero_turns_it_off() -> None:
+    assert config_from_dict({}).upstream.ratelimit_floor == 10
+    assert config_from_dict({"upstream": {"ratelimit_floor": 0}}).upstream.ratelimit_floor == 0
+    assert config_from_dict({}, {"SHOAL_UPSTREAM__RATELIMIT_FLOOR": "25"}).upstream.ratelimit_floor == 25
+    several = config_from_dict(
+        {"upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}, "ghcr.io": {"url": "https://ghcr.io"}}},
+        {"SHOAL_UPSTREAMS__GHCR_IO__RATELIMIT_FLOOR": "3"},
+    )
+    assert [upstream.ratelimit_floor for upstream in several.upstreams] == [10, 3]
+    for bad in (-1, "few", True, "1.5"):
+        with pytest.raises(ConfigError, match=r"^upstream\.ratelimit_floor: expected a whole number, 0 or more$"):
+            config_from_dict({"upstream": {"ratelimit_floor": bad}})
+
+
 def test_units() -> None:
     assert parse_duration("1h30m") == 5400
     assert parse_duration(0) == 0

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from testbed.fake_upstream import FakeUpstream
+from testbed.fake_upstream import FakeUpstream, RateLimit
 from testbed.images import build_image, build_multiarch, random_layer, sha256_digest
 from testbed.node import NodeProcess
 from testbed.processes import wait_until
@@ -154,3 +156,64 @@ def test_cached_image_pulls_while_the_upstream_is_down(node: NodeProcess, upstre
         assert missing.status_code == 503
         assert missing.json()["errors"][0]["code"] == "UPSTREAM_UNAVAILABLE"
     assert "serving faults/offline:v1" in node.log_text()
+
+
+def _skipped_tag_checks(node: NodeProcess, registry: str) -> float:
+    text = httpx.get(f"{node.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "shoal_tag_checks_skipped_total" and sample.labels.get("registry") == registry
+    )
+
+
+def test_a_429_pauses_tag_checks_on_every_worker_until_retry_after(node: NodeProcess, upstream: FakeUpstream) -> None:
+    image, other = build_image([1000], seed="budget"), build_image([1000], seed="budget-other")
+    upstream.add_image("faults/app", "v1", image)
+    upstream.add_image("faults/app", "other", other)
+    tag_path = "/v2/faults/app/manifests/v1"
+    with node.client() as http:
+        assert http.get(tag_path).status_code == 200
+    # tag_ttl is 0: every request checks the tag. This one meets the 429 and
+    # is answered from the cache; Retry-After pauses the checks for 5 s.
+    upstream.set_rate_limit(RateLimit(refuse=True, retry_after="5"))
+    with node.client() as http:
+        response = http.get(tag_path)
+    refused_at = time.monotonic()
+    assert response.status_code == 200
+    assert response.headers["docker-content-digest"] == image.digest
+    # The upstream would answer now; for the pause nobody asks it. A fresh
+    # connection each time, so that both workers answer some.
+    upstream.set_rate_limit(None)
+    upstream.reset_requests()
+    for _ in range(20):
+        with node.client() as http:
+            assert http.get(tag_path).headers["docker-content-digest"] == image.digest
+    assert time.monotonic() - refused_at < 4, "too slow to tell the pause from its end"
+    assert upstream.count("HEAD", tag_path) == upstream.count("GET", tag_path) == 0
+    # By digest nothing is paused: a miss goes to the upstream.
+    with node.client() as http:
+        assert http.get(f"/v2/faults/app/manifests/{other.digest}").status_code == 200
+    assert upstream.count("GET", f"/v2/faults/app/manifests/{other.digest}") == 1
+    wait_until(lambda: _skipped_tag_checks(node, upstream.host) == 20, message="the skipped checks were not counted")
+
+    def checked() -> bool:
+        with node.client() as http:
+            http.get(tag_path)
+        return upstream.count("HEAD", tag_path) > 0
+
+    wait_until(checked, timeout=15, interval=0.1, message="tag checks did not resume after Retry-After")
+    assert time.monotonic() - refused_at > 4
+
+
+def test_a_tag_never_cached_answers_the_upstreams_429_with_retry_after(
+    node: NodeProcess, upstream: FakeUpstream
+) -> None:
+    upstream.add_image("faults/app", "new", build_image([1000], seed="budget-new"))
+    upstream.set_rate_limit(RateLimit(refuse=True, retry_after="40"))
+    with node.client() as http:
+        response = http.get("/v2/faults/app/manifests/new")
+    assert response.status_code == 429
+    assert response.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert 39 <= int(response.headers["retry-after"]) <= 40

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from node.app import memory_per_worker
+from node.budget import Budget
 from node.cluster_source import ClusterSource
 from node.config import ConfigError, UpstreamConfig, config_from_dict
 from node.errors import BlobUnknown, UpstreamUnavailable
@@ -362,7 +363,7 @@ class Counts:
 class Cluster:
     """Two nodes of two workers each, with a fake coordinator, fake peers and the fake clock."""
 
-    def __init__(self, root: Path, upstream: FakeUpstream, clock: FakeClock) -> None:
+    def __init__(self, root: Path, upstream: FakeUpstream, clock: FakeClock, budget: Budget | None = None) -> None:
         directory, peers = FakeDirectory(), FakePeers()
         self.nodes: list[list[ProxyStore]] = []
         # Manifests take no fills; one is enough for the test.
@@ -382,9 +383,19 @@ class Cluster:
                     clock=clock,
                     sleep=clock.sleep,
                 )
-                source = ClusterSource(upstream, CONFIG, flight, coordinator, peers, local, clock)  # type: ignore[arg-type]
+                source = ClusterSource(
+                    upstream,  # type: ignore[arg-type]
+                    CONFIG,
+                    flight,
+                    coordinator,
+                    peers,  # type: ignore[arg-type]
+                    local,
+                    clock,
+                    budget=budget,
+                )
                 self.fills = self.fills or Fills(local, timeout=5)
-                workers.append(ProxyStore(local, self.fills, source, CONFIG, clock=clock, memory=MemoryCache(1 << 20)))
+                memory = MemoryCache(1 << 20)
+                workers.append(ProxyStore(local, self.fills, source, CONFIG, clock=clock, memory=memory, budget=budget))
             peers.stores[directory.holder(node_id).url] = workers[0].local
             self.nodes.append(workers)
 
@@ -443,6 +454,31 @@ def test_a_tag_taken_from_the_clusters_pointer_is_fresh_only_as_long_as_that_poi
     assert str(node_b[0].manifest("app", "v1").digest) == first
     clock.advance(1)
     assert _digests(cluster) == {second}
+
+
+def test_while_tag_checks_pause_a_node_without_the_tag_takes_the_clusters_stale_pointer(
+    tmp_path: Path, upstream: FakeUpstream, clock: FakeClock
+) -> None:
+    # One budget for both nodes, as if each had met the same 429.
+    budget = Budget(CONFIG, clock=clock)
+    cluster = Cluster(tmp_path, upstream, clock, budget)
+    try:
+        node_a, node_b = cluster.nodes
+        first = upstream.set_tag("app", "v1", b'{"v": 1}')
+        assert str(node_a[0].manifest("app", "v1").digest) == first
+        upstream.set_tag("app", "v1", b'{"v": 2}')
+        clock.advance(61)
+        budget.record(429, {"retry-after": "300"})
+        # Node b never served the tag: it takes the cluster's pointer, stale, and asks nobody.
+        assert str(node_b[0].manifest("app", "v1").digest) == first
+        assert upstream.calls.count(("head", "v1")) == 1
+        # Its own pointer keeps the cluster's check time: still stale, so
+        # checked again as soon as the pause ends.
+        clock.advance(300)
+        assert str(node_b[1].manifest("app", "v1").digest) != first
+        assert upstream.calls.count(("head", "v1")) == 2
+    finally:
+        cluster.close()
 
 
 # The setting.

@@ -1,22 +1,26 @@
-"""The pull-through logic against a fake upstream and a fake clock."""
+"""The pull-through logic against a fake upstream (a ``Source`` fake, or the HTTP one) and a fake clock."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
+from node.budget import DEFAULT_PAUSE, Budget
 from node.config import UpstreamConfig
-from node.errors import BlobUnknown, ManifestUnknown, UpstreamInvalid, UpstreamUnavailable
+from node.errors import BlobUnknown, ManifestUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Origin, TagAnswer
 from node.storage.fill import FillFailed, Fills
 from node.storage.local import LocalStore
 from node.storage.proxy import ProxyStore
-from node.upstream import TagPage
+from node.upstream import TagPage, Upstream
+from testbed import fake_upstream
 from testbed.clock import FakeClock
+from testbed.images import build_image
 
 MEDIA = "application/vnd.oci.image.manifest.v1+json"
 
@@ -222,3 +226,169 @@ def test_blob_of_unknown_size_is_held_back_until_verified(proxy: ProxyStore, ups
     assert broken.following is not None
     with pytest.raises(FillFailed):
         b"".join(proxy.fills.follow(broken.following))
+
+
+# The upstream's rate-limit budget: a real client against the HTTP fake upstream, on the fake clock.
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, counter: str, value: int = 1) -> None:
+        self.counts[counter] += value
+
+
+class Budgeted:
+    """Two workers of one node (a proxy store each over one cache directory) in front of ``registry``."""
+
+    def __init__(self, root: str, registry: fake_upstream.FakeUpstream, clock: FakeClock) -> None:
+        self.config = UpstreamConfig(name="registry.test", url=registry.url, tag_ttl=30, ratelimit_floor=10)
+        self.counts = Counts()
+        self.workers: list[ProxyStore] = []
+        for _ in range(2):
+            local = LocalStore(root, max_size=1 << 30, clock=clock)
+            budget = Budget(self.config, local.layout.budget(self.config.name), clock=clock, observer=self.counts)
+            client = Upstream(self.config, clock=clock, budget=budget)
+            self.workers.append(
+                ProxyStore(local, Fills(local, timeout=5), client, self.config, clock=clock, budget=budget)
+            )
+
+    @property
+    def skipped(self) -> int:
+        return self.counts.counts["tag_checks_skipped.registry.test"]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.fills.close()
+            assert isinstance(worker.source, Upstream)
+            worker.source.close()
+            worker.local.close()
+
+
+@pytest.fixture
+def registry() -> Iterator[fake_upstream.FakeUpstream]:
+    with fake_upstream.FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def node(tmp_path, registry: fake_upstream.FakeUpstream, clock: FakeClock) -> Iterator[Budgeted]:
+    made = Budgeted(str(tmp_path / "cache"), registry, clock)
+    yield made
+    made.close()
+
+
+def _tag_requests(registry: fake_upstream.FakeUpstream, tag: str = "v1") -> list[tuple[str, str]]:
+    return [request for request in registry.requests if request[1] == f"/v2/app/manifests/{tag}"]
+
+
+def _read_blob(worker: ProxyStore, digest: Digest) -> bytes:
+    with worker.blob("app", digest) as blob:
+        if blob.stored is not None:
+            return os.pread(blob.stored.fileno(), 1 << 20, 0)
+        assert blob.following is not None
+        return b"".join(worker.fills.follow(blob.following))
+
+
+def test_a_429_pauses_tag_checks_on_every_worker_until_retry_after(
+    node: Budgeted, registry: fake_upstream.FakeUpstream, clock: FakeClock
+) -> None:
+    one, other = node.workers
+    first, second = build_image([100], seed="budget-1"), build_image([100], seed="budget-2")
+    registry.add_image("app", "v1", first)
+    for worker in node.workers:
+        assert str(worker.manifest("app", "v1").digest) == first.digest
+    clock.advance(31)
+    registry.set_rate_limit(fake_upstream.RateLimit(refuse=True, retry_after="120"))
+    # The check that meets the 429 serves the cached tag (stale-if-error) and starts the pause.
+    assert str(one.manifest("app", "v1").digest) == first.digest
+    assert len(_tag_requests(registry)) == 2
+    # The upstream would answer now, and the tag moved; but for 120 s nobody asks it.
+    registry.set_rate_limit(None)
+    registry.add_image("app", "v1", second)
+    registry.reset_requests()
+    for _ in range(4):
+        clock.advance(29)
+        assert {str(worker.manifest("app", "v1").digest) for worker in node.workers} == {first.digest}
+    assert _tag_requests(registry) == []
+    assert node.skipped == 8
+    # Content by digest is not paused: a miss still goes to the upstream.
+    assert str(other.manifest("app", second.digest).digest) == second.digest
+    layer = next(iter(second.blobs.items()))
+    assert _read_blob(other, parse_digest(layer[0])) == layer[1]
+    assert ("GET", f"/v2/app/manifests/{second.digest}") in registry.requests
+    assert ("GET", f"/v2/app/blobs/{layer[0]}") in registry.requests
+    # 120 s after the 429 the checks resume, and see the new digest.
+    clock.advance(4)
+    assert str(other.manifest("app", "v1").digest) == second.digest
+    assert _tag_requests(registry) == [("HEAD", "/v2/app/manifests/v1")]
+    assert node.skipped == 8
+    assert node.counts.counts["budget_pauses.429.registry.test"] == 1
+
+
+def test_a_low_ratelimit_remaining_pauses_tag_checks_until_it_recovers(
+    node: Budgeted, registry: fake_upstream.FakeUpstream, clock: FakeClock
+) -> None:
+    worker = node.workers[0]
+    image, other = build_image([100], seed="budget-low"), build_image([100], seed="budget-other")
+    registry.add_image("app", "v1", image)
+    registry.add_image("app", "other", other)
+    registry.set_rate_limit(fake_upstream.RateLimit(remaining=5, limit=100))
+    # A tag never seen is fetched (spending the budget is what it is for), and
+    # the answer, 5 left below a floor of 10, pauses the checks.
+    assert str(worker.manifest("app", "v1").digest) == image.digest
+    registry.reset_requests()
+    clock.advance(31)
+    assert str(worker.manifest("app", "v1").digest) == image.digest
+    assert _tag_requests(registry) == []
+    assert node.skipped == 1
+    # A manifest by digest still goes; its answer, with the budget recovered, ends the pause.
+    registry.set_rate_limit(fake_upstream.RateLimit(remaining=60, limit=100))
+    assert str(worker.manifest("app", other.digest).digest) == other.digest
+    assert str(worker.manifest("app", "v1").digest) == image.digest
+    assert _tag_requests(registry) == [("HEAD", "/v2/app/manifests/v1")]
+    assert node.skipped == 1
+
+
+def test_a_low_pause_without_a_reset_ends_after_the_default_pause(
+    node: Budgeted, registry: fake_upstream.FakeUpstream, clock: FakeClock
+) -> None:
+    worker = node.workers[0]
+    image = build_image([100], seed="budget-default")
+    registry.add_image("app", "v1", image)
+    registry.set_rate_limit(fake_upstream.RateLimit(remaining=2, limit=100))
+    worker.manifest("app", "v1")
+    registry.reset_requests()
+    clock.advance(DEFAULT_PAUSE - 1)
+    worker.manifest("app", "v1")
+    assert _tag_requests(registry) == []
+    clock.advance(1)
+    worker.manifest("app", "v1")
+    # The check (a HEAD, which Docker Hub does not count) reads the budget again.
+    assert _tag_requests(registry) == [("HEAD", "/v2/app/manifests/v1")]
+    assert node.workers[1].budget is not None and node.workers[1].budget.paused() == DEFAULT_PAUSE
+
+
+def test_a_tag_never_cached_still_goes_to_the_upstream_while_paused(
+    node: Budgeted, registry: fake_upstream.FakeUpstream, clock: FakeClock
+) -> None:
+    worker = node.workers[0]
+    image = build_image([100], seed="budget-new")
+    registry.add_image("app", "v1", image)
+    registry.add_image("app", "new", image)
+    registry.set_rate_limit(fake_upstream.RateLimit(refuse=True, retry_after="90"))
+    # Refused, with nothing cached: the client gets the 429, told when to come back.
+    with pytest.raises(TooManyRequests) as raised:
+        worker.manifest("app", "v1")
+    assert raised.value.retry_after == 90
+    clock.advance(30)
+    with pytest.raises(TooManyRequests) as raised:
+        worker.manifest("app", "new")
+    # The second 429 said 90 s from now: the pause grew to match.
+    assert raised.value.retry_after == 90
+    assert len(_tag_requests(registry, "new")) == 1
+    # Once the upstream answers, so does the node, though the pause holds.
+    registry.set_rate_limit(None)
+    assert str(worker.manifest("app", "new").digest) == image.digest
+    assert node.skipped == 0

@@ -247,15 +247,47 @@ def test_status_mapping(connect: Callable[..., Upstream], status: int, error: ty
         connect(fake).get_manifest("library/alpine", "latest")
     assert REGISTRY in str(raised.value)
     assert str(status) in str(raised.value)
-    assert raised.value.detail == {"upstream": REGISTRY, "status": status}
+    # A 429 says when to come back: without a Retry-After, after the default pause.
+    extra = {"retry_after": 60} if status == 429 else {}
+    assert raised.value.detail == {"upstream": REGISTRY, "status": status, **extra}
 
 
 def test_too_many_requests_passes_retry_after(connect: Callable[..., Upstream]) -> None:
     fake = FakeRegistry()
     fake.routes["registry.test", MANIFEST_PATH] = static(429, headers={"Retry-After": "30"})
+    upstream = connect(fake)
     with pytest.raises(TooManyRequests) as raised:
-        connect(fake).get_manifest("library/alpine", "latest")
-    assert raised.value.detail == {"upstream": REGISTRY, "status": 429, "retry_after": "30"}
+        upstream.get_manifest("library/alpine", "latest")
+    assert raised.value.detail == {"upstream": REGISTRY, "status": 429, "retry_after": 30}
+    # The client is told to come back when the upstream's pause ends.
+    assert raised.value.retry_after == 30
+    assert upstream.budget.paused() == 30
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "seconds"),
+    [("999999999", 3600), ("tomorrow", 60), ("9" * 5000, 60), ("Fri, 31 Dec 9999 23:59:59 GMT", 3600)],
+)
+def test_a_hostile_or_malformed_retry_after_is_capped_or_ignored(
+    connect: Callable[..., Upstream], retry_after: str, seconds: int
+) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", MANIFEST_PATH] = static(429, headers={"Retry-After": retry_after})
+    with pytest.raises(TooManyRequests) as raised:
+        connect(fake).head_manifest("library/alpine", "latest")
+    assert raised.value.retry_after == seconds
+
+
+def test_every_answer_reaches_the_budget(connect: Callable[..., Upstream]) -> None:
+    fake = FakeRegistry()
+    headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "3;w=21600", "Docker-Content-Digest": "x"}
+    fake.routes["registry.test", MANIFEST_PATH] = static(200, headers=headers)
+    upstream = connect(fake, ratelimit_floor=5)
+    # The client still sends what it is asked; the budget only tells the tag path to pause.
+    upstream.head_manifest("library/alpine", "latest")
+    upstream.head_manifest("library/alpine", "latest")
+    assert len(fake.requests) == 2
+    assert upstream.budget.paused() == 60
 
 
 @pytest.mark.parametrize(
