@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from node.auth import CATALOG, Client, Scope, Unauthorized, pull
 from node.errors import NotFound, PaginationInvalid, RangeInvalid, RegistryUnknown, ShoalError, Unsupported
 from node.metrics import Metrics
 from node.reference import Digest, is_digest, normalize_name, parse_digest, parse_name, parse_tag
@@ -37,7 +38,7 @@ PAGE_MAX = 10000
 api = Blueprint("registry", __name__)
 
 
-def _route(path: str) -> tuple[ProxyStore, str]:
+def _route(path: str) -> tuple[ProxyStore, str, bool]:
     """Which registry a request is for, and the path within it.
 
     In this order: containerd's ``ns`` query parameter; a first path
@@ -45,19 +46,19 @@ def _route(path: str) -> tuple[ProxyStore, str]:
     localhost, as Docker tells registries from repositories), for podman and
     CRI-O mirrors with a location like ``mirror:5000/ghcr.io``; else the
     default upstream. A registry that is not configured is never answered
-    from another one.
+    from another one. The flag says whether the request named the registry.
     """
     proxies = services().proxies
     namespace = request.args.get("ns")
     if namespace is not None:
-        return _registry(proxies, namespace.strip().lower()), path
+        return _registry(proxies, namespace.strip().lower()), path, True
     first, _, rest = path.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
-        return _registry(proxies, first.lower()), rest
+        return _registry(proxies, first.lower()), rest, True
     default = services().config.default_upstream
     if default is None:
         raise RegistryUnknown("this mirror has no default registry: name one with ?ns= or a path prefix")
-    return proxies[default], path
+    return proxies[default], path, False
 
 
 def _registry(proxies: Mapping[str, ProxyStore], name: str) -> ProxyStore:
@@ -75,25 +76,38 @@ def _metrics() -> Metrics:
 def base() -> Response:
     if request.method in WRITE_METHODS:
         raise Unsupported("this registry is a read-only mirror")
+    admit(None, None)
     return jsonify({})
+
+
+def admit(scope: Scope | None, registry: str | None) -> None:
+    """Raise ``Unauthorized`` unless this request's client may have ``scope`` (``node.auth``)."""
+    client = Client(request.remote_addr, request.headers.get("Authorization"))
+    services().gate.admit(client, scope, registry)
 
 
 @api.route("/v2/<path:path>", methods=["GET", "HEAD", *WRITE_METHODS])
 def registry(path: str) -> Response:
     if request.method in WRITE_METHODS:
         raise Unsupported("this registry is a read-only mirror: pushes and deletes are not supported")
-    store, path = _route(path)
+    store, path, named = _route(path)
+    registry_name = store.config.name
     if path == "_catalog":
         g.endpoint = "catalog"
+        admit(CATALOG, registry_name)
         return _page_response(store.catalog(*_pagination()), "repositories")
     tags = _TAGS.fullmatch(path)
     if tags:
         g.endpoint = "tags"
-        return _page_response(store.tags(_name(store, tags["name"]), *_pagination()), "tags", tags["name"])
+        name = _name(store, tags["name"])
+        admit(pull(f"{registry_name}/{name}" if named else name), registry_name)
+        return _page_response(store.tags(name, *_pagination()), "tags", tags["name"])
     content = _CONTENT.fullmatch(path)
     if not content:
+        admit(None, registry_name)
         raise NotFound("no such registry endpoint", {"path": path[:256]})
     name = _name(store, content["name"])
+    admit(pull(f"{registry_name}/{name}" if named else name), registry_name)
     g.endpoint = content["kind"]
     if content["kind"] == "blobs":
         return _blob(store, name, parse_digest(content["reference"]))
@@ -266,6 +280,8 @@ def _shoal_error(error: ShoalError) -> Response:
         response.headers["Content-Range"] = f"bytes */{error.size}"
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = error.challenge
     return response
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from flask import Flask
 
 from node import api
+from node.auth import Gate
 from node.budget import Budget
 from node.cluster_source import ClusterSource
 from node.config import NodeConfig, UpstreamConfig
@@ -26,7 +27,7 @@ from node.metrics import CoordinatorSink, LocalSink, Metrics, Sink
 from node.peers import PeerClient, internal
 from node.services import Services, install
 from node.sources import Source
-from node.status import status
+from node.status import guard_listeners, status
 from node.storage.fill import Fills
 from node.storage.local import LocalStore
 from node.storage.memory import MemoryCache
@@ -113,7 +114,7 @@ class Node:
             )
             for settings in config.upstreams
         }
-        self.services = Services(config, self.proxies, self.local, self.fills, self.metrics)
+        self.services = Services(config, self.proxies, self.local, self.fills, self.metrics, Gate(config))
         self._interval = min(FLUSH_INTERVAL, config.cluster.heartbeat_interval)
         self._stop = threading.Event()
         self._sweep_soon = threading.Event()
@@ -222,4 +223,5 @@ def create_app(
     api.register(app)
     app.register_blueprint(internal)
     app.register_blueprint(status)
+    guard_listeners(app, config)
     return app

@@ -17,6 +17,7 @@ distribution mirror configuration carries over unchanged.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -158,6 +159,10 @@ class ServerConfig:
     # How long a connection may take to send a complete request head, idle
     # keep-alive time before it included; then it is closed.
     header_timeout: float = _parsed(parse_duration, default=15.0)
+    # A listener of its own for /metrics and /debug/vars (distribution's
+    # debug address), which then leave server.bind; unset, they are served
+    # on server.bind, behind auth when auth is on.
+    metrics_bind: str | None = _parsed(lambda v: None if not v else parse_bind(v), default=None)
 
 
 @dataclass(frozen=True)
@@ -208,11 +213,60 @@ class UpstreamConfig:
     # budget for content the node does not hold (node.budget). 0 turns the
     # floor off; a 429 pauses tag checks whatever the floor.
     ratelimit_floor: int = _parsed(_non_negative_int, default=10)
+    # With auth on: pulls from this registry need no credentials, from any
+    # client or only from anonymous_networks (CIDRs) when given. Without
+    # auth every pull is anonymous.
+    anonymous: bool = _parsed(_bool, default=False)
+    anonymous_networks: tuple[str, ...] = _parsed(lambda v: _networks(v), default=())
 
     @property
     def is_docker_hub(self) -> bool:
         """Docker Hub keeps official images under library/; only its names get it."""
         return self.name == DOCKER_HUB or registry_name_of(self.url) == DOCKER_HUB
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    networks = _string_list(value)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not a network such as 10.0.0.0/8 or fd00::/8") from None
+    return networks
+
+
+@dataclass(frozen=True)
+class HtpasswdConfig:
+    """Distribution's ``auth.htpasswd``: users with bcrypt hashes (``htpasswd -B``)."""
+
+    realm: str = _parsed(str, default="shoal")
+    path: str | None = _parsed(_optional_string, default=None)
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """Distribution's ``auth.token``: bearer JWTs from a token server."""
+
+    # Where clients get tokens (the challenge names it).
+    realm: str | None = _parsed(lambda v: None if not v else parse_url(v), default=None)
+    # The token's aud; the challenge names it too.
+    service: str | None = _parsed(_optional_string, default=None)
+    # The token's iss.
+    issuer: str | None = _parsed(_optional_string, default=None)
+    # PEM certificates whose keys sign tokens (or issued the token's x5c certificate).
+    rootcertbundle: str | None = _parsed(_optional_string, default=None)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may pull: htpasswd users or token server tokens; neither admits everyone."""
+
+    htpasswd: HtpasswdConfig = HtpasswdConfig()
+    token: TokenConfig = TokenConfig()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.htpasswd.path or self.token.realm)
 
 
 def _address_list(value: object) -> tuple[str, ...]:
@@ -274,6 +328,7 @@ class NodeConfig:
     # Where requests that name no registry go; None answers them 404.
     default_upstream: str | None = DOCKER_HUB
     cluster: ClusterConfig = ClusterConfig()
+    auth: AuthConfig = AuthConfig()
 
     @property
     def upstream(self) -> UpstreamConfig:
@@ -342,7 +397,23 @@ def config_from_dict(raw: dict[str, Any], environ: Mapping[str, str] | None = No
     config = dataclasses.replace(config, **upstreams)
     if config.cluster.enabled and not config.cluster.secret:
         raise ConfigError("cluster.secret: required when cluster.coordinators is set")
+    _check_auth(config)
     return config
+
+
+def _check_auth(config: NodeConfig) -> None:
+    auth = config.auth
+    if auth.htpasswd.path and auth.token.realm:
+        raise ConfigError("auth: give either htpasswd or token, not both")
+    if auth.token.realm:
+        for key in ("service", "issuer", "rootcertbundle"):
+            if not getattr(auth.token, key):
+                raise ConfigError(f"auth.token.{key}: required with auth.token.realm")
+    elif any(getattr(auth.token, key) for key in ("service", "issuer", "rootcertbundle")):
+        raise ConfigError("auth.token.realm: required with the other auth.token keys")
+    metrics_bind = config.server.metrics_bind
+    if metrics_bind is not None and metrics_bind.rpartition(":")[2] == config.server.bind.rpartition(":")[2]:
+        raise ConfigError("server.metrics_bind: must be another port than server.bind")
 
 
 def _copy(value: Any) -> Any:
@@ -369,6 +440,12 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             section = raw.setdefault(path[0].lower(), {})
             if isinstance(section, dict):
                 section[path[1].lower()] = value
+        elif len(path) == 3 and path[0] != "UPSTREAMS":
+            section = raw.setdefault(path[0].lower(), {})
+            if isinstance(section, dict):
+                subsection = section.setdefault(path[1].lower(), {})
+                if isinstance(subsection, dict):
+                    subsection[path[2].lower()] = value
         elif len(path) == 3 and path[0] == "UPSTREAMS":
             upstreams = raw.get("upstreams")
             declared: dict[str, Any] = upstreams if isinstance(upstreams, dict) else {}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 from flask import Flask, current_app
 
 if TYPE_CHECKING:
+    from node.auth import Gate
     from node.config import NodeConfig
     from node.metrics import Metrics
     from node.storage.fill import Fills
@@ -30,6 +31,8 @@ class Services:
     local: LocalStore
     fills: Fills
     metrics: Metrics
+    # Who may pull what (``node.auth``).
+    gate: Gate
 
     @property
     def cluster_secret(self) -> str:

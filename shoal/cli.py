@@ -121,15 +121,15 @@ def _node_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, st
     return env
 
 
-def gunicorn_command(bind: str, workers: int) -> list[str]:
+def gunicorn_command(bind: str, workers: int, metrics_bind: str | None = None) -> list[str]:
+    binds = ["--bind", bind] + (["--bind", metrics_bind] if metrics_bind else [])
     return [
         sys.executable,
         "-m",
         "gunicorn",
         "--config",
         "python:node.gunicorn_conf",
-        "--bind",
-        bind,
+        *binds,
         "--workers",
         str(workers),
         "node.wsgi:app",
@@ -141,10 +141,17 @@ def run_node(args: argparse.Namespace) -> int:
     # Validate here, in one process, so a bad key fails with one clear line
     # instead of a traceback from every gunicorn worker.
     config = load_config(env.get(CONFIG_ENV), env)
+    from node.auth import Gate
+
+    try:
+        # The htpasswd file and the token certificates must be readable.
+        Gate(config)
+    except ValueError as exc:
+        raise SystemExit(f"shoal node: {exc}") from None
     # The workers keep their histograms in files here (prometheus-client's
     # multiprocess mode), so that /metrics shows the whole node.
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(os.path.abspath(config.cache.dir), "prometheus"))
-    command = gunicorn_command(config.server.bind, config.server.workers)
+    command = gunicorn_command(config.server.bind, config.server.workers, config.server.metrics_bind)
     os.execve(sys.executable, command, env)
     return 0  # not reached
 

@@ -82,13 +82,23 @@ class Pull:
     requests: list[Request]
 
 
-def write_hosts(hosts_dir: Path, registry: str, server: str, mirrors: list[str]) -> Path:
-    """Write ``hosts_dir/<registry>/hosts.toml``: ``server`` as the registry, ``mirrors`` tried before it."""
+def write_hosts(
+    hosts_dir: Path, registry: str, server: str, mirrors: list[str], headers: dict[str, str] | None = None
+) -> Path:
+    """Write ``hosts_dir/<registry>/hosts.toml``: ``server`` as the registry, ``mirrors`` tried before it.
+
+    ``headers`` are sent to every mirror (an ``Authorization`` header, as a
+    Kubernetes node passes credentials to a mirror).
+    """
     folder = hosts_dir / registry
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f'server = "{server}"', ""]
     for mirror in mirrors:
         lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]', ""]
+        if headers:
+            lines += [f'[host."{mirror}".header]']
+            lines += [f"  {name} = {json.dumps(value)}" for name, value in headers.items()]
+            lines += [""]
     path = folder / "hosts.toml"
     path.write_text("\n".join(lines))
     return path

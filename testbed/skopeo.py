@@ -85,13 +85,16 @@ def skopeo_copy(
     override_arch: str | None = None,
     override_os: str | None = None,
     all_images: bool = False,
+    creds: str | None = None,
 ) -> Path:
     """Copy ``src_ref`` (``host:port/name:tag`` or ``docker://...``) into ``dest_dir`` with the dir: transport.
 
     The directory then holds ``manifest.json`` and one file per blob named by
     the hex part of its digest. For an index, skopeo picks the child for this
     machine unless ``override_arch``/``override_os`` say otherwise, or copies
-    every child with ``all_images``. Returns ``dest_dir`` as a Path.
+    every child with ``all_images``. ``creds`` (``user:password``) are given
+    to the registry, or to its token server; without them skopeo sends none.
+    Returns ``dest_dir`` as a Path.
     """
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
@@ -100,7 +103,8 @@ def skopeo_copy(
         global_options += ["--override-arch", override_arch]
     if override_os is not None:
         global_options += ["--override-os", override_os]
-    copy_options = [f"--src-tls-verify={str(tls_verify).lower()}", "--src-no-creds"]
+    credentials = ["--src-creds", creds] if creds is not None else ["--src-no-creds"]
+    copy_options = [f"--src-tls-verify={str(tls_verify).lower()}", *credentials]
     if all_images:
         copy_options.append("--all")
     _run([*global_options, "copy", *copy_options, _docker_ref(src_ref), f"dir:{dest}"], timeout)
