@@ -8,6 +8,13 @@ cannot overwrite the answer of the node that holds the lease now.
 
 A pointer nobody refreshed for ``retention`` seconds is dropped (Redis PX),
 so tags that are never pulled again do not pile up; 0 keeps pointers forever.
+
+``checked_at`` is stamped by Redis's own clock (``TIME``) when the pointer
+is written, whatever the writer sent: a node with a clock running ahead
+cannot keep a tag fresh for longer than ``tag_ttl``. A pointer whose stamp
+lies more than ``CLOCK_SKEW`` in Redis's future was not written here (someone
+wrote the hash straight into Redis) and is read as checked never, so that it
+is checked against the upstream at once instead of being fresh forever.
 """
 
 from __future__ import annotations
@@ -23,26 +30,30 @@ from coordinator.keys import Keys
 from coordinator.leases import OWNS_LEASE
 from coordinator.redis_client import text_map
 from protos.leases import tag_lease
-from protos.values import TagPointer
+from protos.values import CLOCK_SKEW, TagPointer
 
 # KEYS[1] lock:<tag lease key>, KEYS[2] tag:<upstream>/<repository>:<tag>
 # ARGV[1] lease token, ARGV[2] digest, ARGV[3] media type, ARGV[4] size,
-# ARGV[5] checked_at (Unix seconds), ARGV[6] retention (ms; 0 = forever)
-# Writes the pointer when the token holds the tag's lease; returns 1, or 0
-# when the lease was lost. The lease stays held: the caller releases it.
+# ARGV[5] unused (the writer's checked_at), ARGV[6] retention (ms; 0 = forever)
+# Writes the pointer, stamped with Redis's clock, when the token holds the
+# tag's lease; returns the stamp (Unix microseconds), or 0 when the lease was
+# lost. The lease stays held: the caller releases it.
 _PUT = (
     OWNS_LEASE
     + """
 if not owns(redis.call('GET', KEYS[1]), ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[2], 'digest', ARGV[2], 'media_type', ARGV[3], 'size', ARGV[4], 'checked_at', ARGV[5])
+local now = redis.call('TIME')
+local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local stamp = string.format('%d.%06d', now[1], now[2])
+redis.call('HSET', KEYS[2], 'digest', ARGV[2], 'media_type', ARGV[3], 'size', ARGV[4], 'checked_at', stamp)
 if ARGV[6] == '0' then
   redis.call('PERSIST', KEYS[2])
 else
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
-return 1
+return micros
 """
 )
 
@@ -58,18 +69,28 @@ class Tags:
 
     def get(self, upstream: str, repository: str, tag: str) -> TagPointer | None:
         """The shared pointer for the tag, or None when the cluster has none."""
-        fields = text_map(self._redis.hgetall(self._key(upstream, repository, tag)))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self._key(upstream, repository, tag))
+        (seconds, micros), raw = pipe.execute()
+        fields = text_map(raw)
         if not fields.get("digest"):
             return None
+        checked_at = _number(fields.get("checked_at"))
+        if checked_at > seconds + micros / 1e6 + CLOCK_SKEW:
+            checked_at = 0.0
         return TagPointer(
             digest=fields["digest"],
             media_type=fields.get("media_type", ""),
-            size=int(fields.get("size", 0)),
-            checked_at=float(fields.get("checked_at", 0.0)),
+            size=int(_number(fields.get("size"))),
+            checked_at=checked_at,
         )
 
-    def put(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None:
-        """Move the tag to ``pointer``; raises ``LeaseLost`` unless ``lease_token`` holds the tag's lease."""
+    def put(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> float:
+        """Move the tag to ``pointer``, stamped now by Redis; return the stamp.
+
+        Raises ``LeaseLost`` unless ``lease_token`` holds the tag's lease.
+        """
         key = self._key(upstream, repository, tag)
         check_digest(pointer.digest, "pointer.digest")
         if pointer.size < 0 or not math.isfinite(pointer.checked_at) or pointer.checked_at < 0:
@@ -84,11 +105,22 @@ class Tags:
             repr(float(pointer.checked_at)),
             self._retention_ms,
         ]
-        if not lease_token or not int(self._put(keys=keys, args=args)):
+        stamp = int(self._put(keys=keys, args=args)) if lease_token else 0
+        if not stamp:
             raise LeaseLost(f"the lease on {lease_key} is no longer held under this token")
+        return stamp / 1e6
 
     def _key(self, upstream: str, repository: str, tag: str) -> str:
         check_name(upstream, "upstream")
         check_name(repository, "repository")
         check_name(tag, "tag")
         return self._keys.tag(upstream, repository, tag)
+
+
+def _number(text: str | None) -> float:
+    """A field written by someone else may hold anything: what is not a finite number is 0."""
+    try:
+        value = float(text or 0)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value >= 0 else 0.0

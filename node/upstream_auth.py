@@ -14,9 +14,12 @@ Getting a token is shared with the client. This module decides what to ask
 for and what the answer means (``Credentials.token_request``,
 ``parse_token``); the client sends the request (``TokenSource``), so that it
 is timed, observed and mapped onto the node's errors like any other
-request. Credentials reach a token realm only over https, on the upstream's
-own host, or on a host listed in ``upstream.token_realms``; elsewhere the
-token is asked for anonymously.
+request. Only the upstream's own origin (scheme, host, port) gets
+credentials or has its challenges answered: a host it redirects to (a CDN)
+gets neither, so it cannot name a realm to collect them. Credentials reach
+a token realm only over https, on the upstream's own host, or on a host
+listed in ``upstream.token_realms``; elsewhere the token is asked for
+anonymously.
 
 Secrets (the password, the Basic value, tokens) leave this module only as an
 Authorization header. The reprs of ``Credentials``, ``TokenRequest`` and
@@ -92,7 +95,9 @@ class Credentials:
         if config.username is not None:
             raw = f"{config.username}:{config.password or ''}".encode()
             self.basic = "Basic " + base64.b64encode(raw).decode("ascii")
-        self._host = (httpx.URL(config.url).host or "").lower()
+        url = httpx.URL(config.url)
+        self._host = (url.host or "").lower()
+        self.origin = _origin(url)
         self._token_realms = frozenset(host.lower() for host in config.token_realms)
 
     def __repr__(self) -> str:
@@ -173,6 +178,7 @@ class RegistryAuth(httpx.Auth):
     """
 
     def __init__(self, credentials: Credentials, tokens: TokenSource, clock: Callable[[], float]) -> None:
+        self._origin = credentials.origin
         self._basic = credentials.basic
         self._fetch_token = tokens
         self._clock = clock
@@ -185,12 +191,19 @@ class RegistryAuth(httpx.Auth):
         return f"RegistryAuth(basic={'set' if self._basic else 'none'}, tokens={len(self._tokens)})"
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if _origin(request.url) != self._origin:
+            yield request
+            return
         repository = _repository_of(request.url.path)
         sent = self._known_authorization(repository)
         if sent is not None:
             request.headers["Authorization"] = sent
         response = yield request
-        if response.status_code != 401:
+        if response.status_code != 401 or _origin(response.request.url) != self._origin:
+            # A 401 from a host the upstream redirected to (a CDN, or anyone)
+            # is not answered: it must not name a realm for the credentials.
+            # (httpx drops the Authorization header when a redirect leaves
+            # the origin.)
             return
         challenges = _challenges(response)
         bearer = challenges.get("bearer")
@@ -248,6 +261,12 @@ def _challenges(response: httpx.Response) -> dict[str, dict[str, str]]:
             params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else plain
         found.setdefault(scheme.lower(), params)
     return found
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """Scheme, host and port, the port spelled out: what the credentials are bound to."""
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, (url.host or "").lower(), url.port or default
 
 
 def _repository_of(path: str) -> str:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# How far apart the clocks of the nodes and Redis may be (seconds): a tag
+# pointer stamped further in the future than this is stale, never fresh.
+CLOCK_SKEW = 5.0
+
 
 @dataclass(frozen=True)
 class Holder:
@@ -38,5 +42,10 @@ class TagPointer:
     checked_at: float = 0.0
 
     def fresh(self, now: float, tag_ttl: float) -> bool:
-        """Checked less than ``tag_ttl`` seconds before ``now``."""
-        return now - self.checked_at < tag_ttl
+        """Checked less than ``tag_ttl`` seconds before ``now``.
+
+        A check more than ``CLOCK_SKEW`` after ``now`` cannot have happened:
+        such a pointer is stale, not fresh for as long as its future lasts.
+        """
+        age = now - self.checked_at
+        return -CLOCK_SKEW <= age < tag_ttl

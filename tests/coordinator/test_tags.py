@@ -10,7 +10,7 @@ from coordinator.keys import Keys
 from coordinator.leases import Leases
 from coordinator.tags import Tags
 from protos.leases import tag_lease
-from protos.values import TagPointer
+from protos.values import CLOCK_SKEW, TagPointer
 from testbed.processes import wait_until
 from tests.coordinator.digests import digest
 
@@ -28,14 +28,23 @@ def tags(redis_client: redis.Redis, keys: Keys) -> Tags:
     return Tags(redis_client, keys, retention=3600)
 
 
-def test_put_with_the_lease_then_get(tags: Tags, leases: Leases) -> None:
+def _redis_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def test_put_with_the_lease_then_get(tags: Tags, leases: Leases, redis_client: redis.Redis) -> None:
     pointer = TagPointer(digest(1), "application/vnd.oci.image.index.v1+json", 512, checked_at=1_700_000_000.5)
     assert tags.get(UPSTREAM, REPO, TAG) is None
     lease = leases.acquire(LEASE, "node-a", 10_000)
 
-    tags.put(UPSTREAM, REPO, TAG, pointer, lease.token)
+    before = _redis_now(redis_client)
+    stamp = tags.put(UPSTREAM, REPO, TAG, pointer, lease.token)
+    after = _redis_now(redis_client)
 
-    assert tags.get(UPSTREAM, REPO, TAG) == pointer
+    # Stamped by Redis's clock, not the writer's.
+    assert before <= stamp <= after
+    assert tags.get(UPSTREAM, REPO, TAG) == TagPointer(pointer.digest, pointer.media_type, pointer.size, stamp)
     assert tags.get("ghcr.io", REPO, TAG) is None, "tags of different upstreams never mix"
     assert leases.current(LEASE) is not None, "putting a tag keeps the lease held"
 
@@ -84,3 +93,37 @@ def test_bad_pointers_are_rejected(tags: Tags, leases: Leases) -> None:
         tags.put(UPSTREAM, REPO, TAG, TagPointer("latest"), lease.token)
     with pytest.raises(InvalidArgument, match="tag"):
         tags.get(UPSTREAM, REPO, "")
+
+
+def test_a_writer_with_a_clock_ahead_cannot_keep_a_tag_fresh(
+    tags: Tags, leases: Leases, redis_client: redis.Redis
+) -> None:
+    lease = leases.acquire(LEASE, "node-a", 10_000)
+    year_ahead = _redis_now(redis_client) + 365 * 86400
+    stamp = tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1), checked_at=year_ahead), lease.token)
+    pointer = tags.get(UPSTREAM, REPO, TAG)
+    assert pointer is not None and pointer.checked_at == stamp < year_ahead
+    assert not pointer.fresh(_redis_now(redis_client) + 301, tag_ttl=300)
+
+
+def test_a_pointer_stamped_in_the_future_straight_into_redis_is_stale(
+    tags: Tags, keys: Keys, redis_client: redis.Redis
+) -> None:
+    future = _redis_now(redis_client) + 86400
+    redis_client.hset(keys.tag(UPSTREAM, REPO, TAG), mapping={"digest": digest(7), "checked_at": repr(future)})
+    pointer = tags.get(UPSTREAM, REPO, TAG)
+    assert pointer is not None and pointer.digest == digest(7)
+    assert pointer.checked_at == 0.0
+    assert not pointer.fresh(_redis_now(redis_client), tag_ttl=300)
+    # Garbage in the hash reads as never checked, not as an error.
+    redis_client.hset(keys.tag(UPSTREAM, REPO, TAG), mapping={"checked_at": "soon", "size": "-3"})
+    garbled = tags.get(UPSTREAM, REPO, TAG)
+    assert garbled is not None and (garbled.checked_at, garbled.size) == (0.0, 0)
+
+
+def test_a_pointer_in_the_future_beyond_the_clock_skew_is_not_fresh() -> None:
+    pointer = TagPointer(digest(1), checked_at=1000.0)
+    assert pointer.fresh(1000.0 - CLOCK_SKEW, tag_ttl=300)
+    assert not pointer.fresh(1000.0 - CLOCK_SKEW - 1, tag_ttl=300)
+    assert pointer.fresh(1299.0, tag_ttl=300)
+    assert not pointer.fresh(1300.0, tag_ttl=300)

@@ -214,6 +214,38 @@ def test_redirect_to_another_host_drops_authorization(connect: Callable[..., Ups
     assert "authorization" not in request.headers
 
 
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_a_host_the_upstream_redirects_to_never_gets_the_credentials(
+    connect: Callable[..., Upstream], auth: str
+) -> None:
+    foreign: list[httpx.Request] = []
+
+    def record(status: int, headers: list[tuple[str, str]] | None = None) -> Handler:
+        def handler(request: httpx.Request) -> httpx.Response:
+            foreign.append(request)
+            return httpx.Response(status, headers=headers or [])
+
+        return handler
+
+    fake = FakeRegistry(auth=auth)
+    fake.routes["registry.test", BLOB_PATH] = static(307, headers={"Location": "https://cdn.test/blobs/abc"})
+    # The CDN asks for credentials, naming a realm of its own, over https.
+    challenges = [
+        ("WWW-Authenticate", 'Bearer realm="https://collector.test/collect",service="x",scope="y"'),
+        ("WWW-Authenticate", 'Basic realm="cdn"'),
+    ]
+    fake.routes["cdn.test", "/blobs/abc"] = record(401, challenges)
+    fake.routes["collector.test", "/collect"] = record(200)
+    upstream = connect(fake, **CREDENTIALS)
+    # The registry asked for credentials and got them.
+    upstream.get_manifest("library/alpine", "latest")
+    assert fake.registry_authorizations()[-1] is not None
+    with pytest.raises(ShoalError), upstream.open_blob("library/alpine", BLOB_DIGEST):
+        pass
+    assert [request.url.host for request in foreign] == ["cdn.test"]
+    assert "authorization" not in foreign[0].headers
+
+
 # Refused credentials and broken token realms.
 
 
