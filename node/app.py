@@ -17,7 +17,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from node import api
-from node.breaker import Observer
+from node.breaker import Marks, Observer, Shared
 from node.cluster_source import ClusterSource
 from node.config import NodeConfig, UpstreamConfig
 from node.coordinator_client import CoordinatorClient
@@ -61,7 +61,9 @@ class Node:
         # The client reports its breakers into the node's Prometheus
         # registry, and the metrics send their deltas through the client.
         registry = CollectorRegistry()
-        self.coordinator = _coordinator_client(config, CoordinatorReachability(registry, config.node_id))
+        self.coordinator = _coordinator_client(
+            config, CoordinatorReachability(registry, config.node_id), Marks(self.local.layout)
+        )
         sink: Sink = (
             CoordinatorSink(self.coordinator)
             if self.coordinator is not None
@@ -189,7 +191,7 @@ def memory_per_worker(config: NodeConfig) -> int:
     return config.cache.memory // config.server.workers
 
 
-def _coordinator_client(config: NodeConfig, observer: Observer) -> CoordinatorClient | None:
+def _coordinator_client(config: NodeConfig, observer: Observer, shared: Shared) -> CoordinatorClient | None:
     if not config.cluster.enabled:
         return None
     return CoordinatorClient(
@@ -199,6 +201,7 @@ def _coordinator_client(config: NodeConfig, observer: Observer) -> CoordinatorCl
         timeout=config.cluster.timeout,
         tls_ca=config.cluster.tls_ca,
         observer=observer,
+        shared=shared,
     )
 
 

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from node.breaker import Breakers, Observer
+from node.breaker import Breakers, Observer, Shared
 from protos.metrics import NodeCounts
 from protos.shoal.v1 import coordinator_pb2 as pb
 from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
@@ -161,7 +161,9 @@ class CoordinatorClient:
     answer is skipped before it is probed, and between probes.
     ``tls_ca`` is a PEM file of the CA that signed the coordinators'
     certificates; without it the channels are plaintext. ``observer``
-    hears every breaker's state in every process that uses the client.
+    hears every breaker's state in every process that uses the client;
+    through ``shared`` the processes of a node (its workers) skip an
+    address that one of them found down.
     Safe to share between threads; ``close`` is idempotent and ends the
     probes.
     """
@@ -176,6 +178,7 @@ class CoordinatorClient:
         cool_off: float = COOL_OFF,
         tls_ca: str | None = None,
         observer: Observer | None = None,
+        shared: Shared | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one coordinator address is required")
@@ -199,6 +202,7 @@ class CoordinatorClient:
         self._closed = False
         self.cool_off = cool_off
         self._observer = observer
+        self._shared = shared
         # Made with the channels, in the process that uses them.
         self._breakers: Breakers | None = None
         self._probes: list[threading.Thread] = []
@@ -397,7 +401,6 @@ class CoordinatorClient:
 
     def _call(self, method: str, request: Any) -> Any:
         stubs, breakers, first = self._current_stubs()
-        skipped = [f"{failure}, skipped until it answers a probe" for failure in breakers.skipped()]
         failures: list[str] = []
         for index in breakers.usable(first):
             try:
@@ -414,6 +417,8 @@ class CoordinatorClient:
             breakers.succeeded(index)
             self._preferred = index
             return response
+        tried = {failure.split(": ")[0] for failure in failures}
+        skipped = [reason for reason in breakers.skipped() if reason.split(": ")[0] not in tried]
         answers = "; ".join(skipped + failures)
         raise CoordinatorUnavailable(f"{method}: no coordinator answered ({answers})", "UNAVAILABLE")
 
@@ -430,7 +435,13 @@ class CoordinatorClient:
                 # here is retried.
                 self._channels = [self._channel(address) for address in self.addresses]
                 self._stubs = [pb_grpc.CoordinatorStub(channel) for channel in self._channels]
-                self._breakers = Breakers(self.addresses, cool_off=self.cool_off, observer=self._observer)
+                self._breakers = Breakers(
+                    self.addresses,
+                    cool_off=self.cool_off,
+                    probe_timeout=self.timeout,
+                    observer=self._observer,
+                    shared=self._shared,
+                )
                 self._probes = []
                 self._stopping = threading.Event()
                 self._pid = os.getpid()

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import pytest
 
+from node.breaker import Marks
 from node.coordinator_client import (
     PROBE_DIGEST,
     ClusterMetrics,
@@ -39,6 +40,7 @@ from node.coordinator_client import (
     LeaseLost,
     Location,
 )
+from node.storage.layout import Layout
 from protos.metrics import NodeCounts
 from protos.shoal.v1 import coordinator_pb2 as pb
 from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
@@ -827,6 +829,41 @@ def test_a_forked_child_starts_with_every_breaker_closed(
 
     assert coordinator.methods() == ["Register", "Register"]
     assert breakers.states(coordinator.address) == [True, False, True]
+
+
+def test_the_workers_of_a_node_skip_what_one_of_them_found_down(coordinator: FakeCoordinator, tmp_path: Path) -> None:
+    layout = Layout(str(tmp_path))
+    layout.create()
+    coordinator.hang = True
+    # Two clients on one cache directory stand in for two workers of a node.
+    with (
+        connect(coordinator, timeout=SHORT_TIMEOUT, cool_off=COOL_OFF, shared=Marks(layout)) as first,
+        connect(coordinator, timeout=SHORT_TIMEOUT, cool_off=COOL_OFF, shared=Marks(layout)) as second,
+    ):
+        with pytest.raises(CoordinatorUnavailable):
+            first.register(URL)
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable) as raised:
+            second.heartbeat(URL)
+        assert time.monotonic() - started < SHORT_TIMEOUT
+        assert str(raised.value) == (
+            f"Heartbeat: no coordinator answered ({coordinator.address}: skipped, another worker found it down)"
+        )
+        assert coordinator.methods() == ["Register"]
+
+        coordinator.hang = False
+        coordinator.release.set()
+
+        def answered() -> bool:
+            try:
+                second.heartbeat(URL)
+            except CoordinatorUnavailable:
+                return False
+            return True
+
+        # The first worker's probe answers and lifts the mark.
+        wait_until(answered, timeout=HANG_LIMIT, message="the second worker never used the coordinator again")
+    assert coordinator.methods() == ["Register", "Heartbeat"]
 
 
 # Construction and closing.
