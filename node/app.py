@@ -14,16 +14,18 @@ import time
 from collections.abc import Callable
 
 from flask import Flask
+from prometheus_client import CollectorRegistry
 
 from node import api
 from node.auth import Gate
+from node.breaker import Marks, Observer, Shared
 from node.budget import Budget
 from node.cluster_source import ClusterSource
 from node.config import NodeConfig, UpstreamConfig
 from node.coordinator_client import CoordinatorClient
 from node.flight import Announcements, Flight
 from node.membership import Membership
-from node.metrics import CoordinatorSink, LocalSink, Metrics, Sink
+from node.metrics import CoordinatorReachability, CoordinatorSink, LocalSink, Metrics, Sink
 from node.peers import PeerClient, internal
 from node.services import Services, install
 from node.sources import Source
@@ -58,13 +60,18 @@ class Node:
             clock,
             extend_ttl_on_hit=config.cache.extend_ttl_on_hit,
         )
-        self.coordinator = _coordinator_client(config)
+        # The client reports its breakers into the node's Prometheus
+        # registry, and the metrics send their deltas through the client.
+        registry = CollectorRegistry()
+        self.coordinator = _coordinator_client(
+            config, CoordinatorReachability(registry, config.node_id), Marks(self.local.layout)
+        )
         sink: Sink = (
             CoordinatorSink(self.coordinator)
             if self.coordinator is not None
             else LocalSink(self.local.layout.metrics(), config.node_id, clock)
         )
-        self.metrics = Metrics(sink, config.node_id)
+        self.metrics = Metrics(sink, config.node_id, registry)
         self.fills = Fills(
             self.local,
             timeout=config.upstream.timeout,
@@ -200,7 +207,7 @@ def memory_per_worker(config: NodeConfig) -> int:
     return config.cache.memory // config.server.workers
 
 
-def _coordinator_client(config: NodeConfig) -> CoordinatorClient | None:
+def _coordinator_client(config: NodeConfig, observer: Observer, shared: Shared) -> CoordinatorClient | None:
     if not config.cluster.enabled:
         return None
     return CoordinatorClient(
@@ -209,6 +216,8 @@ def _coordinator_client(config: NodeConfig) -> CoordinatorClient | None:
         config.node_id,
         timeout=config.cluster.timeout,
         tls_ca=config.cluster.tls_ca,
+        observer=observer,
+        shared=shared,
     )
 
 

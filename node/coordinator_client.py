@@ -15,8 +15,20 @@ one that answered, and moves on when a call fails UNAVAILABLE or
 DEADLINE_EXCEEDED. Every call the node makes can be retried safely, with one
 exception noted on ``heartbeat``.
 
-Channels are created on first use, never at import, and again in a forked
-child (a gunicorn worker), because a gRPC channel must not cross a fork.
+Such a failure also opens the address's circuit breaker (``node.breaker``):
+later calls skip the address while a background probe, one ``Locate`` of a
+digest nobody holds under the same deadline, asks it again every
+``cool_off`` seconds; the first answer closes the breaker. With every
+breaker open a call raises ``CoordinatorUnavailable`` at once. So a hung
+coordinator costs the deadline of the calls that were in flight when it
+hung, not one deadline per call.
+
+Channels, breakers and probes are created on first use, never at import,
+and again in a forked child (a gunicorn worker), because a gRPC channel must
+not cross a fork and a thread does not. A probe runs in a thread of the
+process that made it (a greenlet under gevent, whose gRPC calls cooperate
+once ``grpc.experimental.gevent.init_gevent`` ran), never waits beyond one
+deadline, and ends when its address answers or the client closes.
 The cluster secret travels as metadata on every call and is never part of
 an exception message or a log line.
 """
@@ -33,6 +45,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from node.breaker import Breakers, Observer, Shared
 from protos.metrics import NodeCounts
 from protos.shoal.v1 import coordinator_pb2 as pb
 from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
@@ -49,6 +62,12 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What a probe asks: where a digest is that no node holds. It reads two
+# Redis keys, so a coordinator that cannot reach Redis (it answers
+# UNAVAILABLE) stays skipped too.
+PROBE_DIGEST = "sha256:" + "0" * 64
+# Seconds an address is skipped before its first probe, and between probes.
+COOL_OFF = 1.0
 
 
 class CoordinatorError(Exception):
@@ -137,10 +156,16 @@ class Coordinator(Protocol):
 class CoordinatorClient:
     """Calls the coordinator(s) at ``addresses`` ("host:port") on behalf of node ``node_id``.
 
-    ``timeout`` is the deadline of one attempt at one address, in seconds.
+    ``timeout`` is the deadline of one attempt at one address, and of one
+    probe, in seconds; ``cool_off`` is how long an address that did not
+    answer is skipped before it is probed, and between probes.
     ``tls_ca`` is a PEM file of the CA that signed the coordinators'
-    certificates; without it the channels are plaintext. Safe to share
-    between threads; ``close`` is idempotent.
+    certificates; without it the channels are plaintext. ``observer``
+    hears every breaker's state in every process that uses the client;
+    through ``shared`` the processes of a node (its workers) skip an
+    address that one of them found down.
+    Safe to share between threads; ``close`` is idempotent and ends the
+    probes.
     """
 
     def __init__(
@@ -150,7 +175,10 @@ class CoordinatorClient:
         node_id: str,
         *,
         timeout: float = 2.0,
+        cool_off: float = COOL_OFF,
         tls_ca: str | None = None,
+        observer: Observer | None = None,
+        shared: Shared | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one coordinator address is required")
@@ -172,6 +200,13 @@ class CoordinatorClient:
         self._stubs: list[pb_grpc.CoordinatorStub] = []
         self._preferred = 0
         self._closed = False
+        self.cool_off = cool_off
+        self._observer = observer
+        self._shared = shared
+        # Made with the channels, in the process that uses them.
+        self._breakers: Breakers | None = None
+        self._probes: list[threading.Thread] = []
+        self._stopping: threading.Event | None = None
 
     def __repr__(self) -> str:
         return f"CoordinatorClient(addresses={self.addresses!r}, node_id={self.node_id!r})"
@@ -335,16 +370,25 @@ class CoordinatorClient:
     # Plumbing.
 
     def close(self) -> None:
-        """Close the channels; later calls raise ``CoordinatorError``. Safe to call twice."""
+        """End the probes and close the channels; later calls raise ``CoordinatorError``. Safe to call twice.
+
+        Closing a channel cancels the calls in flight on it, a probe's
+        included, so the wait for the probes is short.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             channels, self._channels, self._stubs = self._channels, [], []
+            probes, self._probes = self._probes, []
             owned = self._pid == os.getpid()
+            if owned and self._stopping is not None:
+                self._stopping.set()
         if owned:
             for channel in channels:
                 channel.close()
+            for probe in probes:
+                probe.join(self.timeout + 1)
 
     def __enter__(self) -> CoordinatorClient:
         return self
@@ -356,10 +400,9 @@ class CoordinatorClient:
         return pb.NodeInfo(id=self.node_id, url=url, capacity_bytes=capacity_bytes, used_bytes=used_bytes)
 
     def _call(self, method: str, request: Any) -> Any:
-        stubs, first = self._current_stubs()
+        stubs, breakers, first = self._current_stubs()
         failures: list[str] = []
-        for step in range(len(stubs)):
-            index = (first + step) % len(stubs)
+        for index in breakers.usable(first):
             try:
                 response = getattr(stubs[index], method)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
@@ -367,25 +410,76 @@ class CoordinatorClient:
                 if code in _FAILOVER_CODES:
                     log.debug("coordinator %s: %s %s", self.addresses[index], method, code.name)
                     failures.append(f"{self.addresses[index]}: {code.name}")
+                    if breakers.failed(index, code.name):
+                        self._start_probe(index)
                     continue
                 raise _error(method, exc) from None
+            breakers.succeeded(index)
             self._preferred = index
             return response
-        raise CoordinatorUnavailable(f"{method}: no coordinator answered ({'; '.join(failures)})", "UNAVAILABLE")
+        tried = {failure.split(": ")[0] for failure in failures}
+        skipped = [reason for reason in breakers.skipped() if reason.split(": ")[0] not in tried]
+        answers = "; ".join(skipped + failures)
+        raise CoordinatorUnavailable(f"{method}: no coordinator answered ({answers})", "UNAVAILABLE")
 
-    def _current_stubs(self) -> tuple[list[pb_grpc.CoordinatorStub], int]:
+    def _current_stubs(self) -> tuple[list[pb_grpc.CoordinatorStub], Breakers, int]:
         with self._lock:
             if self._closed:
                 raise CoordinatorError("the coordinator client is closed", "CANCELLED")
-            if self._pid != os.getpid():
+            if self._pid != os.getpid() or self._breakers is None:
                 # A fresh process, or a child forked after the parent made
                 # channels: the parent's channels are left alone (closing
-                # them here would disturb the parent) and new ones are made.
-                # The pid is recorded last, so a failure here is retried.
+                # them here would disturb the parent) and new ones are made,
+                # with breakers all closed (the parent's probes did not
+                # cross the fork). The pid is recorded last, so a failure
+                # here is retried.
                 self._channels = [self._channel(address) for address in self.addresses]
                 self._stubs = [pb_grpc.CoordinatorStub(channel) for channel in self._channels]
+                self._breakers = Breakers(
+                    self.addresses,
+                    cool_off=self.cool_off,
+                    probe_timeout=self.timeout,
+                    observer=self._observer,
+                    shared=self._shared,
+                )
+                self._probes = []
+                self._stopping = threading.Event()
                 self._pid = os.getpid()
-            return self._stubs, self._preferred
+            return self._stubs, self._breakers, self._preferred
+
+    def _start_probe(self, index: int) -> None:
+        with self._lock:
+            if self._closed or self._breakers is None or self._stopping is None:
+                return
+            probe = threading.Thread(
+                target=self._probe_until_answered,
+                args=(self._stubs[index], self._breakers, index, self._stopping),
+                name=f"coordinator-probe-{self.addresses[index]}",
+                daemon=True,
+            )
+            self._probes = [thread for thread in self._probes if thread.is_alive()] + [probe]
+        probe.start()
+
+    def _probe_until_answered(
+        self, stub: pb_grpc.CoordinatorStub, breakers: Breakers, index: int, stopping: threading.Event
+    ) -> None:
+        """Probe ``index`` when it is due, until it answers or the client closes."""
+        request = pb.LocateRequest(digest=PROBE_DIGEST)
+        while (delay := breakers.until_probe(index)) is not None and not stopping.wait(delay):
+            try:
+                stub.Locate(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in _FAILOVER_CODES:
+                    breakers.probe_failed(index, code.name)
+                    continue
+                if stopping.is_set():
+                    return
+                # Any other answer (a refusal) comes from a coordinator that answers.
+            except ValueError:
+                # The client closed the channel between the wait and the call.
+                return
+            breakers.succeeded(index)
 
     def _channel(self, address: str) -> grpc.Channel:
         if self._tls_ca is None:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from node.coordinator_client import Coordinator, CoordinatorError, LeaseLost
+from protos.metrics import DEGRADED
 from protos.values import Content, Holder, TagPointer
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,9 @@ class Flight:
         it may call the coordinator, and its ``CoordinatorError`` means
         degraded. ``follow``, when given, tries the node that holds the lease
         now (a fetch in progress there). ``kind`` (``blob``, ``manifest``)
-        names the counter a wait for another node's lease adds to.
+        names the counter a wait for another node's lease adds to; a
+        degraded turn counts under it, or under ``tag`` without one (only
+        tag checks pass none).
 
         While the turn is GRANTED the lease is renewed; leaving the block
         releases it unless ``committed`` completed it, so an error in the
@@ -185,6 +188,7 @@ class Flight:
                 lease = self.coordinator.acquire_lease(key, self._lease_ttl_ms)
             except CoordinatorError as exc:
                 log.warning("coordinator unusable, going to the upstream directly for %s: %s", key, exc)
+                self._counter.count(kind or "tag", DEGRADED)
                 return Turn(key, Outcome.DEGRADED)
             if lease.granted:
                 turn: Turn[T] = Turn(key, Outcome.GRANTED, token=lease.token)

@@ -13,8 +13,11 @@ meanwhile wait for the next delta. So a retry after a timeout that did
 land is recognised and never counted twice, and nothing is lost while the
 coordinator is away.
 
-Latency histograms and the upstream's rate-limit gauges stay on the node
-(prometheus-client, in its multiprocess mode under gunicorn).
+Latency histograms, the upstream's rate-limit gauges and whether each
+coordinator address is reachable stay on the node (prometheus-client, in
+its multiprocess mode under gunicorn), so that a node whose coordinators
+are all away still answers ``/metrics`` with them (and without the shared
+counters, which are the coordinator's).
 """
 
 from __future__ import annotations
@@ -105,6 +108,30 @@ class LocalSink:
                 return state
         except (FileNotFoundError, ValueError):
             return {"workers": {}, "counters": {}}
+
+
+class CoordinatorReachability:
+    """``shoal_coordinator_reachable{address,node}``: what the breakers of this node's workers say.
+
+    Each worker sets 1 while its breaker lets calls through to the address
+    and 0 while it skips it (``node.breaker``); the node reports the
+    lowest value of its live workers, so 0 means at least one worker
+    treats the address as down. A worker that never called the
+    coordinator reports nothing.
+    """
+
+    def __init__(self, registry: CollectorRegistry, node_id: str) -> None:
+        self.node_id = node_id
+        self._gauge = Gauge(
+            "shoal_coordinator_reachable",
+            "1 while the node's calls go to this coordinator address, 0 while its circuit breaker skips it",
+            ["address", "node"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+
+    def coordinator_reachable(self, address: str, reachable: bool) -> None:
+        self._gauge.labels(address, self.node_id).set(1 if reachable else 0)
 
 
 class Metrics:
@@ -200,7 +227,13 @@ class _CountersCollector(Collector):
         self._sink = sink
 
     def collect(self) -> Iterable[Metric]:
-        nodes, cluster = self._sink.snapshot()
+        try:
+            nodes, cluster = self._sink.snapshot()
+        except CoordinatorError as exc:
+            # The counters live in the coordinator; this node's own families
+            # are still worth a scrape (shoal_coordinator_reachable above all).
+            log.info("/metrics without the shared counters: %s", exc)
+            return []
         return families(nodes, cluster)
 
 

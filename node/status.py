@@ -69,11 +69,12 @@ def _listener_port() -> int | None:
 
 @status.route("/metrics", methods=["GET"])
 def prometheus() -> Response:
-    """Prometheus text: every node's counters and the cluster's, and this node's histograms."""
-    try:
-        body = generate_latest(_metrics().prometheus_registry())
-    except CoordinatorError as exc:
-        raise UpstreamUnavailable("the coordinator holds the counters and cannot be reached") from exc
+    """Prometheus text: every node's counters and the cluster's, and this node's histograms and gauges.
+
+    While no coordinator answers, the counters (which the coordinator
+    holds) are left out and the node's own families are still served.
+    """
+    body = generate_latest(_metrics().prometheus_registry())
     return Response(body, content_type=CONTENT_TYPE_LATEST)
 
 

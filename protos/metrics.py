@@ -25,6 +25,9 @@ Counter keys are flat strings:
   ``ratelimit-remaining`` fell below ``ratelimit_floor``);
 - ``access_log.dropped``: access log lines a node dropped because its log
   was written slower than requests arrived;
+- ``<type>.degraded`` with type ``blob``, ``manifest`` or ``tag``: misses
+  (and tag checks) a node handled without the cluster because no
+  coordinator could be used (``DEGRADED``; delivered once one answers);
 - ``cached.distinct_bytes`` (cluster only, kept by the coordinator): the
   bytes of every distinct digest the cluster came to hold, counted once per
   digest from the moment the cluster first holds it until it expires.
@@ -50,6 +53,9 @@ COUNTERS = (
     "follower_joins",  # requests that rode on a fetch already running
     "lease_waits",  # requests that waited for another node's fetch lease
 )
+# A miss or tag check decided without the cluster (node/flight.py), by type.
+DEGRADED = "degraded"
+DEGRADED_TYPES = (*TYPES, "tag")
 DISTINCT_BYTES = "cached.distinct_bytes"
 ACCESS_LOG_DROPPED = "access_log.dropped"
 
@@ -149,6 +155,14 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
     pauses_help = "Pauses of tag checks begun for the upstream's rate-limit budget (reason 429 or floor)"
     labels = ["reason", "registry"]
     result += _grouped(nodes, cluster, "budget_pauses", "shoal_upstream_budget_pauses", pauses_help, labels)
+    degraded_help = "Misses and tag checks handled without the cluster because no coordinator could be used"
+    per_node = CounterMetricFamily("shoal_degraded_decisions", degraded_help, labels=["type", "node"])
+    total = CounterMetricFamily("shoal_cluster_degraded_decisions", f"{degraded_help}, whole cluster", labels=["type"])
+    for kind in DEGRADED_TYPES:
+        for node in nodes:
+            per_node.add_metric([kind, node.node_id], node.counters.get(key(kind, DEGRADED), 0))
+        total.add_metric([kind], cluster.get(key(kind, DEGRADED), 0))
+    result += [per_node, total]
     dropped_help = "Access log lines dropped because the log was written slower than requests arrived"
     result += _grouped(nodes, cluster, ACCESS_LOG_DROPPED, "shoal_access_log_dropped", dropped_help, [])
     up = GaugeMetricFamily("shoal_node_up", "1 while the node heartbeats to the coordinator", labels=["node"])

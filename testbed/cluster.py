@@ -10,6 +10,8 @@ secret set (and what it passes in ``node_settings``).
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -96,6 +98,16 @@ class CoordinatorProcess:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung coordinator. Its connections stay open and nothing answers."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause``: the calls it held are answered."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)
 
     def log_text(self) -> str:
         return self.process.log_text() if self.process is not None else ""

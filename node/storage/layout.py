@@ -15,6 +15,7 @@
       fills/<hex>.<random>.put                   a small verified file on its way into blobs/
       fills/cluster.lock                         flock: the worker on heartbeat duty
       fills/unannounced                          content arrived that the coordinator has not heard of
+      fills/coordinator-<sha256(address)[:16]>.down   until when a worker found that coordinator down
       sweep.lock                                 flock: the worker sweeping the store
       removals                                   removal stamps, mapped by every worker (``removals.py``)
       budget/<registry>.json                     while tag checks of an upstream pause (``node.budget``)
@@ -104,6 +105,10 @@ class Layout:
 
     def unannounced(self) -> str:
         return os.path.join(self.fills, "unannounced")
+
+    def coordinator_down(self, key: str) -> str:
+        """A coordinator address found down by a worker (``node.breaker.Marks``); ``key`` is hex."""
+        return os.path.join(self.fills, f"coordinator-{key}.down")
 
     def sweep_lock(self) -> str:
         return os.path.join(self.root, "sweep.lock")

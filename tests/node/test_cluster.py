@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from testbed.cluster import Cluster, verify_store
+from testbed.cluster import TEST_NODE_SETTINGS, Cluster, verify_store
 from testbed.fake_upstream import FakeUpstream
 from testbed.images import Image, build_image, push, random_layer
 from testbed.node import NodeProcess
@@ -211,6 +211,91 @@ def test_nodes_serve_and_fetch_while_the_coordinator_is_down(
     _wait_for_every_worker_to_reach_the_coordinator(cluster.nodes[2])
     _pull(cluster.nodes[2].url, "cluster/down", "fresh", fresh)
     assert upstream_registry.count("GET", f"/v2/cluster/down/blobs/{fresh.layer_digests[0]}") == 1
+
+
+def _timed_get(http: httpx.Client, url: str) -> tuple[float, bytes]:
+    started = time.perf_counter()
+    response = http.get(url)
+    assert response.status_code == 200, response.text
+    return time.perf_counter() - started, response.content
+
+
+def _node_counter(node: NodeProcess, counter: str) -> int | None:
+    """A counter of the node as the coordinator holds it; None while /debug/vars cannot reach one."""
+    response = httpx.get(f"{node.url}/debug/vars", timeout=10)
+    if response.status_code != 200:
+        return None
+    return int(response.json()["shoal"]["nodes"].get(node.node_id, {}).get("counters", {}).get(counter, 0))
+
+
+def _reachable(node: NodeProcess, address: str) -> float | None:
+    """``shoal_coordinator_reachable`` for ``address`` on the node's /metrics, which answers without a coordinator."""
+    response = httpx.get(f"{node.url}/metrics", timeout=10)
+    assert response.status_code == 200
+    wanted = f'shoal_coordinator_reachable{{address="{address}",node="{node.node_id}"}} '
+    line = next((line for line in response.text.splitlines() if line.startswith(wanted)), None)
+    return float(line.split()[-1]) if line is not None else None
+
+
+def test_a_hung_coordinator_costs_one_deadline_and_its_return_is_noticed(
+    tmp_path: Path, upstream_registry: DistributionRegistry
+) -> None:
+    """SIGSTOP: the coordinator's connections stay open and nothing answers.
+
+    The node's two workers share what one of them found (``node.breaker``):
+    the first miss pays at most one deadline, the later ones none, whichever
+    worker serves them. After SIGCONT the node uses the coordinator again
+    and announces what it fetched meanwhile.
+    """
+    deadline = float(TEST_NODE_SETTINGS["cluster"]["timeout"].removesuffix("s"))
+    image = build_image([150_000, 100_000, 80_000, 60_000, 40_000, 20_000], seed="coordinator-hung")
+    push(upstream_registry.url, "cluster/hung", "v1", image)
+    after = build_image([30_000], seed="coordinator-hung-after")
+    push(upstream_registry.url, "cluster/hung", "after", after)
+    with Cluster(tmp_path, upstream_registry.url, nodes=1) as cluster:
+        node, coordinator = cluster.nodes[0], cluster.coordinators[0]
+        wait_until(lambda: _node_counter(node, "blob.misses") == 0, message="the node's counters never arrived")
+        durations: list[float] = []
+        coordinator.pause()
+        try:
+            for digest, data in image.blobs.items():
+                # A connection each, so that both workers get their turns.
+                with httpx.Client(base_url=node.url, timeout=60) as http:
+                    took, body = _timed_get(http, f"/v2/cluster/hung/blobs/{digest}")
+                assert body == data
+                durations.append(took)
+            assert _reachable(node, coordinator.address) == 0
+        finally:
+            coordinator.resume()
+        resumed = time.perf_counter()
+        print(f"\nmisses with the coordinator hung: {', '.join(f'{took:.3f}s' for took in durations)}")
+        assert durations[0] < deadline * 2, "the first miss paid more than one deadline"
+        assert all(took < deadline / 2 for took in durations[1:]), f"a later miss waited: {durations}"
+
+        wait_until(lambda: _reachable(node, coordinator.address) == 1, timeout=10, message="the breaker stayed open")
+        back = time.perf_counter() - resumed
+        # What the node fetched on its own while degraded is announced.
+        for digest in image.blobs:
+            wait_until(
+                lambda digest=digest: cluster.holders(digest) == {node.node_id},
+                timeout=15,
+                message=f"{digest} was not announced",
+            )
+        announced = time.perf_counter() - resumed
+        print(f"coordinator used again {back:.2f}s after SIGCONT, inventory announced after {announced:.2f}s")
+        # Each worker's count arrives with its next delta.
+        wait_until(
+            lambda: _node_counter(node, "blob.degraded") == len(image.blobs),
+            timeout=15,
+            message=lambda: f"{_node_counter(node, 'blob.degraded')} degraded decisions counted",
+        )
+
+        # Out of degraded mode: a fresh miss goes through the cluster.
+        layer = after.layer_digests[0]
+        assert httpx.get(f"{node.url}/v2/cluster/hung/blobs/{layer}", timeout=30).content == after.blobs[layer]
+        wait_until(lambda: cluster.holders(layer) == {node.node_id}, message="the fresh miss was not registered")
+        wait_until(lambda: _node_counter(node, "blob.misses") == len(image.blobs) + 1, message="misses not counted")
+        assert _node_counter(node, "blob.degraded") == len(image.blobs)
 
 
 def test_redis_restarted_empty_is_rebuilt_from_the_nodes(

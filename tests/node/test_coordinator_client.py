@@ -29,7 +29,9 @@ from typing import Any
 import grpc
 import pytest
 
+from node.breaker import Marks
 from node.coordinator_client import (
+    PROBE_DIGEST,
     ClusterMetrics,
     CoordinatorClient,
     CoordinatorError,
@@ -38,11 +40,12 @@ from node.coordinator_client import (
     LeaseLost,
     Location,
 )
+from node.storage.layout import Layout
 from protos.metrics import NodeCounts
 from protos.shoal.v1 import coordinator_pb2 as pb
 from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.values import Content, Holder, TagPointer
-from testbed.processes import require_binary
+from testbed.processes import require_binary, wait_until
 
 SECRET = "cluster-secret-for-client-tests-91c2"
 NODE = "node-a"
@@ -54,6 +57,8 @@ LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 # machine; the deadline tests pass a short timeout of their own.
 TIMEOUT = 5.0
 SHORT_TIMEOUT = 0.3
+# A breaker's cool-off for the tests that wait for a probe.
+COOL_OFF = 0.05
 # How long a hanging servicer waits to be released. A client that ignored
 # its deadline would wait this long and then get an answer, which the
 # deadline tests would notice.
@@ -78,7 +83,9 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     ``answers[method]`` is the response (default: the empty response).
     ``failures`` holds status codes the next calls abort with, one per call.
     While ``hang`` is set, calls set ``entered`` and wait for ``release``
-    (at most ``HANG_LIMIT``) before they answer.
+    (at most ``HANG_LIMIT``) before they answer. The client's breaker
+    probes (a ``Locate`` of ``PROBE_DIGEST``) are treated the same, but
+    recorded apart, in ``probes``: ``methods`` lists the other calls.
     """
 
     def __init__(self) -> None:
@@ -89,11 +96,16 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.entered = threading.Event()
         self.release = threading.Event()
         self.received: list[Received] = []
+        self.probes: list[Received] = []
         self._lock = threading.Lock()
 
     def methods(self) -> list[str]:
         with self._lock:
             return [call.method for call in self.received]
+
+    def probed(self) -> int:
+        with self._lock:
+            return len(self.probes)
 
     def last(self, method: str) -> Received:
         with self._lock:
@@ -104,7 +116,9 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     def answer(self, method: str, request: Any, context: grpc.ServicerContext) -> Any:
         with self._lock:
             metadata = {item.key: item.value for item in context.invocation_metadata()}
-            self.received.append(Received(method, request, metadata, context.time_remaining()))
+            received = Received(method, request, metadata, context.time_remaining())
+            probe = method == "Locate" and request.digest == PROBE_DIGEST
+            (self.probes if probe else self.received).append(received)
             failure = self.failures.popleft() if self.failures else None
         if failure is not None:
             context.abort(failure, f"scripted {failure.name}")
@@ -132,6 +146,30 @@ del _method
 
 
 StartCoordinator = Callable[..., FakeCoordinator]
+
+
+class Breakers:
+    """The client's breaker observer: every state reported, in order, per address."""
+
+    def __init__(self) -> None:
+        self.reported: list[tuple[str, bool]] = []
+        self._lock = threading.Lock()
+
+    def coordinator_reachable(self, address: str, reachable: bool) -> None:
+        with self._lock:
+            self.reported.append((address, reachable))
+
+    def states(self, address: str) -> list[bool]:
+        with self._lock:
+            return [reachable for reported, reachable in self.reported if reported == address]
+
+    def wait(self, address: str, *, reachable: bool) -> None:
+        """Until the last state reported for ``address`` is ``reachable``."""
+        wait_until(
+            lambda: self.states(address)[-1:] == [reachable],
+            timeout=HANG_LIMIT,
+            message=lambda: f"{address}: reported {self.states(address)}",
+        )
 
 
 @pytest.fixture
@@ -573,8 +611,11 @@ def test_a_coordinator_that_is_down_fails_over_to_the_next(
 def test_failover_wraps_around_to_the_first_address(start_coordinator: StartCoordinator) -> None:
     first, second = start_coordinator(), start_coordinator()
     first.failures.append(grpc.StatusCode.UNAVAILABLE)
-    with connect(first, second) as client:
+    breakers = Breakers()
+    with connect(first, second, cool_off=COOL_OFF, observer=breakers) as client:
         client.register(URL)
+        # The first is used again once it answered a probe.
+        breakers.wait(first.address, reachable=True)
         # Now the second is preferred; when it fails, the first is next.
         second.failures.append(grpc.StatusCode.UNAVAILABLE)
         client.heartbeat(URL)
@@ -641,6 +682,188 @@ def test_a_coordinator_that_hangs_fails_over_to_the_next(start_coordinator: Star
     assert hanging.entered.is_set()
     assert answering.methods() == ["Register"]
     assert elapsed < HANG_LIMIT / 2
+
+
+# Circuit breakers.
+
+
+def test_after_a_deadline_the_next_calls_fail_at_once_without_reaching_the_coordinator(
+    coordinator: FakeCoordinator,
+) -> None:
+    coordinator.hang = True
+    with connect(coordinator, timeout=SHORT_TIMEOUT) as client:
+        with pytest.raises(CoordinatorUnavailable):
+            client.locate(LAYER)
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(CoordinatorUnavailable) as raised:
+                client.acquire_lease(LAYER_KEY, 1000)
+        elapsed = time.monotonic() - started
+
+    assert coordinator.methods() == ["Locate"]
+    assert elapsed < SHORT_TIMEOUT, "a later call waited for the hung coordinator"
+    assert raised.value.code == "UNAVAILABLE"
+    assert str(raised.value) == (
+        f"AcquireLease: no coordinator answered ({coordinator.address}: DEADLINE_EXCEEDED, "
+        "skipped until it answers a probe)"
+    )
+
+
+def test_a_hung_coordinator_is_not_tried_again_when_the_other_fails(start_coordinator: StartCoordinator) -> None:
+    hanging, answering = start_coordinator(), start_coordinator()
+    hanging.hang = True
+    with connect(hanging, answering, timeout=SHORT_TIMEOUT) as client:
+        client.register(URL)
+        client.heartbeat(URL)
+        answering.failures.append(grpc.StatusCode.UNAVAILABLE)
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable) as raised:
+            client.heartbeat(URL)
+        elapsed = time.monotonic() - started
+
+    assert hanging.methods() == ["Register"]
+    assert answering.methods() == ["Register", "Heartbeat", "Heartbeat"]
+    assert elapsed < SHORT_TIMEOUT
+    assert str(raised.value) == (
+        f"Heartbeat: no coordinator answered ({hanging.address}: DEADLINE_EXCEEDED, skipped until it answers a probe; "
+        f"{answering.address}: UNAVAILABLE)"
+    )
+
+
+def test_a_probe_brings_the_address_back_once_it_answers(coordinator: FakeCoordinator) -> None:
+    coordinator.failures.extend([grpc.StatusCode.UNAVAILABLE] * 3)
+    breakers = Breakers()
+    with connect(coordinator, cool_off=COOL_OFF, observer=breakers) as client:
+        with pytest.raises(CoordinatorUnavailable):
+            client.register(URL)
+        # Two probes fail (the scripted failures), the third answers.
+        breakers.wait(coordinator.address, reachable=True)
+        client.heartbeat(URL)
+
+    assert coordinator.methods() == ["Register", "Heartbeat"]
+    assert coordinator.probed() == 3
+    assert breakers.states(coordinator.address) == [True, False, True]
+    probe = coordinator.probes[-1]
+    assert probe.request == pb.LocateRequest(digest=PROBE_DIGEST)
+    assert probe.metadata["authorization"] == f"Bearer {SECRET}"
+    assert probe.time_remaining is not None and abs(probe.time_remaining - TIMEOUT) < 1
+
+
+def test_a_probe_waits_for_the_cool_off(coordinator: FakeCoordinator) -> None:
+    coordinator.failures.append(grpc.StatusCode.UNAVAILABLE)
+    breakers = Breakers()
+    cool_off = 0.5
+    with connect(coordinator, cool_off=cool_off, observer=breakers) as client:
+        with pytest.raises(CoordinatorUnavailable):
+            client.register(URL)
+        failed = time.monotonic()
+        breakers.wait(coordinator.address, reachable=True)
+        back = time.monotonic() - failed
+
+    assert coordinator.probed() == 1
+    assert cool_off <= back < cool_off + HANG_LIMIT / 2
+
+
+def test_a_refusal_answers_a_probe(coordinator: FakeCoordinator) -> None:
+    """The breaker tracks whether the coordinator answers; a refusal is an answer."""
+    coordinator.failures.extend([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED])
+    breakers = Breakers()
+    with connect(coordinator, cool_off=COOL_OFF, observer=breakers) as client:
+        with pytest.raises(CoordinatorUnavailable):
+            client.register(URL)
+        breakers.wait(coordinator.address, reachable=True)
+        client.register(URL)
+
+    assert coordinator.probed() == 1
+
+
+def test_a_call_that_answers_closes_the_breaker_too(start_coordinator: StartCoordinator) -> None:
+    """A call that was in flight when another call opened the breaker, and then answered."""
+    slow = start_coordinator()
+    slow.hang = True
+    breakers = Breakers()
+    # A cool-off longer than the test: only the call can close the breaker.
+    with connect(slow, timeout=HANG_LIMIT / 2, cool_off=HANG_LIMIT * 2, observer=breakers) as client:
+        thread, outcome = _call_in_thread(lambda: client.register(URL))
+        assert slow.entered.wait(HANG_LIMIT)
+        slow.hang = False
+        slow.failures.append(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(CoordinatorUnavailable):
+            client.heartbeat(URL)
+        slow.release.set()
+        thread.join(HANG_LIMIT)
+        assert outcome == [0.0]
+        client.touch([LAYER])
+
+    assert breakers.states(slow.address) == [True, False, True]
+    assert slow.methods() == ["Register", "Heartbeat", "Touch"]
+
+
+def test_closing_ends_a_probe_that_waits_for_a_hung_coordinator(coordinator: FakeCoordinator) -> None:
+    coordinator.hang = True
+    client = connect(coordinator, timeout=SHORT_TIMEOUT, cool_off=COOL_OFF)
+    with pytest.raises(CoordinatorUnavailable):
+        client.register(URL)
+    wait_until(lambda: coordinator.probed() >= 2, timeout=HANG_LIMIT, message="the hung coordinator was not probed")
+    started = time.monotonic()
+    client.close()
+
+    assert time.monotonic() - started < HANG_LIMIT / 2
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("coordinator-probe-")]
+
+
+def test_a_forked_child_starts_with_every_breaker_closed(
+    coordinator: FakeCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator.failures.append(grpc.StatusCode.UNAVAILABLE)
+    breakers = Breakers()
+    # A cool-off longer than the test: the parent's breaker stays open.
+    with connect(coordinator, cool_off=HANG_LIMIT * 2, observer=breakers) as client:
+        with pytest.raises(CoordinatorUnavailable):
+            client.register(URL)
+        with pytest.raises(CoordinatorUnavailable):
+            client.register(URL)
+        parent = os.getpid()
+        monkeypatch.setattr(os, "getpid", lambda: parent + 1)
+        client.register(URL)
+
+    assert coordinator.methods() == ["Register", "Register"]
+    assert breakers.states(coordinator.address) == [True, False, True]
+
+
+def test_the_workers_of_a_node_skip_what_one_of_them_found_down(coordinator: FakeCoordinator, tmp_path: Path) -> None:
+    layout = Layout(str(tmp_path))
+    layout.create()
+    coordinator.hang = True
+    # Two clients on one cache directory stand in for two workers of a node.
+    with (
+        connect(coordinator, timeout=SHORT_TIMEOUT, cool_off=COOL_OFF, shared=Marks(layout)) as first,
+        connect(coordinator, timeout=SHORT_TIMEOUT, cool_off=COOL_OFF, shared=Marks(layout)) as second,
+    ):
+        with pytest.raises(CoordinatorUnavailable):
+            first.register(URL)
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable) as raised:
+            second.heartbeat(URL)
+        assert time.monotonic() - started < SHORT_TIMEOUT
+        assert str(raised.value) == (
+            f"Heartbeat: no coordinator answered ({coordinator.address}: skipped, another worker found it down)"
+        )
+        assert coordinator.methods() == ["Register"]
+
+        coordinator.hang = False
+        coordinator.release.set()
+
+        def answered() -> bool:
+            try:
+                second.heartbeat(URL)
+            except CoordinatorUnavailable:
+                return False
+            return True
+
+        # The first worker's probe answers and lifts the mark.
+        wait_until(answered, timeout=HANG_LIMIT, message="the second worker never used the coordinator again")
+    assert coordinator.methods() == ["Register", "Heartbeat"]
 
 
 # Construction and closing.

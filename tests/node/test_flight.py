@@ -181,7 +181,7 @@ def test_a_wait_without_a_kind_counts_nothing(flight: Flight, directory, coordin
 
 @pytest.mark.parametrize("failing", ["locate", "acquire_lease"])
 def test_an_unusable_coordinator_means_degraded(
-    flight: Flight, directory, coordinator, announcements, failing: str
+    flight: Flight, directory, coordinator, announcements, counts, failing: str
 ) -> None:
     directory.before = lambda method: setattr(directory, "down", method == failing)
     with flight.coordinate(KEY, look_at(coordinator), kind="blob") as turn:
@@ -190,14 +190,17 @@ def test_an_unusable_coordinator_means_degraded(
         flight.committed(turn, CONTENT, 1000)
     assert announcements.pending()
     assert DIGEST not in directory.holders
+    assert counts.counted == [("blob", "degraded")]
 
 
-def test_a_refusing_coordinator_means_degraded_too(flight: Flight, coordinator) -> None:
+def test_a_refusing_coordinator_means_degraded_too(flight: Flight, coordinator, counts) -> None:
     def refuse() -> None:
         raise CoordinatorError("wrong secret", "UNAUTHENTICATED")
 
     with flight.coordinate(KEY, refuse) as turn:
         assert turn.outcome is Outcome.DEGRADED
+    # Only a tag check passes no kind.
+    assert counts.counted == [("tag", "degraded")]
 
 
 def test_a_failed_fetch_releases_the_lease_at_once(flight: Flight, directory, coordinator) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from node.coordinator_client import CoordinatorUnavailable
-from node.metrics import LocalSink, Metrics
-from protos.metrics import NodeCounts, expvar
+from node.metrics import CoordinatorReachability, LocalSink, Metrics
+from protos.metrics import NodeCounts, expvar, families
 
 
 class FlakySink:
@@ -18,6 +20,7 @@ class FlakySink:
         self.applied: set[tuple[str, int]] = set()
         self.fail_before = False
         self.fail_after = False
+        self.down = False
         self.sent: list[int] = []
 
     def send(self, worker_id: str, sequence: int, counters: Mapping[str, int]) -> None:
@@ -33,6 +36,8 @@ class FlakySink:
             raise CoordinatorUnavailable("timed out")
 
     def snapshot(self) -> tuple[list[NodeCounts], dict[str, int]]:
+        if self.down:
+            raise CoordinatorUnavailable("GetMetrics: no coordinator answered")
         return [NodeCounts("n1", self.totals)], dict(self.totals)
 
 
@@ -117,7 +122,6 @@ def test_expvar_keeps_the_seed_field_names() -> None:
 
 def test_upstream_rate_limits_become_gauges() -> None:
     import httpx
-    from prometheus_client import generate_latest
 
     from node.config import UpstreamConfig
     from node.upstream import Upstream
@@ -139,3 +143,41 @@ def test_upstream_rate_limits_become_gauges() -> None:
     assert 'shoal_upstream_ratelimit{header="ratelimit-limit",node="n1",registry="docker.io"} 100.0' in text
     metrics.flush()
     assert metrics.sink.totals == {"upstream.ping.2xx.docker.io": 1}  # type: ignore[attr-defined]
+
+
+def test_degraded_decisions_are_counted_per_type_for_each_node_and_the_cluster() -> None:
+    nodes = [NodeCounts("n1", {"blob.degraded": 3, "tag.degraded": 1}), NodeCounts("n2", {"manifest.degraded": 2})]
+    cluster = {"blob.degraded": 3, "tag.degraded": 1, "manifest.degraded": 2}
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families(nodes, cluster)
+        for sample in family.samples
+    }
+
+    assert samples[("shoal_degraded_decisions_total", (("node", "n1"), ("type", "blob")))] == 3
+    assert samples[("shoal_degraded_decisions_total", (("node", "n1"), ("type", "tag")))] == 1
+    assert samples[("shoal_degraded_decisions_total", (("node", "n2"), ("type", "manifest")))] == 2
+    assert samples[("shoal_degraded_decisions_total", (("node", "n2"), ("type", "blob")))] == 0
+    assert samples[("shoal_cluster_degraded_decisions_total", (("type", "manifest"),))] == 2
+
+
+def test_the_breaker_gauge_is_scraped_even_while_no_coordinator_answers() -> None:
+    registry = CollectorRegistry()
+    reachability = CoordinatorReachability(registry, "n1")
+    sink = FlakySink()
+    metrics = Metrics(sink, "n1", registry)
+    reachability.coordinator_reachable("c1:7000", True)
+    reachability.coordinator_reachable("c2:7000", True)
+    reachability.coordinator_reachable("c2:7000", False)
+    metrics.count("blob", "hits")
+    metrics.flush()
+
+    text = generate_latest(metrics.prometheus_registry()).decode()
+    assert 'shoal_coordinator_reachable{address="c1:7000",node="n1"} 1.0' in text
+    assert 'shoal_coordinator_reachable{address="c2:7000",node="n1"} 0.0' in text
+    assert 'registry_proxy_hits_total{node="n1",type="blob"} 1.0' in text
+
+    sink.down = True
+    text = generate_latest(metrics.prometheus_registry()).decode()
+    assert 'shoal_coordinator_reachable{address="c2:7000",node="n1"} 0.0' in text
+    assert "registry_proxy_hits_total" not in text
