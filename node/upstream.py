@@ -70,6 +70,8 @@ METADATA_CONNECTIONS = 16
 # server, not something worth buffering.
 _TAGS_MAX = 16 * 1024 * 1024
 _RATE_LIMIT_HEADERS = ("ratelimit-limit", "ratelimit-remaining")
+# Bytes of a blob body to be dropped are read in pieces of at most this size.
+_SKIP_PIECE = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
@@ -156,7 +158,7 @@ class BlobStream:
     def read(self, size: int) -> bytes:
         """The bytes as they arrive, at most ``size``; a failure part way raises ``UpstreamUnavailable``."""
         while True:
-            data = self._read(max(size, self._skip) if self._skip else size)
+            data = self._read(max(size, min(self._skip, _SKIP_PIECE)) if self._skip else size)
             if self._skip and data:
                 dropped = min(self._skip, len(data))
                 self._skip -= dropped
