@@ -46,9 +46,9 @@ from node.errors import BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamU
 from node.flight import Flight, Outcome, Turn
 from node.peers import PeerClient
 from node.reference import Digest, parse_digest
-from node.sources import BlobStream, FetchedManifest, Origin, TagAnswer
+from node.sources import BlobStream, FetchedManifest, Origin, Source, TagAnswer
 from node.storage.local import LocalStore
-from node.upstream import MANIFEST_MAX, TagPage, Upstream
+from node.upstream import MANIFEST_MAX, TagPage
 from protos.leases import blob_lease, manifest_lease, tag_lease
 from protos.values import Holder, TagPointer
 
@@ -67,7 +67,7 @@ _SKIP_PIECE = 1 << 20
 class ClusterSource:
     """The ``Source`` of one mirrored registry on a node in a cluster."""
 
-    upstream: Upstream
+    upstream: Source
     config: UpstreamConfig
     flight: Flight
     coordinator: Coordinator
@@ -86,10 +86,10 @@ class ClusterSource:
         return int(self.config.ttl * 1000)
 
     @contextlib.contextmanager
-    def open_blob(self, name: str, digest: Digest) -> Iterator[BlobStream]:
+    def open_blob(self, name: str, digest: Digest, start: int = 0) -> Iterator[BlobStream]:
         with contextlib.ExitStack() as streams:
-            turn, stream = self._blob_turn(streams, name, digest, 0)
-            relay = _Relay(self, streams, name, digest, turn, stream) if turn.found is not None else None
+            turn, stream = self._blob_turn(streams, name, digest, start)
+            relay = _Relay(self, streams, name, digest, start, turn, stream) if turn.found is not None else None
             yield relay or stream
             final = relay.turn if relay is not None else turn
             self.flight.committed(final, self.local.content(digest), self._ttl_ms)
@@ -230,7 +230,7 @@ class _Skipped:
 class _Relay:
     """A blob streamed from peers that carries on elsewhere when its peer breaks off.
 
-    The fill reads one stream of the whole blob from here. When the peer's
+    The fill reads one stream of the blob (from ``start``) from here. When the peer's
     transfer fails (``UpstreamUnavailable``, or an end before the announced
     size), the relay takes a new turn for the bytes from where it stopped
     (``ClusterSource._blob_turn``), at most ``MAX_TAKEOVERS`` times, and
@@ -246,6 +246,7 @@ class _Relay:
         streams: contextlib.ExitStack,
         name: str,
         digest: Digest,
+        start: int,
         turn: Turn[BlobStream],
         stream: BlobStream,
     ) -> None:
@@ -256,7 +257,7 @@ class _Relay:
         # How the fill counts the request: as it began.
         self.origin: Origin = stream.origin
         self.joined = stream.joined
-        self._position = 0
+        self._position = start
         self._takeovers = 0
 
     def read(self, size: int) -> bytes:
