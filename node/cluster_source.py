@@ -18,6 +18,16 @@ mirrored registry. For every miss it runs the cluster's single flight
 
 Content is announced to the coordinator once the caller committed it, when
 the caller leaves the ``open_`` context (``Flight.committed``).
+
+A blob streamed from a peer is a ``_Relay``: when that peer breaks off (it
+died, most often the lease holder being followed), the relay goes through
+the flight again from the byte it reached, and carries on from whoever the
+turn names: a holder or the new fetcher (the bytes before that byte are
+read and dropped), or, once the dead holder's lease ran out and this node
+took it over, the upstream with a Range request (``Upstream.open_blob``).
+The fill on the other side sees one stream of the whole blob and hashes it
+as always, so the content is verified whichever sources its bytes came
+from.
 """
 
 from __future__ import annotations
@@ -32,11 +42,11 @@ from dataclasses import dataclass
 from node.budget import Budget
 from node.config import UpstreamConfig
 from node.coordinator_client import Coordinator
-from node.errors import BlobUnknown, TooManyRequests, UpstreamUnavailable
-from node.flight import Flight, Outcome
+from node.errors import BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
+from node.flight import Flight, Outcome, Turn
 from node.peers import PeerClient
 from node.reference import Digest, parse_digest
-from node.sources import BlobStream, FetchedManifest, Source, TagAnswer
+from node.sources import BlobStream, FetchedManifest, Origin, Source, TagAnswer
 from node.storage.local import LocalStore
 from node.upstream import MANIFEST_MAX, TagPage
 from protos.leases import blob_lease, manifest_lease, tag_lease
@@ -46,6 +56,11 @@ log = logging.getLogger(__name__)
 
 # Upstream failures for which the cluster's stale tag pointer is served.
 _STALE_OK = (UpstreamUnavailable, TooManyRequests)
+# How often one blob transfer from peers may break off and be carried on
+# elsewhere before it fails.
+MAX_TAKEOVERS = 3
+# Bytes to be dropped are read in pieces of at most this size.
+_SKIP_PIECE = 1 << 20
 
 
 @dataclass
@@ -71,23 +86,36 @@ class ClusterSource:
         return int(self.config.ttl * 1000)
 
     @contextlib.contextmanager
-    def open_blob(self, name: str, digest: Digest) -> Iterator[BlobStream]:
-        key = blob_lease(str(digest))
+    def open_blob(self, name: str, digest: Digest, start: int = 0) -> Iterator[BlobStream]:
         with contextlib.ExitStack() as streams:
+            turn, stream = self._blob_turn(streams, name, digest, start)
+            relay = _Relay(self, streams, name, digest, start, turn, stream) if turn.found is not None else None
+            yield relay or stream
+            final = relay.turn if relay is not None else turn
+            self.flight.committed(final, self.local.content(digest), self._ttl_ms)
 
-            def look() -> BlobStream | None:
-                location = self.coordinator.locate(str(digest), key)
-                return self._first_peer(streams, self._peers(location.holders, location.fetcher), digest)
+    def _blob_turn(
+        self, streams: contextlib.ExitStack, name: str, digest: Digest, start: int
+    ) -> tuple[Turn[BlobStream], BlobStream]:
+        """Take a turn for the blob's bytes from ``start`` on, and open them; both stay open in ``streams``.
 
-            def follow(holder: Holder) -> BlobStream | None:
-                return self._first_peer(streams, [holder], digest)
+        From a peer (a holder, or the node fetching it now) when the turn
+        found one, else from the upstream (under the lease when GRANTED).
+        """
+        key = blob_lease(str(digest))
 
-            with self.flight.coordinate(key, look, follow, kind="blob") as turn:
-                stream = turn.found
-                if stream is None:
-                    stream = streams.enter_context(self.upstream.open_blob(name, digest))
-                yield stream
-                self.flight.committed(turn, self.local.content(digest), self._ttl_ms)
+        def look() -> BlobStream | None:
+            location = self.coordinator.locate(str(digest), key)
+            return self._first_peer(streams, self._peers(location.holders, location.fetcher), digest, start)
+
+        def follow(holder: Holder) -> BlobStream | None:
+            return self._first_peer(streams, [holder], digest, start)
+
+        turn = streams.enter_context(self.flight.coordinate(key, look, follow, kind="blob"))
+        stream = turn.found
+        if stream is None:
+            stream = streams.enter_context(self.upstream.open_blob(name, digest, start))
+        return turn, stream
 
     @contextlib.contextmanager
     def open_manifest(self, name: str, digest: Digest) -> Iterator[FetchedManifest]:
@@ -146,12 +174,17 @@ class ClusterSource:
             others.append(fetcher)
         return others
 
-    def _first_peer(self, streams: contextlib.ExitStack, peers: list[Holder], digest: Digest) -> BlobStream | None:
+    def _first_peer(
+        self, streams: contextlib.ExitStack, peers: list[Holder], digest: Digest, start: int = 0
+    ) -> BlobStream | None:
+        """The first of ``peers`` that serves the blob, read from byte ``start`` on."""
         for peer in peers:
             try:
-                return streams.enter_context(self.peers.open(peer.url, str(digest)))
+                stream = streams.enter_context(self.peers.open(peer.url, str(digest)))
             except (BlobUnknown, UpstreamUnavailable) as exc:
                 log.info("peer %s cannot serve %s: %s", peer.node_id, digest, exc.message)
+                continue
+            return _Skipped(stream, start) if start else stream
         return None
 
     def _manifest_from_peers(self, peers: list[Holder], digest: Digest) -> FetchedManifest | None:
@@ -172,3 +205,98 @@ class ClusterSource:
         if manifest is None:
             return TagPointer(str(answer.digest), "", 0, self.clock())
         return TagPointer(str(answer.digest), manifest.media_type, len(manifest.data), self.clock())
+
+
+class _Skipped:
+    """A blob stream from its byte ``start`` on: the bytes before it are read and dropped."""
+
+    def __init__(self, stream: BlobStream, start: int) -> None:
+        self._stream = stream
+        self._skip = start
+        self.size, self.origin, self.joined = stream.size, stream.origin, stream.joined
+
+    def read(self, size: int) -> bytes:
+        while True:
+            data = self._stream.read(max(size, min(self._skip, _SKIP_PIECE)) if self._skip else size)
+            if self._skip and data:
+                dropped = min(self._skip, len(data))
+                self._skip -= dropped
+                data = data[dropped:]
+                if not data:
+                    continue
+            return data
+
+
+class _Relay:
+    """A blob streamed from peers that carries on elsewhere when its peer breaks off.
+
+    The fill reads one stream of the blob (from ``start``) from here. When the peer's
+    transfer fails (``UpstreamUnavailable``, or an end before the announced
+    size), the relay takes a new turn for the bytes from where it stopped
+    (``ClusterSource._blob_turn``), at most ``MAX_TAKEOVERS`` times, and
+    reads on from that. ``turn`` is the last turn taken: the one the
+    commit is announced under (a GRANTED turn completes the lease it took
+    over). Every turn and stream it opens stays in ``streams``, the blob's
+    context, which closes them (and releases a lease not completed).
+    """
+
+    def __init__(
+        self,
+        source: ClusterSource,
+        streams: contextlib.ExitStack,
+        name: str,
+        digest: Digest,
+        start: int,
+        turn: Turn[BlobStream],
+        stream: BlobStream,
+    ) -> None:
+        self._source, self._streams, self._name, self._digest = source, streams, name, digest
+        self.turn = turn
+        self._stream = stream
+        self.size = stream.size
+        # How the fill counts the request: as it began.
+        self.origin: Origin = stream.origin
+        self.joined = stream.joined
+        self._position = start
+        self._takeovers = 0
+
+    def read(self, size: int) -> bytes:
+        while True:
+            try:
+                data = self._stream.read(size)
+            except UpstreamUnavailable as exc:
+                self._take_over(exc)
+                continue
+            if not data and self.size is not None and self._position < self.size:
+                self._take_over(UpstreamUnavailable("the transfer ended early", {"digest": str(self._digest)}))
+                continue
+            self._position += len(data)
+            return data
+
+    def _take_over(self, error: UpstreamUnavailable) -> None:
+        """Carry on from elsewhere after ``error``; raise it when that is not for this relay to do.
+
+        Only a peer's transfer is carried on: one from the upstream (after a
+        takeover, or degraded) that breaks off fails the fill as any fetch
+        from the upstream does, and gives its lease back.
+        """
+        if self._stream.origin is not Origin.PEER:
+            raise error
+        if self._takeovers >= MAX_TAKEOVERS:
+            raise UpstreamUnavailable(
+                f"the transfer broke off {self._takeovers + 1} times: {error.message}", {"digest": str(self._digest)}
+            )
+        self._takeovers += 1
+        log.warning(
+            "the transfer of %s broke off at byte %d (%s); carrying on from the cluster",
+            self._digest,
+            self._position,
+            error.message,
+        )
+        self.turn, stream = self._source._blob_turn(self._streams, self._name, self._digest, self._position)
+        if stream.size is not None and self.size is not None and stream.size != self.size:
+            raise UpstreamInvalid(
+                f"the blob's size changed from {self.size} to {stream.size} bytes", {"digest": str(self._digest)}
+            )
+        self.size = self.size if self.size is not None else stream.size
+        self._stream = stream

@@ -290,8 +290,9 @@ class ClusterConfig:
     advertise_url: str | None = _parsed(lambda v: None if not v else parse_url(v), default=None)
     heartbeat_interval: float = _parsed(parse_duration, default=2.0)
     # A fetch lease lives this long unless renewed; the holder renews it every
-    # third of it, so a dead holder's fetch is taken over within this time.
-    lease_ttl: float = _parsed(parse_duration, default=10.0)
+    # quarter of it, so a dead holder's fetch is taken over within this time
+    # (docs/cluster.md, "A dead fetcher").
+    lease_ttl: float = _parsed(parse_duration, default=3.0)
     # Deadline of one call to one coordinator.
     timeout: float = _parsed(parse_duration, default=2.0)
     # CA certificate (PEM) of the coordinators' TLS certificates; plaintext without.

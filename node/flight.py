@@ -60,6 +60,8 @@ T = TypeVar("T")
 
 # While another node holds a lease, look again this often.
 POLL = 0.05
+# A lease renewal that failed is tried again this soon (seconds).
+RENEW_RETRY = 0.25
 
 
 class Outcome(enum.Enum):
@@ -162,7 +164,7 @@ class Flight:
         if turn.outcome is not Outcome.GRANTED:
             yield turn
             return
-        renewer = _LeaseRenewer(self.coordinator, key, turn.token, self._lease_ttl_ms)
+        renewer = _LeaseRenewer(self.coordinator, key, turn.token, self._lease_ttl_ms, self._clock)
         renewer.start()
         try:
             yield turn
@@ -266,24 +268,65 @@ class Flight:
 
 
 class _LeaseRenewer:
-    """Renews a lease every third of its lifetime while a fetch runs."""
+    """Keeps a lease alive while its holder works: a renewal every quarter of its lifetime.
 
-    def __init__(self, coordinator: Coordinator, key: str, token: str, ttl_ms: int) -> None:
+    A lease is short (``cluster.lease_ttl``, 3 s by default) so that a
+    holder that died leaves it behind for that long at most; a holder that
+    is alive keeps it by renewing. A quarter leaves three quarters (2.25 s)
+    for one renewal to get through: enough for a call whose first
+    coordinator hangs for the whole call deadline (``cluster.timeout``,
+    2 s) to be answered by the next one in time. A renewal that fails (no
+    coordinator answered) is tried again after ``RENEW_RETRY`` rather than
+    a quarter later, as long as the lease may still stand. Renewing stops when the
+    coordinator says the lease is held under another token, or when it has
+    run out by this renewer's count (``ttl`` after the last renewal that
+    was confirmed, counted from when that call was sent, which is before the
+    coordinator set the new expiry). The fetch goes on either way; fencing
+    refuses its ``CompleteFetch`` if another node took the lease over, and
+    its content is announced with the inventory instead.
+
+    ``renew`` is one step, for tests with a fake clock; ``start`` runs the
+    steps in a thread until ``stop``.
+    """
+
+    def __init__(self, coordinator: Coordinator, key: str, token: str, ttl_ms: int, clock: Callable[[], float]) -> None:
         self._coordinator, self._key, self._token, self._ttl_ms = coordinator, key, token, ttl_ms
+        self._clock = clock
+        self.interval = ttl_ms / 4000
+        self._retry = min(RENEW_RETRY, self.interval)
+        # Granted just before this renewer was made.
+        self.expires = clock() + ttl_ms / 1000
+        self._failing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"renew-{key[:24]}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def renew(self) -> float | None:
+        """Renew the lease once; return the seconds until the next renewal, or None once it is lost."""
+        sent = self._clock()
+        if sent >= self.expires:
+            log.warning("the lease %s ran out: no coordinator confirmed a renewal in time", self._key)
+            return None
+        try:
+            renewed = self._coordinator.renew_lease(self._key, self._token, self._ttl_ms)
+        except CoordinatorError as exc:
+            if not self._failing:
+                log.warning("could not renew the lease %s (trying again): %s", self._key, exc)
+            self._failing = True
+            return max(0.0, min(self._retry, self.expires - self._clock()))
+        if not renewed:
+            log.warning("lost the lease %s during the fetch: another node holds it now", self._key)
+            return None
+        self._failing = False
+        self.expires = sent + self._ttl_ms / 1000
+        return self.interval
+
     def _run(self) -> None:
-        while not self._stop.wait(self._ttl_ms / 3000):
-            try:
-                if not self._coordinator.renew_lease(self._key, self._token, self._ttl_ms):
-                    log.warning("lost the lease %s during the fetch", self._key)
-                    return
-            except CoordinatorError as exc:
-                log.warning("could not renew the lease %s: %s", self._key, exc)
+        delay: float | None = self.interval
+        while delay is not None and not self._stop.wait(delay):
+            delay = self.renew()
 
     def stop(self) -> None:
         self._stop.set()

@@ -97,9 +97,13 @@ class Source(Protocol):
       content (the cluster) does so then, never before. Leaving it with an
       error means nothing was stored, and the source gives back what it
       held (a lease).
+
+    ``open_blob`` with a ``start`` past 0 carries on a transfer that broke
+    off: the stream yields the blob's bytes from that byte on (``size`` is
+    still the whole blob's), and the caller holds the bytes before it.
     """
 
-    def open_blob(self, name: str, digest: Digest) -> AbstractContextManager[BlobStream]: ...
+    def open_blob(self, name: str, digest: Digest, start: int = 0) -> AbstractContextManager[BlobStream]: ...
 
     def open_manifest(self, name: str, digest: Digest) -> AbstractContextManager[FetchedManifest]: ...
 

@@ -8,6 +8,8 @@ arrived (``node.transport``), and never content-decoded. It maps the upstream's
 answers onto the node's domain errors: 404 becomes the matching "unknown"
 error, 401/403 ``UpstreamDenied``, 429 ``TooManyRequests``, anything else
 that is not a 200 (and every transport failure) ``UpstreamUnavailable``.
+A blob can be asked for from a byte on (``open_blob(..., start=N)``), to
+carry on a transfer that broke off: see ``open_blob`` for what is trusted.
 
 Every answer is shown to the upstream's ``Budget`` (``node.budget``), which
 pauses tag checks on a 429 or a low ``ratelimit-remaining``; the client
@@ -30,6 +32,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -67,6 +70,9 @@ METADATA_CONNECTIONS = 16
 # server, not something worth buffering.
 _TAGS_MAX = 16 * 1024 * 1024
 _RATE_LIMIT_HEADERS = ("ratelimit-limit", "ratelimit-remaining")
+# Bytes of a blob body to be dropped are read in pieces of at most this size.
+_SKIP_PIECE = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
 @dataclass(frozen=True)
@@ -121,21 +127,47 @@ class _Unobserved:
 
 
 class BlobStream:
-    """An open blob download; valid only inside ``Upstream.open_blob``."""
+    """An open blob download; valid only inside ``Upstream.open_blob``.
+
+    It yields the blob's bytes from ``start`` on, and ``size`` is the size
+    of the whole blob (None when unknown). ``skip`` bytes of the body come
+    before ``start`` and are read and dropped: an upstream that ignored a
+    Range request sends the whole blob.
+    """
 
     origin = Origin.UPSTREAM
     joined = False
 
     def __init__(
-        self, response: httpx.Response, on_error: Callable[[httpx.HTTPError], ShoalError], observer: Observer
+        self,
+        response: httpx.Response,
+        on_error: Callable[[httpx.HTTPError], ShoalError],
+        observer: Observer,
+        *,
+        start: int = 0,
+        size: int | None = None,
+        skip: int = 0,
     ) -> None:
         self._response = response
         self._on_error = on_error
         self._observer = observer
-        self.size = _content_length(response)
+        self.start = start
+        self.size = _content_length(response) if size is None else size
+        self._skip = skip
 
     def read(self, size: int) -> bytes:
         """The bytes as they arrive, at most ``size``; a failure part way raises ``UpstreamUnavailable``."""
+        while True:
+            data = self._read(max(size, min(self._skip, _SKIP_PIECE)) if self._skip else size)
+            if self._skip and data:
+                dropped = min(self._skip, len(data))
+                self._skip -= dropped
+                data = data[dropped:]
+                if not data:
+                    continue
+            return data
+
+    def _read(self, size: int) -> bytes:
         try:
             data = read1(self._response, size)
         except httpx.HTTPError as exc:
@@ -228,12 +260,45 @@ class Upstream:
     # The Source interface (node.sources): a node on its own fills from here.
 
     @contextlib.contextmanager
-    def open_blob(self, name: str, digest: Digest | str) -> Iterator[BlobStream]:
-        """Stream a blob; the response is closed when the block ends."""
+    def open_blob(self, name: str, digest: Digest | str, start: int = 0) -> Iterator[BlobStream]:
+        """Stream a blob from byte ``start`` on; the response is closed when the block ends.
+
+        From a ``start`` past 0 the request carries ``Range: bytes=<start>-``.
+        Only a 206 whose Content-Range runs from ``start`` to the end of the
+        blob and names its size is taken as the rest of the blob. A 200 is
+        the whole blob: it is read from its first byte and the bytes before
+        ``start`` are dropped. A 206 for any other range is not used: the
+        blob is asked for again without a Range, as a 200. Either way the
+        stream yields the bytes from ``start`` on, and the caller's hash
+        over the bytes it had and these covers the blob exactly once.
+        """
         what = f"blob {name}@{digest}"
-        request = self._blobs.build_request("GET", f"/v2/{name}/blobs/{digest}")
+        path = f"/v2/{name}/blobs/{digest}"
+        if start > 0:
+            ranged = self._blobs.build_request("GET", path, headers={"Range": f"bytes={start}-"})
+            with self._open(ranged, what, BlobUnknown, "blob", client=self._blobs, partial=True) as response:
+                total = _rest_of_blob(response, start)
+                if response.status_code == 200 or total is not None:
+                    skip = start if response.status_code == 200 else 0
+                    size = total if total is not None else _content_length(response)
+                    yield self._blob_stream(response, what, start=start, size=size, skip=skip)
+                    return
+                logger.warning(
+                    "upstream %s: %s: a 206 for another range (%s); asking for the whole blob",
+                    self.url,
+                    what,
+                    response.headers.get("content-range", "no Content-Range"),
+                )
+        request = self._blobs.build_request("GET", path)
         with self._open(request, what, BlobUnknown, "blob", client=self._blobs) as response:
-            yield BlobStream(response, lambda exc: self._unavailable(what, exc), self._observer)
+            yield self._blob_stream(response, what, start=start, skip=start)
+
+    def _blob_stream(
+        self, response: httpx.Response, what: str, *, start: int, size: int | None = None, skip: int = 0
+    ) -> BlobStream:
+        return BlobStream(
+            response, lambda exc: self._unavailable(what, exc), self._observer, start=start, size=size, skip=skip
+        )
 
     @contextlib.contextmanager
     def open_manifest(self, name: str, digest: Digest) -> Iterator[FetchedManifest]:
@@ -297,8 +362,9 @@ class Upstream:
         *,
         use_auth: bool = True,
         client: httpx.Client | None = None,
+        partial: bool = False,
     ) -> Iterator[httpx.Response]:
-        """Send ``request`` streaming; yield the response only if it is a 200.
+        """Send ``request`` streaming; yield the response only if it is a 200 (or, when ``partial``, a 206).
 
         A transport failure, including one while the block reads the body,
         becomes ``UpstreamUnavailable``. Each request is reported to the
@@ -312,7 +378,8 @@ class Upstream:
             self._observer.upstream_request(self.name, kind, None, time.monotonic() - started)
             raise self._unavailable(what, exc) from None
         try:
-            self._check(response, what, not_found)
+            if not (partial and response.status_code == 206):
+                self._check(response, what, not_found)
             yield response
         except httpx.HTTPError as exc:
             raise self._unavailable(what, exc) from None
@@ -392,6 +459,22 @@ def _content_type(response: httpx.Response) -> str:
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length", "")
     return int(value) if value.isdigit() else None
+
+
+def _rest_of_blob(response: httpx.Response, start: int) -> int | None:
+    """The blob's size, when ``response`` is a 206 of exactly the bytes from ``start`` to the end; else None."""
+    if response.status_code != 206:
+        return None
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+    if match is None:
+        return None
+    first, last, total = (int(group) for group in match.groups())
+    if first != start or last != total - 1:
+        return None
+    length = _content_length(response)
+    if length is not None and length != total - start:
+        return None
+    return total
 
 
 def _media_type_field(data: bytes) -> str:

@@ -13,6 +13,12 @@ content, as they would from a real upstream that fails mid-transfer.
 
 A ``RateLimit`` (``set_rate_limit``) plays Docker Hub's rate limits on the
 whole registry: the ``ratelimit-*`` headers on every answer, and 429s.
+
+A blob GET with ``Range: bytes=<first>-`` is answered 206 with the bytes
+from there on, as distribution answers it, unless ``honour_range`` is off
+(then it is a 200 of the whole blob, as from an upstream that ignores
+Range). ``bytes_sent`` counts the body bytes written per path, so a test can
+tell how much of a blob the upstream sent in all.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from testbed.images import Image, Index, sha256_digest
 _MANIFEST_OR_BLOB = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _TAGS_LIST = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
 _CDN = re.compile(r"^/cdn/(?P<digest>[^/]+)$")
+_RANGE = re.compile(r"bytes=(?P<first>\d+)-")
 
 
 @dataclass
@@ -49,7 +56,8 @@ class Fault:
     pauses between chunks to make a slow upstream. ``content_encoding`` is
     sent as the ``Content-Encoding`` header (a wrong one: the body is the
     content as it is). ``redirect`` answers a GET with a 307 to
-    ``/cdn/<digest>``, which serves the content as a CDN would.
+    ``/cdn/<digest>``, which serves the content as a CDN would. ``rate``
+    paces the body at that many bytes a second.
     """
 
     corrupt: bool = False
@@ -59,6 +67,7 @@ class Fault:
     chunk_size: int = 16 * 1024
     content_encoding: str | None = None
     redirect: bool = False
+    rate: float | None = None
     # A gate never opened must not keep a handler thread forever.
     gate_timeout: float = 60.0
     reached: threading.Event = field(default_factory=threading.Event)
@@ -86,6 +95,14 @@ class RateLimit:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class BlobGet:
+    """A GET of a blob: when it arrived (``time.monotonic``) and its Range header, if any."""
+
+    at: float
+    range: str | None
+
+
 class FakeUpstream:
     """A registry on 127.0.0.1 served from dicts, with per-digest faults and a request log.
 
@@ -103,6 +120,10 @@ class FakeUpstream:
         self._faults: dict[str, Fault] = {}
         self._rate_limit = RateLimit()
         self._requests: list[tuple[str, str]] = []
+        self._sent: dict[str, int] = {}
+        self._blob_gets: list[tuple[str, BlobGet]] = []
+        # Whether a blob GET with a Range header gets a 206 of that range.
+        self.honour_range = True
         self._connections: set[socket.socket] = set()
         self.server_log: list[str] = []
         self._server: _Server | None = None
@@ -147,6 +168,7 @@ class FakeUpstream:
         chunk_size: int = 16 * 1024,
         content_encoding: str | None = None,
         redirect: bool = False,
+        rate: float | None = None,
     ) -> Fault:
         """Make every later GET of the content with ``digest`` misbehave; replaces an earlier fault."""
         fault = Fault(
@@ -157,6 +179,7 @@ class FakeUpstream:
             chunk_size=chunk_size,
             content_encoding=content_encoding,
             redirect=redirect,
+            rate=rate,
         )
         with self._lock:
             self._faults[digest] = fault
@@ -190,6 +213,22 @@ class FakeUpstream:
     def reset_requests(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._sent.clear()
+            self._blob_gets.clear()
+
+    def blob_gets(self, path: str) -> list[BlobGet]:
+        """Every GET of the blob at ``path`` (as sent), oldest first."""
+        with self._lock:
+            return [get for seen, get in self._blob_gets if seen == path]
+
+    def ranges(self, path: str) -> list[str | None]:
+        """The Range header of every blob GET of ``path`` (None where it had none), oldest first."""
+        return [get.range for get in self.blob_gets(path)]
+
+    def bytes_sent(self, path: str) -> int:
+        """Body bytes written so far in answers to GETs of ``path`` (as sent), all requests together."""
+        with self._lock:
+            return self._sent.get(path, 0)
 
     # Lifecycle.
 
@@ -259,6 +298,14 @@ class FakeUpstream:
     def _record(self, method: str, path: str) -> None:
         with self._lock:
             self._requests.append((method, path))
+
+    def _record_blob_get(self, path: str, asked: str | None) -> None:
+        with self._lock:
+            self._blob_gets.append((path, BlobGet(time.monotonic(), asked)))
+
+    def _count_sent(self, path: str, size: int) -> None:
+        with self._lock:
+            self._sent[path] = self._sent.get(path, 0) + size
 
     def _track(self, connection: socket.socket, *, open_: bool) -> None:
         with self._lock:
@@ -388,9 +435,30 @@ class _Handler(BaseHTTPRequestHandler):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if self.command == "GET":
+                    self.upstream._record_blob_get(self.path, self.headers.get("Range"))
+                first = self._range_start(len(blob))
+                if first is not None:
+                    self._send(
+                        206,
+                        media_type,
+                        data,
+                        digest=sha256_digest(data),
+                        send_body=send_body,
+                        first=first,
+                    )
+                    return
             self._send(200, media_type, data, digest=sha256_digest(data), send_body=send_body)
             return
         self._send_error(404, "NOT_FOUND", "no such endpoint", send_body=send_body)
+
+    def _range_start(self, size: int) -> int | None:
+        """The first byte a Range header asks for, when the answer is to be a 206 of it."""
+        match = _RANGE.fullmatch(self.headers.get("Range", "").strip())
+        if match is None or not self.upstream.honour_range:
+            return None
+        first = int(match["first"])
+        return first if first < size else None
 
     def _send_error(self, status: int, code: str, message: str, *, send_body: bool) -> None:
         body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
@@ -405,12 +473,20 @@ class _Handler(BaseHTTPRequestHandler):
         digest: str | None,
         send_body: bool,
         fault_of: str | None = None,
+        first: int = 0,
     ) -> None:
+        """Answer with ``body``, or with its bytes from ``first`` on as a 206."""
         fault_of = fault_of or digest
         fault = self.upstream._fault(fault_of) if fault_of is not None else None
+        if fault is not None and fault.corrupt and body:
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
+        total = len(body)
+        body = body[first:]
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {first}-{total - 1}/{total}")
         self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
         if self.path.split("?", 1)[0] not in ("/v2/", "/v2"):
             self._send_rate_limit_headers(status)
@@ -424,6 +500,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if fault is None:
                 self.wfile.write(body)
+                self.upstream._count_sent(self.path, len(body))
             else:
                 self._send_faulty(body, fault)
         except OSError:
@@ -441,14 +518,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(header, value)
 
     def _send_faulty(self, body: bytes, fault: Fault) -> None:
-        if fault.corrupt and body:
-            body = body[:-1] + bytes([body[-1] ^ 0xFF])
         limit = len(body) if fault.die_after is None else min(fault.die_after, len(body))
         offset = 0
+        started = time.monotonic()
         while offset < limit:
             end = min(offset + fault.chunk_size, limit)
             self.wfile.write(body[offset:end])
             self.wfile.flush()
+            self.upstream._count_sent(self.path, end - offset)
+            if fault.rate:
+                # The pace is the behaviour under test: an upstream of that bandwidth.
+                time.sleep(max(0.0, started + end / fault.rate - time.monotonic()))
             if offset == 0 and fault.gate is not None and not self._wait_at_gate(fault):
                 self.close_connection = True
                 return

@@ -34,6 +34,7 @@ from testbed.images import (
     build_multiarch,
     make_layer,
     push,
+    random_layer,
     sha256_digest,
 )
 from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_until
@@ -335,6 +336,31 @@ def test_fake_upstream_dies_mid_blob(fake_upstream: FakeUpstream, client: httpx.
         for chunk in response.iter_raw():
             received += chunk
     assert bytes(received) == image.layers[0][:40_000]
+
+
+def test_fake_upstream_answers_a_range_and_counts_bytes(fake_upstream: FakeUpstream, client: httpx.Client) -> None:
+    data = random_layer(100_000, seed="range")
+    digest = fake_upstream.add_blob("app", data)
+    path = f"/v2/app/blobs/{digest}"
+    ranged = client.get(fake_upstream.url + path, headers={"Range": "bytes=60000-"})
+    assert ranged.status_code == 206
+    assert ranged.headers["Content-Range"] == f"bytes 60000-{len(data) - 1}/{len(data)}"
+    assert ranged.content == data[60000:]
+    fake_upstream.honour_range = False
+    ignored = client.get(fake_upstream.url + path, headers={"Range": "bytes=60000-"})
+    assert ignored.status_code == 200 and ignored.content == data
+    assert fake_upstream.ranges(path) == ["bytes=60000-", "bytes=60000-"]
+    assert fake_upstream.bytes_sent(path) == len(data) - 60000 + len(data)
+
+
+def test_fake_upstream_paces_a_blob(fake_upstream: FakeUpstream, client: httpx.Client) -> None:
+    data = random_layer(200_000, seed="paced")
+    digest = fake_upstream.add_blob("app", data)
+    fake_upstream.set_fault(digest, rate=1_000_000, chunk_size=20_000)
+    started = time.monotonic()
+    assert client.get(f"{fake_upstream.url}/v2/app/blobs/{digest}").content == data
+    # 200 kB at 1 MB/s.
+    assert time.monotonic() - started >= 0.2
 
 
 def test_fake_upstream_gate_holds_the_rest_of_the_body(fake_upstream: FakeUpstream, client: httpx.Client) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from node.coordinator_client import CoordinatorError
-from node.flight import POLL, Announcements, Flight, Outcome
+from node.flight import POLL, RENEW_RETRY, Announcements, Flight, Outcome, _LeaseRenewer
 from protos.leases import blob_lease, tag_lease
 from protos.values import Content, Holder, TagPointer
 from testbed.clock import FakeClock
@@ -253,6 +253,60 @@ def test_the_lease_is_renewed_while_the_fetch_runs(directory, coordinator, annou
     renewed = len(coordinator.calls("renew_lease"))
     assert all(thread.name != f"renew-{KEY[:24]}" for thread in threading.enumerate())
     assert len(coordinator.calls("renew_lease")) == renewed
+
+
+# Renewal, step by step on the fake clock: a lease of 3 s, renewed every 0.75 s.
+
+TTL_MS = 3000
+
+
+def renewer_for(directory: FakeDirectory, coordinator: FakeCoordinator, clock: FakeClock) -> _LeaseRenewer:
+    return _LeaseRenewer(coordinator, KEY, directory.grant(KEY, "node-a"), TTL_MS, clock)
+
+
+def test_a_lease_is_renewed_every_quarter_of_its_lifetime(directory, coordinator, clock) -> None:
+    renewer = renewer_for(directory, coordinator, clock)
+    assert renewer.interval == 0.75
+    for _ in range(5):
+        clock.advance(renewer.interval)
+        assert renewer.renew() == 0.75
+        # The lease now stands for a whole lifetime from the renewal.
+        assert renewer.expires == clock() + 3.0
+    assert len(coordinator.calls("renew_lease")) == 5
+
+
+def test_a_failed_renewal_is_tried_again_soon_until_the_lease_would_have_run_out(directory, coordinator, clock) -> None:
+    renewer = renewer_for(directory, coordinator, clock)
+    expires = renewer.expires
+    clock.advance(1.0)
+    directory.down = True
+    delays = []
+    while (delay := renewer.renew()) is not None:
+        delays.append(delay)
+        clock.advance(delay)
+    # Tried again every RENEW_RETRY, and the last wait ends just when the lease does.
+    assert delays[:-1] == [RENEW_RETRY] * (len(delays) - 1)
+    assert clock() == pytest.approx(expires)
+    assert len(coordinator.calls("renew_lease")) == len(delays)
+
+
+def test_a_renewal_that_gets_through_again_keeps_the_lease(directory, coordinator, clock) -> None:
+    renewer = renewer_for(directory, coordinator, clock)
+    clock.advance(1.0)
+    directory.down = True
+    assert renewer.renew() == RENEW_RETRY
+    clock.advance(1.5)
+    directory.down = False
+    assert renewer.renew() == 0.75
+    assert renewer.expires == clock() + 3.0
+
+
+def test_renewing_stops_once_another_node_holds_the_lease(directory, coordinator, clock) -> None:
+    renewer = renewer_for(directory, coordinator, clock)
+    # The lease ran out (a stall longer than its lifetime) and node-b took it.
+    directory.grant(KEY, "node-b")
+    clock.advance(1.0)
+    assert renewer.renew() is None
 
 
 TAG_KEY = tag_lease("docker.io", "library/alpine", "3.20")

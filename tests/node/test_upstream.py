@@ -21,6 +21,7 @@ from node.errors import (
 from node.media_types import ACCEPT_MANIFESTS
 from node.upstream import (
     MANIFEST_MAX,
+    BlobStream,
     ManifestHead,
     TagPage,
     Upstream,
@@ -36,6 +37,7 @@ from tests.node.fake_registry import (
     REGISTRY,
     TAGS_PATH,
     FakeRegistry,
+    Handler,
     static,
 )
 
@@ -341,3 +343,73 @@ def test_endless_manifest_is_read_with_a_limit(connect: Callable[..., Upstream])
     with pytest.raises(UpstreamInvalid):
         connect(fake).get_manifest("library/alpine", "latest")
     assert sent <= MANIFEST_MAX + (1 << 20)
+
+
+# Carrying on a blob from a byte on (Range).
+
+
+def _ranged(content_range: Callable[[int], str] | None) -> Handler:
+    """A blob route that answers ``Range: bytes=N-`` with a 206 and ``content_range(N)``; None ignores Range."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("range", ""))
+        if match is None or content_range is None:
+            return httpx.Response(200, content=BLOB)
+        first = int(match[1])
+        return httpx.Response(206, content=BLOB[first:], headers={"Content-Range": content_range(first)})
+
+    return answer
+
+
+def _read_all(blob: BlobStream) -> bytes:
+    return b"".join(iter(lambda: blob.read(1000), b""))
+
+
+def test_a_blob_from_a_byte_on_is_a_range_request(connect: Callable[..., Upstream]) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", BLOB_PATH] = _ranged(lambda first: f"bytes {first}-{len(BLOB) - 1}/{len(BLOB)}")
+    with connect(fake).open_blob("library/alpine", BLOB_DIGEST, 4000) as blob:
+        assert blob.size == len(BLOB)
+        assert _read_all(blob) == BLOB[4000:]
+    (request,) = fake.requests
+    assert request.headers["range"] == "bytes=4000-"
+
+
+def test_an_upstream_that_ignores_range_sends_the_whole_blob_and_the_start_is_dropped(
+    connect: Callable[..., Upstream],
+) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", BLOB_PATH] = _ranged(None)
+    with connect(fake).open_blob("library/alpine", BLOB_DIGEST, 4000) as blob:
+        assert blob.size == len(BLOB)
+        assert _read_all(blob) == BLOB[4000:]
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "content_range",
+    [
+        lambda first: f"bytes {first + 1}-{len(BLOB) - 1}/{len(BLOB)}",
+        lambda first: f"bytes {first}-{len(BLOB) - 2}/{len(BLOB)}",
+        lambda first: f"bytes {first}-{len(BLOB) - 1}/*",
+        lambda first: "",
+    ],
+    ids=["another start", "not to the end", "no size", "none"],
+)
+def test_a_206_for_another_range_is_not_used_and_the_blob_is_asked_for_whole(
+    connect: Callable[..., Upstream], content_range: Callable[[int], str]
+) -> None:
+    fake = FakeRegistry()
+    ranged = _ranged(content_range)
+    fake.routes["registry.test", BLOB_PATH] = ranged
+    with connect(fake).open_blob("library/alpine", BLOB_DIGEST, 4000) as blob:
+        assert blob.size == len(BLOB)
+        assert _read_all(blob) == BLOB[4000:]
+    assert [request.headers.get("range") for request in fake.requests] == ["bytes=4000-", None]
+
+
+def test_a_blob_from_the_start_sends_no_range(connect: Callable[..., Upstream]) -> None:
+    fake = FakeRegistry()
+    with connect(fake).open_blob("library/alpine", BLOB_DIGEST) as blob:
+        assert _read_all(blob) == BLOB
+    assert "range" not in fake.requests[0].headers
