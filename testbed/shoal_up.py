@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+from urllib.parse import urlsplit
 
+import redis
+import yaml
+
+from coordinator.keys import Keys
 from testbed.proc import Proc, catches_signal, children, descendants
 from testbed.processes import free_port, wait_until
 
@@ -53,16 +58,72 @@ def consecutive_free_ports(count: int) -> int:
 
 @dataclass(frozen=True)
 class Tree:
-    """What ``shoal up`` started: Redis, the coordinator, and each node's gunicorn master and workers."""
+    """What ``shoal up`` started: Redis, the coordinators, and each node's gunicorn master and workers.
+
+    ``coordinators`` are in the order of their names (coordinator-1 first),
+    ``nodes`` in the order of their ports (node-1 first).
+    """
 
     redis: Proc
-    coordinator: Proc
+    coordinators: list[Proc]
     nodes: list[Proc]
     workers: list[Proc]
 
     @property
+    def coordinator(self) -> Proc:
+        return self.coordinators[0]
+
+    @property
     def everything(self) -> list[Proc]:
-        return [self.redis, self.coordinator, *self.nodes, *self.workers]
+        return [self.redis, *self.coordinators, *self.nodes, *self.workers]
+
+
+def _option(command: tuple[str, ...], name: str) -> str:
+    return command[command.index(name) + 1] if name in command[:-1] else ""
+
+
+@dataclass(frozen=True)
+class State:
+    """What ``shoal up`` wrote into its state directory: the ports and log files of its children."""
+
+    directory: Path
+    redis_port: int
+    coordinator_ports: list[int]
+
+    @classmethod
+    def read(cls, directory: Path) -> State:
+        configs = sorted(directory.glob("coordinator-*.yml"), key=lambda path: int(path.stem.rpartition("-")[2]))
+        coordinators = [yaml.safe_load(path.read_text())["coordinator"] for path in configs]
+        redis_port = urlsplit(coordinators[0]["redis_url"]).port
+        assert redis_port is not None
+        ports = [int(coordinator["bind"].rpartition(":")[2]) for coordinator in coordinators]
+        return cls(directory, redis_port, ports)
+
+    def log(self, child: str) -> Path:
+        return self.directory / f"{child}.log"
+
+    def redis(self) -> redis.Redis:
+        """A client of shoal up's Redis (no password: it listens on 127.0.0.1 only)."""
+        return redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=2)
+
+    def leader(self) -> str | None:
+        """The identity of the coordinator that leads now, if any."""
+        try:
+            identity = self.redis().get(Keys().leader())
+        except redis.RedisError:
+            return None
+        return str(identity) if identity is not None else None
+
+    def coordinator_of(self, identity: str) -> int | None:
+        """Which coordinator (1, 2, ...) runs as ``identity`` now, from the identity each one logged last."""
+        for index in range(1, len(self.coordinator_ports) + 1):
+            logged = _IDENTITY.findall(self.log(f"coordinator-{index}").read_text(errors="replace"))
+            if logged and logged[-1] == identity:
+                return index
+        return None
+
+
+_IDENTITY = re.compile(r"replica (coordinator-[0-9a-f]+)")
 
 
 class ShoalUp:
@@ -73,6 +134,8 @@ class ShoalUp:
         self.stderr_path = stderr_path
         self.lines: list[str] = []
         self.tree: Tree | None = None
+        # Every process any tree held, restarted ones' predecessors too.
+        self.seen: set[Proc] = set()
         try:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "shoal", "up", *args],
@@ -93,7 +156,7 @@ class ShoalUp:
 
     def describe(self) -> str:
         status = "running" if self.popen.poll() is None else f"exited with {self.popen.returncode}"
-        stderr = self.stderr_path.read_text(errors="replace")
+        stderr = self.stderr()
         return f"shoal up ({status})\nstdout:\n" + "\n".join(self.lines) + f"\nstderr:\n{stderr}"
 
     def wait_ready(self, timeout: float = 90) -> list[str]:
@@ -111,32 +174,54 @@ class ShoalUp:
         assert [int(match[1]) for match in nodes] == list(range(1, len(nodes) + 1)), self.lines
         return [match[2] for match in nodes]
 
-    def wait_for_tree(self, nodes: int, workers_per_node: int) -> Tree:
-        """Wait until every process is there and keep the list.
+    def tree_now(self, nodes: int, workers_per_node: int, coordinators: int = 1) -> Tree | None:
+        """Every process shoal up should have running now, or None while one is missing (or one too many)."""
+        # A child that exited and was not reaped yet shows no command line.
+        started = [child for child in children(self.popen.pid) if child.command]
+        redis_servers = [child for child in started if "redis-server" in os.path.basename(child.command[0])]
+        found = [child for child in started if "coordinator.server" in child.command]
+        masters = [child for child in started if child not in redis_servers + found]
+        workers = [worker for master in masters for worker in children(master.pid)]
+        if len(started) != 1 + coordinators + nodes or len(redis_servers) != 1 or len(found) != coordinators:
+            return None
+        if len(workers) != nodes * workers_per_node:
+            return None
+        found.sort(key=lambda proc: Path(_option(proc.command, "--config")).stem.rpartition("-")[2].zfill(9))
+        masters.sort(key=lambda proc: _option(proc.command, "--bind").rpartition(":")[2].zfill(9))
+        return Tree(redis_servers[0], found, masters, workers)
+
+    def wait_for_tree(
+        self,
+        nodes: int,
+        workers_per_node: int,
+        coordinators: int = 1,
+        *,
+        replacing: Proc | None = None,
+        timeout: float = 30,
+    ) -> Tree:
+        """Wait until every process is there (``replacing`` gone, another in its place) and keep the list.
 
         A node answers as soon as one of its workers does; the others may
         still be on their way.
         """
 
         def complete() -> Tree | None:
-            started = children(self.popen.pid)
-            redis = [child for child in started if "redis-server" in os.path.basename(child.command[0])]
-            coordinator = [child for child in started if "coordinator.server" in child.command]
-            masters = [child for child in started if child not in redis + coordinator]
-            workers = [worker for master in masters for worker in children(master.pid)]
-            if len(started) != 2 + nodes or len(redis) != 1 or len(coordinator) != 1:
+            tree = self.tree_now(nodes, workers_per_node, coordinators)
+            if tree is None or replacing in tree.everything:
                 return None
-            if len(workers) != nodes * workers_per_node:
-                return None
-            return Tree(redis[0], coordinator[0], masters, workers)
+            return tree
 
         def describe() -> str:
             return f"children {children(self.popen.pid)}\n{self.describe()}"
 
-        tree = wait_until(complete, timeout=30, interval=0.05, message=describe)
+        tree = wait_until(complete, timeout=timeout, interval=0.02, message=describe)
         assert tree is not None  # wait_until returns only a truthy value
         self.tree = tree
+        self.seen.update(tree.everything)
         return tree
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
 
     def interrupt(self) -> None:
         """Press Ctrl-C once shoal up listens for it.
@@ -162,7 +247,7 @@ class ShoalUp:
 
     def close(self) -> None:
         """Stop shoal up if the test did not, then kill anything it left behind; idempotent."""
-        started = list(self.tree.everything) if self.tree is not None else []
+        started = list(self.seen)
         if self.popen.poll() is None:
             # Seen now, in case shoal up dies without stopping them.
             started += descendants(self.popen.pid)
