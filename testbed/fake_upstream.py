@@ -18,7 +18,9 @@ A blob GET with ``Range: bytes=<first>-`` is answered 206 with the bytes
 from there on, as distribution answers it, unless ``honour_range`` is off
 (then it is a 200 of the whole blob, as from an upstream that ignores
 Range). ``bytes_sent`` counts the body bytes written per path, so a test can
-tell how much of a blob the upstream sent in all.
+tell how much of a blob the upstream sent in all. A piece is counted before
+it is written (and taken back if the write fails), so the count is complete
+by the time the client has read the body.
 """
 
 from __future__ import annotations
@@ -499,13 +501,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if fault is None:
-                self.wfile.write(body)
-                self.upstream._count_sent(self.path, len(body))
+                self._write_counted(body)
             else:
                 self._send_faulty(body, fault)
         except OSError:
             # The client went away, or down() cut the connection.
             self.close_connection = True
+
+    def _write_counted(self, piece: bytes) -> None:
+        self.upstream._count_sent(self.path, len(piece))
+        try:
+            self.wfile.write(piece)
+        except OSError:
+            self.upstream._count_sent(self.path, -len(piece))
+            raise
 
     def _send_rate_limit_headers(self, status: int) -> None:
         rate_limit = self.upstream._rate_limits()
@@ -523,9 +532,8 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         while offset < limit:
             end = min(offset + fault.chunk_size, limit)
-            self.wfile.write(body[offset:end])
+            self._write_counted(body[offset:end])
             self.wfile.flush()
-            self.upstream._count_sent(self.path, end - offset)
             if fault.rate:
                 # The pace is the behaviour under test: an upstream of that bandwidth.
                 time.sleep(max(0.0, started + end / fault.rate - time.monotonic()))
