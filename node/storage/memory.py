@@ -1,8 +1,9 @@
-"""A worker's memory of manifests, tag pointers and repositories, within a budget of bytes.
+"""A worker's memory of manifests, tag pointers, repositories and bindings, within a budget of bytes.
 
 A warm manifest request should touch no file: the bytes and media type of
-a manifest by digest, the pointer of a fresh tag, and the fact that a
-repository's marker exists are all kept here, least recently used first
+a manifest by digest, the pointer of a fresh tag, the fact that a
+repository's marker exists, and which digests are confirmed for which
+repository (``node.bindings``) are all kept here, least recently used first
 out once the budget (``cache.memory``, shared evenly by the workers) is
 spent. What is kept is a copy; the disk and the cluster stay the truth, and
 the rules for when a copy may answer live with its user (``ProxyStore``):
@@ -13,7 +14,9 @@ the rules for when a copy may answer live with its user (``ProxyStore``):
 - a tag pointer is served only while it is fresh (``tag_ttl``), as its file
   would be;
 - a repository is remembered so that its marker file is written, or looked
-  for, once per worker.
+  for, once per worker;
+- a binding is kept until its own expiry (the content's TTL from when it
+  was confirmed), and answers only until then.
 
 Every entry is charged its bytes plus ``ENTRY_OVERHEAD`` (the objects, the
 key and the map's own slot), so that the memory the cache really holds
@@ -57,6 +60,18 @@ class RememberedManifest:
             return False
         self.touched_at = now
         return True
+
+
+@dataclass
+class RememberedBinding:
+    """A digest confirmed for a repository until ``expires_at`` (Unix seconds; ``math.inf``: never).
+
+    ``references_bound`` is set once the digests a manifest refers to were
+    confirmed for the repository too (``node.bindings``).
+    """
+
+    expires_at: float
+    references_bound: bool = False
 
 
 class MemoryCache:
@@ -103,6 +118,22 @@ class MemoryCache:
 
     def keep_repository(self, name: str) -> None:
         self._put(("repository", name), True, len(name))
+
+    # Bindings, by registry-scoped name and digest.
+
+    def binding(self, name: str, digest: Digest, now: float) -> RememberedBinding | None:
+        """The binding, while it has not expired at ``now``."""
+        key = ("bound", name, digest)
+        kept = self._get(key)
+        if not isinstance(kept, RememberedBinding):
+            return None
+        if kept.expires_at <= now:
+            self._discard(key)
+            return None
+        return kept
+
+    def keep_binding(self, name: str, digest: Digest, binding: RememberedBinding) -> None:
+        self._put(("bound", name, digest), binding, len(name) + len(digest.algorithm) + len(digest.hex))
 
     # The map.
 
