@@ -145,23 +145,30 @@ class Bindings:
         if self.binding(name, digest) is None:
             self._ask(name, digest, "blob")
 
-    def bind_manifest(self, name: str, digest: Digest, data: bytes, vouched_at: float | None = None) -> None:
+    def bind_manifest(self, name: str, digest: Digest, data: bytes, vouched_at: float | None = None) -> bool:
         """Return when the manifest may be served under ``name``, its references confirmed with it; else raise.
 
         ``data`` are its verified bytes. ``vouched_at`` is when the upstream
-        answered it for ``name`` (a fetch, or a tag), if it just did.
+        answered it for ``name`` (a fetch, or a tag), if it just did. True
+        when this worker had bound it and its references already, so that
+        nothing was asked or written: it served it under ``name`` before.
         """
         now = self._clock()
+        kept = self._memory.binding(self._scoped(name), digest, now)
+        fresh_enough = vouched_at is None or (
+            kept is not None and kept.expires_at >= self._expiry(vouched_at) - self._slack
+        )
+        if kept is not None and kept.references_bound and fresh_enough:
+            # The warm path: one lookup in the worker's memory.
+            return True
         if vouched_at is not None and (expires_at := self._expiry(vouched_at)) > now:
-            kept = self._memory.binding(self._scoped(name), digest, now)
-            if kept is not None and kept.references_bound and kept.expires_at >= expires_at - self._slack:
-                return
             self._confirm(name, [digest, *references(data)], expires_at).references_bound = True
-            return
-        binding = self.binding(name, digest) or self._ask(name, digest, "manifest")
+            return False
+        binding = kept or self.binding(name, digest) or self._ask(name, digest, "manifest")
         if not binding.references_bound:
             self._confirm(name, references(data), binding.expires_at)
             binding.references_bound = True
+        return False
 
     def binding(self, name: str, digest: Digest) -> RememberedBinding | None:
         """The pair's confirmation: from the worker's memory, else from the ledger; None when unconfirmed."""

@@ -157,8 +157,9 @@ class ProxyStore:
             manifest = self._manifest_by_digest(name, parse_digest(reference))
         else:
             manifest = self._manifest_by_tag(name, reference)
-        self.bindings.bind_manifest(name, manifest.digest, manifest.data, manifest.vouched_at)
-        self._remember_repository(self._scoped(name))
+        # A manifest this worker served under the name before has marked its repository then.
+        if not self.bindings.bind_manifest(name, manifest.digest, manifest.data, manifest.vouched_at):
+            self._remember_repository(self._scoped(name))
         return manifest
 
     def _remember_repository(self, scoped: str) -> None:
