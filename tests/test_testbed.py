@@ -37,6 +37,7 @@ from testbed.images import (
     random_layer,
     sha256_digest,
 )
+from testbed.podman import Podman, PodmanError
 from testbed.processes import Process, free_port, require_binary, wait_for_http, wait_until
 from testbed.registry import DistributionRegistry
 from testbed.skopeo import SkopeoError, skopeo_copy, skopeo_inspect_raw
@@ -281,6 +282,21 @@ def test_skopeo_picks_the_requested_platform(upstream_registry: DistributionRegi
 def test_skopeo_failure_carries_stderr(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
     with pytest.raises(SkopeoError, match="manifest unknown"):
         skopeo_copy(f"{upstream_registry.host}/support/missing:nope", tmp_path / "missing")
+
+
+# podman against the real registry.
+
+
+def test_podman_pulls_into_its_own_storage(upstream_registry: DistributionRegistry, tmp_path: Path) -> None:
+    name = unique_name("support/podman")
+    image = build_image([3000, 500], seed=name)
+    push(upstream_registry.url, name, "v1", image)
+    podman = Podman(tmp_path / "podman")
+    podman.pull(f"{upstream_registry.host}/{name}:v1")
+    assert podman.image_digest(f"{upstream_registry.host}/{name}:v1") == image.digest
+    assert podman.run("info", "--format", "{{.Store.GraphRoot}}").strip() == str(tmp_path / "podman" / "root")
+    with pytest.raises(PodmanError, match="manifest unknown"):
+        podman.pull(f"{upstream_registry.host}/support/missing:nope")
 
 
 # The fake upstream.

@@ -1,13 +1,15 @@
 """Access control on real nodes: htpasswd on a cluster, tokens, anonymous upstreams, the metrics listener.
 
 Clients are the real ones: skopeo with ``--src-creds`` (straight to the
-node for Basic, through the token server for Bearer) and containerd with an
-``Authorization`` header in ``hosts.toml``, as a Kubernetes node is set up.
+node for Basic, through the token server for Bearer), containerd with an
+``Authorization`` header in ``hosts.toml``, as a Kubernetes node is set up,
+and podman with an auth file and Shoal as a ``registries.conf`` mirror.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -18,8 +20,10 @@ import pytest
 
 from testbed.cluster import Cluster
 from testbed.containerd import Containerd, write_hosts
+from testbed.fake_upstream import FakeUpstream
 from testbed.images import Image, build_image, push
 from testbed.node import NodeProcess
+from testbed.podman import Podman, PodmanError, write_registries_conf
 from testbed.processes import free_port
 from testbed.registry import DistributionRegistry
 from testbed.skopeo import SkopeoError, skopeo_copy
@@ -141,6 +145,50 @@ def test_htpasswd_containerd_pulls_with_a_header_in_hosts_toml(
             assert containerd.image_digests()[f"docker.io/{name}:v1"] == image.digest
             for digest, data in image.blobs.items():
                 assert containerd.content(digest) == data
+
+
+def test_htpasswd_podman_pulls_through_a_mirror_with_an_auth_file(
+    htpasswd_cluster: Cluster, upstream_registry: DistributionRegistry, tmp_path: Path
+) -> None:
+    name = f"auth/podman-{uuid.uuid4().hex[:8]}"
+    image = build_image([60_000, 8_000], seed=name)
+    push(upstream_registry.url, name, "v1", image)
+    node = htpasswd_cluster.nodes[2]
+    podman = Podman(tmp_path / "podman")
+    ref = f"docker.io/{name}:v1"
+    # docker.io itself is a registry without the image, so the image arrives
+    # through the mirror or not at all; it answers at once (a refused
+    # connection would make podman retry for seconds). The mirror's path
+    # names the registry for Shoal.
+    with FakeUpstream() as registry:
+        registries = write_registries_conf(
+            tmp_path / "registries.conf", "docker.io", registry.host, [f"{_host(node)}/docker.io"]
+        )
+        with pytest.raises(PodmanError) as anonymous:
+            podman.pull(ref, registries=registries)
+        assert f"{_host(node)}/docker.io/{name}: unauthorized" in anonymous.value.stderr, anonymous.value.stderr
+        # podman looks credentials up by the address of the endpoint it asks,
+        # so an entry for the image's registry is not sent to its mirror.
+        registry_only = tmp_path / "registry-only.json"
+        registry_only.write_text(json.dumps({"auths": {"docker.io": {"auth": _basic(USER, PASSWORD)[6:]}}}))
+        with pytest.raises(PodmanError) as misaddressed:
+            podman.pull(ref, registries=registries, authfile=registry_only)
+        assert f"{_host(node)}/docker.io/{name}: unauthorized" in misaddressed.value.stderr
+        with pytest.raises(PodmanError):
+            podman.login(_host(node), USER, "wrong", tmp_path / "refused.json")
+        assert not (tmp_path / "refused.json").exists()
+        assert registry.count("GET", f"/v2/{name}/manifests/v1") == 2
+
+        authfile = podman.login(_host(node), USER, PASSWORD, tmp_path / "auth.json")
+        assert list(json.loads(authfile.read_text())["auths"]) == [_host(node)]
+        podman.pull(ref, registries=registries, authfile=authfile)
+        assert registry.count("GET", f"/v2/{name}/manifests/v1") == 2
+    assert podman.image_digest(ref) == image.digest
+    # The same entry serves the mirror named in the reference, with its prefix.
+    direct = f"{_host(node)}/docker.io/{name}:v1"
+    podman.pull(direct, authfile=authfile)
+    assert podman.image_digest(direct) == image.digest
+    assert PASSWORD not in node.log_text()
 
 
 def _host(node: NodeProcess) -> str:
