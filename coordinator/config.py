@@ -188,7 +188,8 @@ class CoordinatorConfig:
     redis_url: str | None = _parsed(
         _redis_url,
         default=None,
-        help=f"a plain Redis, redis://HOST:PORT/DB (default {DEFAULT_REDIS_URL} unless sentinels are set)",
+        help=f"a plain Redis, redis://HOST:PORT/DB, or rediss:// for TLS (default {DEFAULT_REDIS_URL} unless "
+        "sentinels are set); a user name and password in it are taken out of it and never logged",
     )
     redis_username: str | None = _parsed(_optional_string, default=None, help="Redis ACL user name")
     redis_password: str | None = _parsed(
