@@ -9,6 +9,12 @@ and never the value of a secret.
 Environment overrides are named ``SHOAL_COORDINATOR__<KEY>``:
 ``SHOAL_COORDINATOR__CLUSTER_SECRET`` sets ``coordinator.cluster_secret``,
 ``SHOAL_COORDINATOR__SENTINELS=a:26379,b:26379`` sets a list.
+
+Redis credentials may come in ``redis_url`` (``rediss://user:password@host``,
+as a managed Redis hands them out) or in ``redis_username`` and
+``redis_password``. Either way they are lifted out of the URL when the
+configuration is built, so the ``redis_url`` the coordinator keeps, logs
+and shows in errors never holds them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from coordinator.errors import ConfigError
 from protos.config_file import read_config_file
@@ -114,11 +120,34 @@ def _redis_url(value: object) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
-    if parts.username or parts.password:
-        # Keeping credentials out of the URL keeps them out of every log
-        # line and error message that shows where Redis is.
-        raise ValueError("put credentials in coordinator.redis_username/redis_password, not in the URL")
     return url
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its user name and password, and the two (decoded), each None when absent.
+
+    Both the user-info part (``redis://user:password@host``) and the query
+    parameters redis-py also reads (``unix:///run/redis.sock?password=...``)
+    are looked at.
+    """
+    parts = urlsplit(url)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    query = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "username":
+            username = value or None
+        elif name == "password":
+            password = value or None
+        else:
+            query.append((name, value))
+    if username is None and password is None:
+        return url, None, None
+    # Built by hand: urlunsplit would drop the empty host of unix:///path.
+    kept = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    if query:
+        kept += f"?{urlencode(query)}"
+    return kept, username, password
 
 
 def _optional_string(value: object) -> str | None:
@@ -159,11 +188,30 @@ class CoordinatorConfig:
     redis_url: str | None = _parsed(
         _redis_url,
         default=None,
-        help=f"a plain Redis, redis://HOST:PORT/DB (default {DEFAULT_REDIS_URL} unless sentinels are set)",
+        help=f"a plain Redis, redis://HOST:PORT/DB, or rediss:// for TLS (default {DEFAULT_REDIS_URL} unless "
+        "sentinels are set); a user name and password in it are taken out of it and never logged",
     )
     redis_username: str | None = _parsed(_optional_string, default=None, help="Redis ACL user name")
     redis_password: str | None = _parsed(
-        _optional_string, default=None, repr=False, help="Redis password (never logged)"
+        _optional_string,
+        default=None,
+        repr=False,
+        help="Redis password (AUTH); may be given in redis_url instead, never both (never logged)",
+    )
+    redis_tls_ca: str | None = _parsed(
+        _optional_string,
+        default=None,
+        help="with a rediss:// redis_url: PEM CA bundle that issued Redis's certificate "
+        "(default: the system's trusted CAs); the certificate and its host name are always verified",
+    )
+    redis_tls_cert: str | None = _parsed(
+        _optional_string,
+        default=None,
+        help="with a rediss:// redis_url: PEM client certificate, for a Redis that asks for one "
+        "(tls-auth-clients); with redis_tls_key",
+    )
+    redis_tls_key: str | None = _parsed(
+        _optional_string, default=None, help="PEM private key of redis_tls_cert (unencrypted)"
     )
     sentinels: tuple[str, ...] = _parsed(
         _sentinels,
@@ -213,6 +261,7 @@ class CoordinatorConfig:
     tls_key: str | None = _parsed(_optional_string, default=None, help="PEM private key file for tls_cert")
 
     def __post_init__(self) -> None:
+        self._lift_redis_credentials()
         if not self.cluster_secret:
             raise ConfigError(f"{SECTION}.cluster_secret: required; every node must send it")
         if self.membership_ttl <= 0:
@@ -232,10 +281,40 @@ class CoordinatorConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             missing = "tls_key" if self.tls_cert else "tls_cert"
             raise ConfigError(f"{SECTION}.{missing}: tls_cert and tls_key must be set together")
-        for name in ("tls_cert", "tls_key"):
+        self._check_redis_tls()
+        for name in ("tls_cert", "tls_key", "redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{SECTION}.{name}: no such file {path}")
+
+    def _lift_redis_credentials(self) -> None:
+        """Move a user name and password found in ``redis_url`` to their own fields."""
+        if not self.redis_url:
+            return
+        url, username, password = split_credentials(self.redis_url)
+        if password and self.redis_password:
+            raise ConfigError(f"{SECTION}.redis_password: the password is in redis_url too; give it once")
+        if username and self.redis_username:
+            raise ConfigError(f"{SECTION}.redis_username: the user name is in redis_url too; give it once")
+        # The dataclass is frozen; this runs while it is being built.
+        object.__setattr__(self, "redis_url", url)
+        if password:
+            object.__setattr__(self, "redis_password", password)
+        if username:
+            object.__setattr__(self, "redis_username", username)
+
+    def _check_redis_tls(self) -> None:
+        names = [name for name in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key") if getattr(self, name)]
+        if names and not self.redis_tls:
+            raise ConfigError(f"{SECTION}.{names[0]}: needs a rediss:// redis_url (TLS to Redis)")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            missing = "redis_tls_key" if self.redis_tls_cert else "redis_tls_cert"
+            raise ConfigError(f"{SECTION}.{missing}: redis_tls_cert and redis_tls_key must be set together")
+
+    @property
+    def redis_tls(self) -> bool:
+        """Whether the coordinator speaks TLS to Redis (a rediss:// URL)."""
+        return urlsplit(self.effective_redis_url).scheme == "rediss"
 
     @property
     def effective_redis_url(self) -> str:
@@ -246,10 +325,18 @@ class CoordinatorConfig:
         return [_host_port(item) for item in self.sentinels]
 
     def describe_redis(self) -> str:
-        """Where Redis is, for log lines; never includes credentials."""
+        """Where Redis is and how it is reached, for log lines; never includes credentials."""
         if self.sentinels:
-            return f"sentinel service {self.sentinel_service} via {', '.join(self.sentinels)}"
-        return self.effective_redis_url
+            where = f"sentinel service {self.sentinel_service} via {', '.join(self.sentinels)}"
+        else:
+            where = self.effective_redis_url
+        if self.redis_username:
+            where += f" as {self.redis_username}"
+        if self.redis_password:
+            where += " with a password"
+        if self.redis_tls_cert:
+            where += " and a client certificate" if self.redis_password else " with a client certificate"
+        return where
 
 
 def describe_keys() -> str:

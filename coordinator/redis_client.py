@@ -1,5 +1,9 @@
 """Building the Redis client from the configuration: a plain URL or Sentinel.
 
+A ``rediss://`` URL speaks TLS, verifying Redis's certificate and host name
+against ``redis_tls_ca`` (else the system's CAs) and presenting
+``redis_tls_cert`` when set.
+
 Every other module receives a ready ``redis.Redis`` (with
 ``decode_responses=True``) in its constructor and never knows which of the
 two it got. With Sentinel, redis-py's own ``SentinelConnectionPool`` asks the
@@ -35,6 +39,16 @@ def connect(config: CoordinatorConfig) -> redis.Redis:
         options["username"] = config.redis_username
     if config.redis_password:
         options["password"] = config.redis_password
+    if config.redis_tls:
+        # Spelled out rather than left to redis-py's defaults, which have
+        # changed between versions (hostname checks were off before 6.0).
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
+        if config.redis_tls_ca:
+            options["ssl_ca_certs"] = config.redis_tls_ca
+        if config.redis_tls_cert:
+            options["ssl_certfile"] = config.redis_tls_cert
+            options["ssl_keyfile"] = config.redis_tls_key
     if config.sentinels:
         sentinel = Sentinel(
             config.sentinel_addresses,

@@ -73,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
             "ports. Prints each node's URL and how to point clients at it. Once up, every process is "
             "supervised: one that exits is restarted on the same port after 1s, doubling to 30s while it keeps "
             "exiting, and logged on stderr; the others keep serving. Redis keeps nothing on disk, so a "
-            "restarted one comes back empty and the nodes announce their content again. Data and logs live in "
-            "the state directory; Ctrl-C (or SIGTERM) stops everything: nodes, coordinators, Redis."
+            "restarted one comes back empty and the nodes announce their content again. Redis asks for a password, "
+            "generated once and kept in the state directory (redis-password, mode 0600) beside the cluster "
+            "secret. Data and logs live in the state directory; Ctrl-C (or SIGTERM) stops everything: nodes, "
+            "coordinators, Redis."
         ),
     )
     up.add_argument("--nodes", type=int, default=3, metavar="N", help="how many nodes to start (default 3)")
@@ -104,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", default=".shoal", metavar="DIR", help="where the cache and configuration live (default ./.shoal)"
     )
     up.add_argument("--cache-size", default="20GiB", metavar="SIZE", help="cache size limit per node (default 20GiB)")
+    up.add_argument(
+        "--htpasswd",
+        metavar="FILE",
+        help="turn client authentication on for every node (auth.htpasswd): only the users of FILE, made with "
+        "htpasswd -B (bcrypt), may pull; the nodes read it again when it changes. Without it anyone who reaches "
+        "a node may pull",
+    )
     up.set_defaults(run=_run_up)
 
     warm = commands.add_parser("warm", help=warm_command.HELP, description=warm_command.DESCRIPTION)

@@ -13,9 +13,17 @@ order: nodes, coordinators, Redis.
 Redis keeps nothing on disk: a restarted Redis comes back empty, and the
 cluster rebuilds its state (each node re-registers and re-announces what it
 holds when its heartbeat finds the coordinator does not know it). All other
-data lives in the state directory; the cluster secret is generated once and
-kept there (mode 0600), and reaches the children through the environment,
-never a command line.
+data lives in the state directory.
+
+Two secrets are generated once per state directory and kept there (mode
+0600): the cluster secret, which the nodes and coordinators share, and the
+password of Redis. They reach the children through the environment or a
+file of mode 0600 (Redis reads its password from ``redis.conf``), never a
+command line that any local user could read, and never shoal up's output.
+
+``--htpasswd FILE`` turns client authentication on for every node
+(``auth.htpasswd``), with the file where it is, so that a change to it is
+seen by the nodes as they run.
 """
 
 from __future__ import annotations
@@ -88,14 +96,46 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _secret(state: str) -> str:
-    path = os.path.join(state, "cluster-secret")
+# The secrets' files in the state directory.
+CLUSTER_SECRET_FILE = "cluster-secret"
+REDIS_PASSWORD_FILE = "redis-password"
+REDIS_CONFIG_FILE = "redis.conf"
+
+
+def _private_file(path: str, text: str) -> None:
+    """Write ``text`` to a new file only its owner can read (no moment with wider permissions)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _secret(state: str, name: str) -> str:
+    """The secret kept in ``state/name``, made on first use; the file is (made again) mode 0600."""
+    path = os.path.join(state, name)
     if not os.path.exists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32))
+        _private_file(path, secrets.token_urlsafe(32))
+    # A copy or an older shoal up may have left it readable by others.
+    os.chmod(path, 0o600)
     with open(path, encoding="utf-8") as handle:
         return handle.read().strip()
+
+
+def read_htpasswd(path: str) -> str:
+    """The absolute path of ``--htpasswd``, once it is known to hold at least one user the nodes accept."""
+    # Imported here: the nodes' own parser, so that shoal up accepts exactly
+    # the files they do, without loading it for clusters without auth.
+    from node.auth import parse_htpasswd
+
+    try:
+        with open(path, "rb") as handle:
+            users, _ = parse_htpasswd(handle.read())
+    except OSError as exc:
+        raise UpError(f"--htpasswd {path}: cannot read it ({exc.strerror})") from None
+    if not users:
+        raise UpError(f"--htpasswd {path}: no user:bcrypt-hash lines; make them with htpasswd -B")
+    return os.path.abspath(path)
 
 
 def _wait(
@@ -137,6 +177,7 @@ class LocalCluster:
         self.node_urls: list[str] = []
         self.coordinator_metrics_ports: list[int] = []
         self.upstreams = parse_upstreams(args.upstream or ["https://registry-1.docker.io"])
+        self.htpasswd = read_htpasswd(args.htpasswd) if args.htpasswd else None
 
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> None:
         self.supervisor.start(name, command, env, os.path.join(self.state, f"{name}.log"))
@@ -144,9 +185,13 @@ class LocalCluster:
     def start(self, stop: threading.Event) -> None:
         """Start every child and wait until each is up; raises ``_Interrupted`` when ``stop`` is set meanwhile."""
         os.makedirs(self.state, exist_ok=True)
-        secret = _secret(self.state)
+        secret = _secret(self.state, CLUSTER_SECRET_FILE)
+        redis_password = _secret(self.state, REDIS_PASSWORD_FILE)
         env = dict(os.environ)
         env.pop("SHOAL_CONFIG", None)
+        # Settings meant for another Redis or cluster must not reach these children.
+        for name in [name for name in env if name.startswith("SHOAL_COORDINATOR__REDIS_")]:
+            del env[name]
 
         redis_port = free_port("127.0.0.1")
         redis_dir = os.path.join(self.state, "redis")
@@ -158,10 +203,15 @@ class LocalCluster:
         # earlier shoal up left would be loaded at start, so it goes.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(redis_dir, "dump.rdb"))
+        # The password in a file, not on the command line: Redis reads it
+        # from the configuration file named first, and the options follow.
+        redis_config = os.path.join(self.state, REDIS_CONFIG_FILE)
+        _private_file(redis_config, f"# Written by shoal up at every start.\nrequirepass {redis_password}\n")
         self._start(
             "redis",
             [
                 find_redis_server(),
+                redis_config,
                 "--port",
                 str(redis_port),
                 "--bind",
@@ -180,7 +230,9 @@ class LocalCluster:
         _wait("redis", lambda: _accepts("127.0.0.1", redis_port), self.supervisor, stop)
 
         coordinator_ports = [free_port("127.0.0.1") for _ in range(self.args.replicas)]
-        coordinator_env = dict(env, SHOAL_COORDINATOR__CLUSTER_SECRET=secret)
+        coordinator_env = dict(
+            env, SHOAL_COORDINATOR__CLUSTER_SECRET=secret, SHOAL_COORDINATOR__REDIS_PASSWORD=redis_password
+        )
         for index, coordinator_port in enumerate(coordinator_ports):
             name = f"coordinator-{index + 1}"
             metrics_port = free_port("127.0.0.1")
@@ -221,6 +273,8 @@ class LocalCluster:
                     "advertise_url": url.replace("0.0.0.0", "127.0.0.1"),
                 },
             }
+            if self.htpasswd:
+                settings["auth"] = {"htpasswd": {"realm": "shoal", "path": self.htpasswd}}
             with open(config_path, "w", encoding="utf-8") as handle:
                 yaml.safe_dump(settings, handle)
             command = [sys.executable, "-m", "shoal", "node", "--config", config_path]
@@ -278,18 +332,34 @@ def _banner(args: argparse.Namespace, cluster: LocalCluster) -> str:
             for index, port in enumerate(cluster.coordinator_metrics_ports)
         ),
         f"  state:  {cluster.state} (logs: *.log)",
+        *([f"  auth:   pulls need a user of {cluster.htpasswd} (htpasswd)"] if cluster.htpasswd else []),
         f"  supervised: {_supervised(cluster)}",
         "",
         "Point clients at any node (or at a load balancer in front of them):",
-        f'  docker:     "registry-mirrors": ["http://{first}"] in /etc/docker/daemon.json',
-        f'  containerd: [host."http://{first}"] in /etc/containerd/certs.d/docker.io/hosts.toml',
-        f'  podman:     [[registry.mirror]] location = "{first}", insecure = true in registries.conf',
-        f"  skopeo:     skopeo copy --src-tls-verify=false docker://{first}/library/alpine:latest dir:/tmp/alpine",
+        *_client_lines(first, cluster.htpasswd),
         "  (docs/clients.md has the details)",
         "",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
+
+
+def _client_lines(first: str, htpasswd: str | None) -> list[str]:
+    if not htpasswd:
+        return [
+            f'  docker:     "registry-mirrors": ["http://{first}"] in /etc/docker/daemon.json',
+            f'  containerd: [host."http://{first}"] in /etc/containerd/certs.d/docker.io/hosts.toml',
+            f'  podman:     [[registry.mirror]] location = "{first}", insecure = true in registries.conf',
+            f"  skopeo:     skopeo copy --src-tls-verify=false docker://{first}/library/alpine:latest dir:/tmp/alpine",
+        ]
+    # The docker daemon sends no credentials to a mirror in registry-mirrors.
+    return [
+        f"  docker:     docker login {first}, then docker pull {first}/library/alpine:latest",
+        f'  containerd: [host."http://{first}".header] authorization = "Basic <base64 of user:password>"',
+        f"  podman:     podman login --tls-verify=false {first}, then [[registry.mirror]] in registries.conf",
+        f"  skopeo:     skopeo copy --src-tls-verify=false --src-creds USER:PASSWORD "
+        f"docker://{first}/library/alpine:latest dir:/tmp/alpine",
+    ]
 
 
 def _supervised(cluster: LocalCluster) -> str:

@@ -102,9 +102,15 @@ class State:
     def log(self, child: str) -> Path:
         return self.directory / f"{child}.log"
 
-    def redis(self) -> redis.Redis:
-        """A client of shoal up's Redis (no password: it listens on 127.0.0.1 only)."""
-        return redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=2)
+    @property
+    def redis_password(self) -> str:
+        """The password shoal up generated for its Redis."""
+        return (self.directory / "redis-password").read_text().strip()
+
+    def redis(self, password: str | None = None) -> redis.Redis:
+        """A client of shoal up's Redis, with its password unless another is given (``""``: none)."""
+        password = self.redis_password if password is None else password
+        return redis.Redis(port=self.redis_port, password=password or None, decode_responses=True, socket_timeout=2)
 
     def leader(self) -> str | None:
         """The identity of the coordinator that leads now, if any."""

@@ -106,7 +106,23 @@ def test_sentinels() -> None:
         ({"metrics_bind": "7001"}, "coordinator.metrics_bind: expected HOST:PORT"),
         ({"metrics_bind": "127.0.0.1:7000"}, "coordinator.metrics_bind: must use another port than coordinator.bind"),
         ({"redis_url": "http://redis:6379"}, "coordinator.redis_url: expected a redis://"),
-        ({"redis_url": "redis://:pw@redis:6379"}, "coordinator.redis_url: put credentials in"),
+        (
+            {"redis_url": "redis://:pw@redis:6379", "redis_password": "pw"},
+            "coordinator.redis_password: the password is in redis_url too",
+        ),
+        (
+            {"redis_url": "redis://u:pw@redis:6379", "redis_username": "u"},
+            "coordinator.redis_username: the user name is in redis_url too",
+        ),
+        ({"redis_tls_ca": "/etc/ca.pem"}, "coordinator.redis_tls_ca: needs a rediss:// redis_url"),
+        (
+            {"redis_url": "rediss://r:6380", "redis_tls_cert": "/etc/c.pem"},
+            "coordinator.redis_tls_key: redis_tls_cert and redis_tls_key must be set together",
+        ),
+        (
+            {"redis_url": "rediss://r:6380", "redis_tls_ca": "/nonexistent.pem"},
+            "coordinator.redis_tls_ca: no such file",
+        ),
         ({"sentinels": ["nohost"]}, "coordinator.sentinels: expected HOST:PORT"),
         ({"sentinels": ["a:1"]}, "coordinator.sentinel_service: required with sentinels"),
         (
@@ -160,3 +176,30 @@ def test_help_explains_every_key() -> None:
         assert f"coordinator.{spec.name}" in text
         assert f"SHOAL_COORDINATOR__{spec.name.upper()}" in text
     assert "--config" in text and "--bind" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "kept", "username"),
+    [
+        ("rediss://default:s%40cr3t%3Ak3y@redis.example:6380/1", "rediss://redis.example:6380/1", "default"),
+        ("redis://:s@cr3t:k3y@10.0.0.5:6379/0", "redis://10.0.0.5:6379/0", None),
+        ("unix:///run/redis.sock?db=2&password=s@cr3t:k3y", "unix:///run/redis.sock?db=2", None),
+    ],
+)
+def test_credentials_in_the_redis_url_are_lifted_out_of_it(url: str, kept: str, username: str | None) -> None:
+    # A managed Redis hands out one URL with its password in it; the
+    # coordinator takes it as it is, and keeps the URL without it.
+    config = config_from_dict({"cluster_secret": SECRET}, {"SHOAL_COORDINATOR__REDIS_URL": url})
+    assert config.redis_password == "s@cr3t:k3y"
+    assert config.redis_username == username
+    assert config.redis_url == kept
+    for shown in (repr(config), config.describe_redis(), config.effective_redis_url):
+        assert "cr3t" not in shown and "k3y" not in shown
+    assert config.describe_redis().endswith("with a password")
+
+
+def test_redis_tls_settings() -> None:
+    plain = config_from_dict({"cluster_secret": SECRET, "redis_url": "redis://r:6379/0"})
+    assert not plain.redis_tls
+    config = config_from_dict({"cluster_secret": SECRET, "redis_url": "rediss://r:6380/0"})
+    assert config.redis_tls and config.redis_tls_ca is None

@@ -30,7 +30,8 @@ from shoal.cli import run_node
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.cluster.yml"
 SECRET = "dummy-secret-for-the-compose-test"
-ENV = {"SHOAL_CLUSTER_SECRET": SECRET}
+REDIS_PASSWORD = "dummy-redis-password-for-the-compose-test"
+ENV = {"SHOAL_CLUSTER_SECRET": SECRET, "SHOAL_REDIS_PASSWORD": REDIS_PASSWORD}
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR and $$, as compose has them.
 _VARIABLE = re.compile(
@@ -127,20 +128,40 @@ def test_the_cluster_has_redis_two_coordinators_three_nodes_and_a_load_balancer(
         assert spec["image"] == "shoal:local", name
 
 
-def test_the_secret_comes_from_the_environment_only() -> None:
-    with pytest.raises(MissingVariable, match="SHOAL_CLUSTER_SECRET"):
-        load_compose({})
-    with pytest.raises(MissingVariable, match="SHOAL_CLUSTER_SECRET"):
-        load_compose({"SHOAL_CLUSTER_SECRET": ""})
+@pytest.mark.parametrize("variable", ["SHOAL_CLUSTER_SECRET", "SHOAL_REDIS_PASSWORD"])
+def test_the_secrets_come_from_the_environment_only(variable: str) -> None:
+    with pytest.raises(MissingVariable, match=f"{variable}: set {variable} to a long random string"):
+        load_compose({key: value for key, value in ENV.items() if key != variable})
+    with pytest.raises(MissingVariable, match=variable):
+        load_compose({**ENV, variable: ""})
     raw = yaml.safe_load(COMPOSE.read_text())
     for name, spec in raw["services"].items():
         for key, value in (spec.get("environment") or {}).items():
             if "SECRET" in key:
                 assert value.startswith("${SHOAL_CLUSTER_SECRET:?"), (name, key)
+            if "PASSWORD" in key or key == "REDISCLI_AUTH":
+                assert value.startswith("${SHOAL_REDIS_PASSWORD:?"), (name, key)
     settings = yaml.safe_load((ROOT / "deploy" / "shoal.yml").read_text())
     assert "secret" not in settings["cluster"]
     assert "cluster_secret" not in settings["coordinator"]
+    assert "redis_password" not in settings["coordinator"]
+    assert "@" not in settings["coordinator"].get("redis_url", "")
     assert "password" not in settings["upstream"]
+
+
+def test_redis_asks_for_the_password_the_coordinators_are_given(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1] == REDIS_PASSWORD
+    # The health check's redis-cli authenticates with it too.
+    assert redis["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
+    for name, spec in _services(compose, "coordinator").items():
+        config = coordinator.config.load_config(str(_config_path(spec)), spec["environment"])
+        assert config.redis_password == REDIS_PASSWORD, name
+        assert REDIS_PASSWORD not in config.describe_redis()
+    for name, spec in _services(compose, "node").items():
+        assert REDIS_PASSWORD not in spec["environment"].values(), name
 
 
 def test_only_the_load_balancer_publishes_a_port(compose: dict[str, Any]) -> None:

@@ -9,9 +9,12 @@ it started is left: no process, no listening port.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -20,7 +23,9 @@ import pytest
 import redis
 import yaml
 
+import coordinator.config
 from coordinator.keys import Keys
+from coordinator.redis_client import connect
 from testbed.images import Image, build_image, push
 from testbed.proc import Proc, listening_ports
 from testbed.processes import wait_until
@@ -28,11 +33,13 @@ from testbed.pulls import Puller, coordinated_miss, pull, serves
 from testbed.registry import DistributionRegistry
 from testbed.shoal_up import ShoalUp, State, Tree, consecutive_free_ports, port_is_free
 from testbed.skopeo import skopeo_copy
+from tests.node.test_auth import htpasswd_file
 
 pytestmark = pytest.mark.integration
 
 NODES = 2
 WORKERS = 2
+USER = ("alice", "s3cret-pass-for-up")
 # A child killed for the first time is started again after 1 s; these leave
 # room for a loaded machine. How long it takes here is in docs/deployment.md.
 BACK_WITHIN = 10.0
@@ -54,10 +61,18 @@ def test_up_serves_on_every_node_and_ctrl_c_stops_everything(
     push(upstream_registry.url, repository, "v1", image)
     base = consecutive_free_ports(NODES)
     state = tmp_path / "state"
-    args = ["--nodes", str(NODES), "--upstream", upstream_registry.url, "--port", str(base), "--state-dir", str(state)]
+    # With --htpasswd, so that one cluster shows both: clients need a user
+    # of the file (the other tests run without it).
+    users = htpasswd_file(tmp_path / "users.htpasswd", *USER)
+    args = [
+        *("--nodes", str(NODES), "--upstream", upstream_registry.url, "--port", str(base)),
+        *("--state-dir", str(state), "--htpasswd", str(users)),
+    ]
 
     with ShoalUp(args, tmp_path / "shoal-up.stderr") as up:
         urls = up.wait_ready()
+        assert f"  auth:   pulls need a user of {users} (htpasswd)" in up.lines, up.lines
+        _assert_only_its_users_pull(urls, repository, image)
         node_ports = [base + index for index in range(NODES)]
         assert urls == [f"http://127.0.0.1:{port}" for port in node_ports]
         tree = up.wait_for_tree(NODES, workers_per_node=2)
@@ -75,12 +90,22 @@ def test_up_serves_on_every_node_and_ctrl_c_stops_everything(
         assert [port for port in ports if port_is_free(port)] == []
 
         for index, port in enumerate(node_ports):
-            pulled = skopeo_copy(f"127.0.0.1:{port}/{repository}:v1", tmp_path / f"pull-{index + 1}")
+            pulled = skopeo_copy(
+                f"127.0.0.1:{port}/{repository}:v1", tmp_path / f"pull-{index + 1}", creds=":".join(USER)
+            )
             _assert_pulled(pulled, image)
+
+        # Redis answers only with the password shoal up generated, which
+        # only the coordinators were given.
+        _assert_redis_needs_the_password(written)
+        password = written.redis_password
+        assert not any(password in part for proc in tree.everything for part in proc.command)
 
         up.interrupt()
         assert up.wait(timeout=60) == 0, up.describe()
         assert up.lines[-1] == "Shoal stopped.", up.describe()
+        _assert_nowhere_but_its_files(password, state, up)
+        assert USER[1] not in "\n".join(up.lines) + up.stderr()
 
         # Checked before leaving the block, whose cleanup would kill leftovers,
         # and at once: shoal up waits for its children, and a node's master
@@ -94,6 +119,46 @@ def test_up_serves_on_every_node_and_ctrl_c_stops_everything(
         lambda: all(upstream_registry.count("GET", path) for path in paths), message="the upstream logged no GETs"
     )
     assert {path: upstream_registry.count("GET", path) for path in paths} == dict.fromkeys(paths, 1)
+
+
+def _assert_only_its_users_pull(urls: list[str], repository: str, image: Image) -> None:
+    """Every node asks for credentials on /v2/ and on content, and takes only those of the htpasswd file."""
+    manifest = f"/v2/{repository}/manifests/v1"
+    with httpx.Client(timeout=10.0) as client:
+        for url in urls:
+            for path in ("/v2/", manifest):
+                for credentials in (None, (USER[0], "wrong"), ("mallory", USER[1])):
+                    refused = client.get(url + path, auth=credentials)
+                    assert refused.status_code == 401, (url, path, credentials)
+                    assert refused.headers["www-authenticate"] == 'Basic realm="shoal"'
+                    assert refused.json()["errors"][0]["code"] == "UNAUTHORIZED"
+            assert client.get(url + "/v2/", auth=USER).status_code == 200
+
+
+def _assert_redis_needs_the_password(state: State) -> None:
+    """Redis refuses clients without the password or with another; the coordinator's client gets in with it."""
+    assert len(state.redis_password) >= 32
+    for password in ("", "not-the-password"):
+        with state.redis(password) as client, pytest.raises(redis.AuthenticationError):
+            client.ping()
+    url = f"redis://127.0.0.1:{state.redis_port}/0"
+    without = coordinator.config.config_from_dict({"cluster_secret": "x", "redis_url": url})
+    with connect(without) as client, pytest.raises(redis.AuthenticationError):
+        client.get(Keys().leader())
+    with_it = dataclasses.replace(without, redis_password=state.redis_password)
+    with connect(with_it) as client:
+        assert client.smembers(Keys().nodes())
+
+
+def _assert_nowhere_but_its_files(password: str, state: Path, up: ShoalUp) -> None:
+    """The password is in the two files that must hold it (mode 0600), and in no output, log or config."""
+    kept = {state / "redis-password", state / "redis.conf"}
+    for path in kept:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert password not in "\n".join(up.lines) and password not in up.stderr()
+    others = [path for path in state.rglob("*") if path.is_file() and path not in kept]
+    assert [path.name for path in others if path.suffix in (".log", ".yml")], others
+    assert [path for path in others if password.encode() in path.read_bytes()] == []
 
 
 def _args(base: int, nodes: int, upstream: DistributionRegistry, state: Path, *extra: str) -> list[str]:
@@ -272,3 +337,30 @@ def test_with_two_replicas_killing_the_leader_leaves_misses_served(
         # Ctrl-C while the killed replica starts again.
         tree = up.wait_for_tree(NODES, WORKERS, coordinators=2, replacing=victim, timeout=BACK_WITHIN)
         _stop_and_check_nothing_is_left(up, tree, ports)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        # What htpasswd -m writes: MD5, which the nodes skip, as distribution does.
+        ("alice:$apr1$Q1Yk5h2T$5sQX6mq2I5nJ3qYH6T7aY/\n", "no user:bcrypt-hash lines; make them with htpasswd -B"),
+        (None, "cannot read it (No such file or directory)"),
+    ],
+    ids=["md5-only", "missing"],
+)
+def test_an_htpasswd_file_the_nodes_would_not_accept_stops_shoal_up_at_once(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    users = tmp_path / "users.htpasswd"
+    if content is not None:
+        users.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "shoal", "up", "--htpasswd", str(users), "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (2, f"shoal up: --htpasswd {users}: {problem}\n")
+    # Nothing was started, not even the state directory made.
+    assert not (tmp_path / "state").exists()
