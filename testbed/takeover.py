@@ -49,6 +49,8 @@ class Takeover:
     upstream_bytes: int
     # Whether node-2 asked the upstream with a Range request (honoured or not).
     ranged: bool
+    # The first byte that Range asked for (what node-2 had already): 0 without one.
+    resumed_at: int = 0
 
     @property
     def transfer(self) -> float:
@@ -115,7 +117,15 @@ def kill_the_fetcher(
                 taken_over=gets[1].at - killed,
                 upstream_bytes=upstream.bytes_sent(path),
                 ranged=gets[1].range is not None,
+                resumed_at=_first_byte(gets[1].range),
             )
+
+
+def _first_byte(asked: str | None) -> int:
+    """The start of a ``bytes=<first>-`` Range header; 0 without one."""
+    if asked is None:
+        return 0
+    return int(asked.removeprefix("bytes=").split("-", 1)[0])
 
 
 def _ask(responses: contextlib.ExitStack, http: httpx.Client, url: str) -> tuple[bytes, Iterator[bytes]]:
