@@ -20,6 +20,9 @@ key                                type    holds
 ``fence``                          string  fencing counter, grows with every grant
 ``leader``                         string  id of the coordinator running the sweep
 ``tag:<upstream>/<repo>:<tag>``    hash    digest, media type, size, checked_at
+``bound:<upstream>/<repo>@<d>``    string  "1": digest <d> belongs to the repository
+                                           (confirmed); has PX (the content's TTL)
+                                           unless that TTL is 0
 ``metrics:nodes``                  set     ids of nodes that reported metrics
 ``metrics:node:<id>``              hash    that node's counters
 ``metrics:cluster``                hash    counters summed over all nodes, and
@@ -71,6 +74,9 @@ class Keys:
 
     def tag(self, upstream: str, repository: str, tag: str) -> str:
         return f"{self.prefix}tag:{upstream}/{repository}:{tag}"
+
+    def bound(self, upstream: str, repository: str, digest: str) -> str:
+        return f"{self.prefix}bound:{upstream}/{repository}@{digest}"
 
     def metrics_nodes(self) -> str:
         return f"{self.prefix}metrics:nodes"

@@ -30,6 +30,7 @@ import grpc
 import redis
 
 from coordinator.auth import AuthInterceptor
+from coordinator.bindings import Bindings
 from coordinator.config import CONFIG_ENV, CoordinatorConfig, describe_keys, load_config, parse_bind
 from coordinator.election import LeaderElection
 from coordinator.errors import ConfigError
@@ -86,6 +87,7 @@ class CoordinatorServer:
             fetches=Fetches(self.redis, keys, clock),
             schedule=schedule,
             tags=Tags(self.redis, keys, retention=config.default_ttl),
+            bindings=Bindings(self.redis, keys),
             metrics=metrics,
             max_evictions=config.max_evictions,
         )

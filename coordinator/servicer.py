@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 import redis
 
+from coordinator.bindings import Bindings
 from coordinator.errors import CoordinatorError, InvalidArgument, LeaseLost
 from coordinator.fetches import Fetches
 from coordinator.leases import Leases
@@ -98,6 +99,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         fetches: Fetches,
         schedule: Schedule,
         tags: Tags,
+        bindings: Bindings,
         metrics: Metrics,
         max_evictions: int,
     ) -> None:
@@ -107,6 +109,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._fetches = fetches
         self._schedule = schedule
         self._tags = tags
+        self._bindings = bindings
         self._metrics = metrics
         self._max_evictions = max_evictions
         self._redis_down = False
@@ -208,6 +211,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
         self._tags.put(request.upstream, request.repository, request.tag, pointer, request.lease_token)
         return pb.PutTagResponse()
+
+    @_rpc
+    def ConfirmBindings(self, request: pb.ConfirmBindingsRequest) -> pb.ConfirmBindingsResponse:
+        self._bindings.confirm(request.upstream, request.repository, list(request.digests), request.ttl_ms)
+        return pb.ConfirmBindingsResponse()
+
+    @_rpc
+    def GetBindings(self, request: pb.GetBindingsRequest) -> pb.GetBindingsResponse:
+        found = self._bindings.confirmed(request.upstream, request.repository, list(request.digests))
+        return pb.GetBindingsResponse(
+            bindings=[pb.Binding(digest=digest, ttl_ms=ttl_ms) for digest, ttl_ms in found.items()]
+        )
 
     @_rpc
     def ReportMetrics(self, request: pb.ReportMetricsRequest) -> pb.ReportMetricsResponse:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from node import api
 from node.auth import Gate
+from node.bindings import Bindings, ClusterLedger, Ledger
 from node.breaker import Marks, Observer, Shared
 from node.budget import Budget
 from node.cluster_source import ClusterSource
@@ -31,6 +32,7 @@ from node.services import Services, install
 from node.sources import Source
 from node.status import guard_listeners, status
 from node.storage.fill import Fills
+from node.storage.ledger import LocalLedger
 from node.storage.local import LocalStore
 from node.storage.memory import MemoryCache
 from node.storage.proxy import ProxyStore
@@ -106,15 +108,21 @@ class Node:
                 wait_timeout=config.upstream.timeout + config.cluster.lease_ttl,
             )
             sources = {settings.name: self._cluster_source(settings, flight, clock) for settings in config.upstreams}
-        # Manifests are the same whichever registry they came from; tags are
-        # kept by registry-scoped name: one memory serves every proxy store.
+        # Manifests are the same whichever registry they came from; tags and
+        # bindings are kept by registry-scoped name: one memory serves every
+        # proxy store.
         self.memory = MemoryCache(memory_per_worker(config))
+        # Which digests each repository holds: the cluster's, or the node's own.
+        ledger: Ledger = ClusterLedger(self.coordinator, clock) if self.coordinator else LocalLedger(self.local.layout)
         self.proxies = {
             settings.name: ProxyStore(
                 self.local,
                 self.fills,
                 sources[settings.name],
                 settings,
+                Bindings(
+                    settings, self.upstreams[settings.name], ledger, self.memory, clock=clock, counter=self.metrics
+                ),
                 clock=clock,
                 memory=self.memory,
                 budget=self.upstreams[settings.name].budget,

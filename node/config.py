@@ -182,9 +182,9 @@ class CacheConfig:
     # fill of the same blob); the upstream's blob connections are capped
     # by it too, so manifests and tag checks always find a connection.
     max_fills: int = _parsed(_positive_int, default=16)
-    # Memory for manifests and tag pointers, so that a warm manifest request
-    # touches no file; shared evenly by the workers (each holds its own
-    # copies). 0 turns it off: every request reads the disk.
+    # Memory for manifests, tag pointers and confirmed bindings, so that a
+    # warm request touches no file; shared evenly by the workers (each
+    # holds its own copies). 0 turns it off: every request reads the disk.
     memory: int = _parsed(parse_size, default=32 * 1024**2)
 
 
@@ -198,8 +198,9 @@ class UpstreamConfig:
     url: str = _parsed(parse_url, default="https://registry-1.docker.io")
     username: str | None = _parsed(_optional_string, default=None)
     password: str | None = _parsed(_optional_string, default=None, repr=False)
-    # Distribution's proxy ttl: how long fetched content is kept; 0 keeps
-    # it until it is evicted for space.
+    # Distribution's proxy ttl: how long fetched content is kept, and how
+    # long a digest stays confirmed for a repository (node.bindings); 0
+    # keeps it until it is evicted for space.
     ttl: float = _parsed(parse_duration, default=168 * 3600.0)
     # How long a tag -> digest answer is reused without asking the upstream.
     tag_ttl: float = _parsed(parse_duration, default=300.0)

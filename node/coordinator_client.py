@@ -150,6 +150,10 @@ class Coordinator(Protocol):
 
     def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None: ...
 
+    def confirm_bindings(self, upstream: str, repository: str, digests: list[str], ttl_ms: int) -> None: ...
+
+    def get_bindings(self, upstream: str, repository: str, digests: list[str]) -> dict[str, int]: ...
+
     def close(self) -> None: ...
 
 
@@ -341,6 +345,18 @@ class CoordinatorClient:
             lease_token=lease_token,
         )
         self._call("PutTag", request)
+
+    # Content bound to its repository.
+
+    def confirm_bindings(self, upstream: str, repository: str, digests: list[str], ttl_ms: int) -> None:
+        """Confirm that ``digests`` belong to the repository for ``ttl_ms`` (0: without expiry); never shortens."""
+        request = pb.ConfirmBindingsRequest(upstream=upstream, repository=repository, digests=digests, ttl_ms=ttl_ms)
+        self._call("ConfirmBindings", request)
+
+    def get_bindings(self, upstream: str, repository: str, digests: list[str]) -> dict[str, int]:
+        """The confirmed ones of ``digests``, each with the milliseconds it stays so (0: without expiry)."""
+        request = pb.GetBindingsRequest(upstream=upstream, repository=repository, digests=digests)
+        return {binding.digest: int(binding.ttl_ms) for binding in self._call("GetBindings", request).bindings}
 
     # Metrics.
 

@@ -257,6 +257,26 @@ class Upstream:
                 raise self._failure(UpstreamInvalid, f"{what}: no media type in the answer or the manifest")
             return UpstreamManifest(data, media_type, response.headers.get("docker-content-digest"))
 
+    def head_blob(self, name: str, digest: Digest | str) -> int | None:
+        """Whether the repository holds the blob (``BlobUnknown`` when not); its size when the upstream says it."""
+        request = self._client.build_request("HEAD", f"/v2/{name}/blobs/{digest}")
+        with self._open(request, f"blob {name}@{digest}", BlobUnknown, "blob") as response:
+            return _content_length(response)
+
+    def confirm(self, name: str, digest: Digest, kind: str) -> None:
+        """One HEAD: return when the repository ``name`` holds ``digest`` (``node.bindings.Confirmer``).
+
+        ``kind`` is ``manifest`` or ``blob``. Raises ``ManifestUnknown`` or
+        ``BlobUnknown`` when it does not, and this client's errors when the
+        upstream cannot say.
+        """
+        if kind != "manifest":
+            self.head_blob(name, digest)
+            return
+        head = self.head_manifest(name, str(digest))
+        if head.digest is not None and head.digest != str(digest):
+            raise self._failure(UpstreamInvalid, f"manifest {name}@{digest}: the answer names another digest")
+
     # The Source interface (node.sources): a node on its own fills from here.
 
     @contextlib.contextmanager

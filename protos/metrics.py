@@ -23,6 +23,11 @@ Counter keys are flat strings:
 - ``budget_pauses.<reason>.<registry>``: pauses of tag checks a node began,
   by reason: ``429`` (the upstream refused) or ``floor`` (its
   ``ratelimit-remaining`` fell below ``ratelimit_floor``);
+- ``binding_checks.<result>.<registry>``: HEADs a node sent the upstream to
+  confirm that a repository holds a digest it was asked for under that
+  repository (``node.bindings``), by result: ``confirmed`` (200),
+  ``unknown`` (404: answered MANIFEST_UNKNOWN or BLOB_UNKNOWN) or ``failed``
+  (no usable answer: the request was refused);
 - ``access_log.dropped``: access log lines a node dropped because its log
   was written slower than requests arrived;
 - ``<type>.degraded`` with type ``blob``, ``manifest`` or ``tag``: misses
@@ -110,6 +115,11 @@ def tag_checks_skipped_key(registry: str) -> str:
     return f"tag_checks_skipped.{registry}"
 
 
+def binding_check_key(result: str, registry: str) -> str:
+    """``binding_checks.confirmed.docker.io``: HEADs that confirmed (or not) a digest for a repository."""
+    return f"binding_checks.{result}.{registry}"
+
+
 def budget_pause_key(reason: str, registry: str) -> str:
     """``budget_pauses.429.docker.io``: pauses of tag checks begun, by reason."""
     return f"budget_pauses.{reason}.{registry}"
@@ -155,6 +165,9 @@ def families(nodes: Iterable[NodeCounts], cluster: Mapping[str, int]) -> list[Me
     pauses_help = "Pauses of tag checks begun for the upstream's rate-limit budget (reason 429 or floor)"
     labels = ["reason", "registry"]
     result += _grouped(nodes, cluster, "budget_pauses", "shoal_upstream_budget_pauses", pauses_help, labels)
+    binding_help = "HEADs to the upstream asking whether a repository holds a digest (confirmed, unknown, failed)"
+    labels = ["result", "registry"]
+    result += _grouped(nodes, cluster, "binding_checks", "shoal_binding_checks", binding_help, labels)
     degraded_help = "Misses and tag checks handled without the cluster because no coordinator could be used"
     per_node = CounterMetricFamily("shoal_degraded_decisions", degraded_help, labels=["type", "node"])
     total = CounterMetricFamily("shoal_cluster_degraded_decisions", f"{degraded_help}, whole cluster", labels=["type"])

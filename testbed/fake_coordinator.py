@@ -1,7 +1,8 @@
 """An in-memory coordinator for unit tests, typed against ``node.coordinator_client.Coordinator``.
 
 It keeps what the real one keeps in Redis, without expiry: members, who
-holds which digest, leases with their tokens, tag pointers. Several nodes
+holds which digest, leases with their tokens, tag pointers, confirmed
+bindings. Several nodes
 share one ``FakeDirectory``; each talks to it through its own
 ``FakeCoordinator`` (the coordinator knows the caller by its node id).
 
@@ -36,6 +37,8 @@ class FakeDirectory:
     content: dict[str, Content] = field(default_factory=dict)
     leases: dict[str, _Lease] = field(default_factory=dict)
     tags: dict[tuple[str, str, str], TagPointer] = field(default_factory=dict)
+    # Confirmed (upstream, repository, digest) pairs and their TTL in ms (0: never expires); no expiry here.
+    bindings: dict[tuple[str, str, str], int] = field(default_factory=dict)
     down: bool = False
     # Every call, in order: (node id, method, first argument).
     calls: list[tuple[str, str, str]] = field(default_factory=list)
@@ -162,6 +165,22 @@ class FakeCoordinator:
         if lease is None or lease.token != lease_token:
             raise LeaseLost("the lease is held under another token", "FAILED_PRECONDITION")
         self.directory.tags[(upstream, repository, tag)] = pointer
+
+    # Content bound to its repository.
+
+    def confirm_bindings(self, upstream: str, repository: str, digests: list[str], ttl_ms: int) -> None:
+        self._call("confirm_bindings", f"{repository}@{','.join(digests)}")
+        for digest in digests:
+            self.directory.bindings[(upstream, repository, digest)] = ttl_ms
+
+    def get_bindings(self, upstream: str, repository: str, digests: list[str]) -> dict[str, int]:
+        self._call("get_bindings", f"{repository}@{','.join(digests)}")
+        bindings = self.directory.bindings
+        return {
+            digest: bindings[(upstream, repository, digest)]
+            for digest in digests
+            if (upstream, repository, digest) in bindings
+        }
 
     def close(self) -> None:
         self.closed = True

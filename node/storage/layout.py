@@ -8,6 +8,9 @@
       repos/<registry>/<name>/_repo              the repository has served a manifest
       repos/<registry>/<name>/_tags/<tag>.json   a tag pointer (digest, media type, size, checked_at)
       repos/<registry>/<name>/_tags.json         the last whole tag list the upstream sent
+      repos/<registry>/<name>/_bound/<algorithm>-<hex>   a node on its own: the digest is
+                                                 confirmed for the repository until the
+                                                 time it holds (``node.storage.ledger``)
       fills/<algorithm>-<hex>.lock               flock: the one fill (or manifest fetch) of a digest
       fills/<algorithm>-<hex>.json               a fill's state: size, partial file, origin
       fills/<algorithm>-<hex>.<token>.partial    a fill's bytes so far; read-only once verified
@@ -73,6 +76,12 @@ class Layout:
 
     def tag_list(self, name: str) -> str:
         return os.path.join(self.repos, name, "_tags.json")
+
+    def bindings(self, name: str) -> str:
+        return os.path.join(self.repos, name, "_bound")
+
+    def binding(self, name: str, digest: Digest) -> str:
+        return os.path.join(self.bindings(name), f"{digest.algorithm}-{digest.hex}")
 
     # Fills and the locks between a node's workers.
 

@@ -282,7 +282,7 @@ class LocalStore:
         base = self.layout.repository(registry)
         names = []
         for folder, subfolders, files in os.walk(base):
-            subfolders[:] = [s for s in subfolders if s != "_tags"]
+            subfolders[:] = [s for s in subfolders if s not in ("_tags", "_bound")]
             if "_repo" in files:
                 names.append(os.path.relpath(folder, base))
         return sorted(names)

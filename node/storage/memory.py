@@ -1,8 +1,9 @@
-"""A worker's memory of manifests, tag pointers and repositories, within a budget of bytes.
+"""A worker's memory of manifests, tag pointers, repositories and bindings, within a budget of bytes.
 
 A warm manifest request should touch no file: the bytes and media type of
-a manifest by digest, the pointer of a fresh tag, and the fact that a
-repository's marker exists are all kept here, least recently used first
+a manifest by digest, the pointer of a fresh tag, the fact that a
+repository's marker exists, and which digests are confirmed for which
+repository (``node.bindings``) are all kept here, least recently used first
 out once the budget (``cache.memory``, shared evenly by the workers) is
 spent. What is kept is a copy; the disk and the cluster stay the truth, and
 the rules for when a copy may answer live with its user (``ProxyStore``):
@@ -13,10 +14,12 @@ the rules for when a copy may answer live with its user (``ProxyStore``):
 - a tag pointer is served only while it is fresh (``tag_ttl``), as its file
   would be;
 - a repository is remembered so that its marker file is written, or looked
-  for, once per worker.
+  for, once per worker;
+- a binding is kept until its own expiry (the content's TTL from when it
+  was confirmed), and answers only until then.
 
 Every entry is charged its bytes plus ``ENTRY_OVERHEAD`` (the objects, the
-key and the map's own slot), so that the memory the cache really holds
+key and the map's own slot; ``BINDING_OVERHEAD`` for a binding), so that the memory the cache really holds
 stays within its budget (``tests/node/test_memory_cache.py`` measures it).
 
 An OrderedDict under a lock rather than a library's LRU: this is all of it,
@@ -39,6 +42,10 @@ from protos.values import TagPointer
 # Measured with tracemalloc on CPython 3.11: 730 to 850 bytes for a
 # manifest, about 540 for a tag pointer; one figure, rounded up.
 ENTRY_OVERHEAD = 1024
+# A binding holds no bytes of its own, only its key (four strings) and a
+# small object: measured the same way, about 590 bytes with its name and
+# digest; one figure, rounded up.
+BINDING_OVERHEAD = 640
 
 
 @dataclass
@@ -57,6 +64,18 @@ class RememberedManifest:
             return False
         self.touched_at = now
         return True
+
+
+@dataclass
+class RememberedBinding:
+    """A digest confirmed for a repository until ``expires_at`` (Unix seconds; ``math.inf``: never).
+
+    ``references_bound`` is set once the digests a manifest refers to were
+    confirmed for the repository too (``node.bindings``).
+    """
+
+    expires_at: float
+    references_bound: bool = False
 
 
 class MemoryCache:
@@ -103,6 +122,25 @@ class MemoryCache:
 
     def keep_repository(self, name: str) -> None:
         self._put(("repository", name), True, len(name))
+
+    # Bindings, by registry-scoped name and digest.
+
+    def binding(self, name: str, digest: Digest, now: float) -> RememberedBinding | None:
+        """The binding, while it has not expired at ``now``."""
+        # A key of strings only: their hashes are cached, so the lookup runs
+        # no Python code (a Digest's __hash__ and __eq__ would, on a hot path).
+        key = ("bound", name, digest.algorithm, digest.hex)
+        kept = self._get(key)
+        if not isinstance(kept, RememberedBinding):
+            return None
+        if kept.expires_at <= now:
+            self._discard(key)
+            return None
+        return kept
+
+    def keep_binding(self, name: str, digest: Digest, binding: RememberedBinding) -> None:
+        size = len(name) + len(digest.hex) + BINDING_OVERHEAD - ENTRY_OVERHEAD
+        self._put(("bound", name, digest.algorithm, digest.hex), binding, size)
 
     # The map.
 

@@ -23,21 +23,29 @@ fresh, exactly as long as its file would be.
 While the upstream's rate-limit budget pauses tag checks (``node.budget``),
 a tag past ``tag_ttl`` whose manifest the node holds is served stale without
 asking anyone; a tag it cannot answer still goes to the source.
+
+Content is served under a name only once ``node.bindings`` confirms that
+the repository holds it: before a blob is opened, and before a manifest,
+however it was found, is answered. A manifest the upstream just answered
+for the name (fetched from it, or named by a tag it answered) confirms
+itself and what it references, without asking again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from node.bindings import Bindings
 from node.budget import Budget
 from node.config import CacheConfig, UpstreamConfig
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
-from node.sources import FetchedManifest, Source
+from node.sources import FetchedManifest, Origin, Source
 from node.storage.files import exclusive
 from node.storage.fill import Fills, Following
 from node.storage.local import OCTET_STREAM, LocalStore, Stored
@@ -102,6 +110,9 @@ class Manifest:
     digest: Digest
     # The metric this request counts as: hits, misses or peer_hits.
     outcome: str = "hits"
+    # When the upstream answered this manifest for the requested repository,
+    # if it just did (fetched from it, or named by a tag it answered).
+    vouched_at: float | None = None
 
 
 @dataclass
@@ -112,6 +123,8 @@ class ProxyStore:
     fills: Fills
     source: Source
     config: UpstreamConfig
+    # Which digests may be served under which name of this registry.
+    bindings: Bindings
     clock: Callable[[], float] = time.time
     # The worker's memory of manifests and tags, shared by its proxy stores
     # (``Node`` passes one); a store made on its own gets one of its own.
@@ -123,7 +136,8 @@ class ProxyStore:
     # Blobs.
 
     def blob(self, name: str, digest: Digest) -> Blob:
-        """The blob from the store, or its fill from the source (started, or joined)."""
+        """The blob from the store, or its fill from the source (started, or joined), if bound to ``name``."""
+        self.bindings.bind_blob(name, digest)
         stored = self.local.open(digest)
         if stored is not None:
             self.local.touch(digest)
@@ -143,7 +157,9 @@ class ProxyStore:
             manifest = self._manifest_by_digest(name, parse_digest(reference))
         else:
             manifest = self._manifest_by_tag(name, reference)
-        self._remember_repository(self._scoped(name))
+        # A manifest this worker served under the name before has marked its repository then.
+        if not self.bindings.bind_manifest(name, manifest.digest, manifest.data, manifest.vouched_at):
+            self._remember_repository(self._scoped(name))
         return manifest
 
     def _remember_repository(self, scoped: str) -> None:
@@ -162,7 +178,8 @@ class ProxyStore:
                 return cached
             with self.source.open_manifest(name, digest) as fetched:
                 self._put_manifest(digest, fetched)
-            return Manifest(fetched.data, fetched.media_type, digest, fetched.origin.outcome)
+            vouched_at = self.clock() if fetched.origin is Origin.UPSTREAM else None
+            return Manifest(fetched.data, fetched.media_type, digest, fetched.origin.outcome, vouched_at)
 
     def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> None:
         if digest_of(fetched.data, digest.algorithm) != digest:
@@ -236,7 +253,8 @@ class ProxyStore:
             checked = TagPointer(str(manifest.digest), manifest.media_type, len(manifest.data), checked_at)
             self.local.write_tag(self._scoped(name), tag, checked)
             self.memory.keep_tag(self._scoped(name), tag, checked)
-            return manifest
+            # The upstream named this digest for this repository (now, or when the cluster's pointer was checked).
+            return dataclasses.replace(manifest, vouched_at=checked_at)
 
     def _fresh_tag(self, name: str, tag: str) -> Manifest | None:
         """The tag's manifest if its pointer is fresh: from memory, else from the pointer's file."""

@@ -200,6 +200,23 @@ def test_metrics_are_idempotent_through_the_client(node_a: CoordinatorClient, no
     }
 
 
+def test_bindings_confirmed_by_one_node_are_seen_by_another(
+    node_a: CoordinatorClient, node_b: CoordinatorClient
+) -> None:
+    layer, config = digest("bound-layer"), digest("bound-config")
+    node_a.confirm_bindings("docker.io", "library/alpine", [layer, config], 60_000)
+    node_a.confirm_bindings("docker.io", "library/forever", [layer], 0)
+
+    found = node_b.get_bindings("docker.io", "library/alpine", [layer, config, digest("other")])
+
+    assert set(found) == {layer, config} and all(55_000 < ttl <= 60_000 for ttl in found.values())
+    assert node_b.get_bindings("docker.io", "library/forever", [layer, config]) == {layer: 0}
+    assert node_b.get_bindings("docker.io", "someone/else", [layer]) == {}
+    with pytest.raises(CoordinatorError) as caught:
+        node_b.confirm_bindings("docker.io", "library/alpine", ["sha256:nope"], 1000)
+    assert caught.value.code == "INVALID_ARGUMENT"
+
+
 def test_bad_requests_are_invalid_arguments(node_a: CoordinatorClient) -> None:
     with pytest.raises(CoordinatorError) as caught:
         node_a.locate("not-a-digest")

@@ -486,6 +486,8 @@ CALLS: dict[str, Callable[[CoordinatorClient], object]] = {
     "Touch": lambda client: client.touch([LAYER]),
     "GetTag": lambda client: client.get_tag("docker.io", "library/alpine", "3.20"),
     "PutTag": lambda client: client.put_tag("docker.io", "library/alpine", "3.20", POINTER, "token-1"),
+    "ConfirmBindings": lambda client: client.confirm_bindings("docker.io", "library/alpine", [LAYER], 1000),
+    "GetBindings": lambda client: client.get_bindings("docker.io", "library/alpine", [LAYER]),
     "ReportMetrics": lambda client: client.report_metrics("worker-1", 1, {}),
     "GetMetrics": lambda client: client.get_metrics(),
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from node.app import memory_per_worker
+from node.bindings import ClusterLedger
 from node.budget import Budget
 from node.cluster_source import ClusterSource
 from node.config import ConfigError, UpstreamConfig, config_from_dict
@@ -23,13 +24,13 @@ from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Origin
 from node.storage.fill import Fills
 from node.storage.local import LocalStore
-from node.storage.memory import ENTRY_OVERHEAD, MemoryCache, RememberedManifest
+from node.storage.memory import ENTRY_OVERHEAD, MemoryCache, RememberedBinding, RememberedManifest
 from node.storage.proxy import TOUCH_INTERVAL, ProxyStore
 from node.storage.removals import Removals
 from protos.values import TagPointer
 from testbed.clock import FakeClock
 from testbed.fake_coordinator import FakeCoordinator, FakeDirectory
-from tests.node.test_storage_proxy import MEDIA, FakeUpstream
+from tests.node.test_storage_proxy import MEDIA, FakeUpstream, bindings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = UpstreamConfig(url="http://upstream.test", tag_ttl=60)
@@ -55,7 +56,9 @@ class Workers:
             local = LocalStore(str(root), max_size=store.get("max_size", 1 << 30), ttl=store.get("ttl", 0), clock=clock)
             # Manifests take no fills; one is enough for the test.
             fills = self.stores[0].fills if self.stores else Fills(local, timeout=5)
-            self.stores.append(ProxyStore(local, fills, upstream, CONFIG, clock=clock, memory=MemoryCache(memory)))
+            cache = MemoryCache(memory)
+            bound = bindings(local, upstream, CONFIG, clock, cache)
+            self.stores.append(ProxyStore(local, fills, upstream, CONFIG, bound, clock=clock, memory=cache))
 
     def close(self) -> None:
         self.stores[0].fills.close()
@@ -255,7 +258,9 @@ def test_hits_are_recorded_ten_times_per_ttl_when_the_ttl_is_short(
 ) -> None:
     local = LocalStore(str(tmp_path), max_size=1 << 30, clock=clock)
     config = UpstreamConfig(url="http://upstream.test", ttl=5)
-    store = ProxyStore(local, Fills(local, timeout=5), upstream, config, clock=clock)
+    store = ProxyStore(
+        local, Fills(local, timeout=5), upstream, config, bindings(local, upstream, config, clock), clock=clock
+    )
     try:
         digest = parse_digest(_manifest(upstream, b'{"short": "ttl"}'))
         store.manifest("app", str(digest))
@@ -310,9 +315,11 @@ def _fill(memory: MemoryCache, kinds: tuple[str, ...], count: int) -> None:
             memory.keep_tag(name, f"v{number}", TagPointer(str(digest), media_type, len(data), 1.5 * number))
         if "repository" in kinds:
             memory.keep_repository(f"docker.io/{name}")
+        if "binding" in kinds:
+            memory.keep_binding(f"docker.io/{name}", digest, RememberedBinding(1.5 * number))
 
 
-@pytest.mark.parametrize("kinds", [("manifest",), ("tag",), ("manifest", "tag", "repository")])
+@pytest.mark.parametrize("kinds", [("manifest",), ("tag",), ("binding",), ("manifest", "tag", "repository", "binding")])
 def test_what_the_cache_charges_covers_the_memory_it_really_holds(kinds: tuple[str, ...]) -> None:
     budget = 2 * 1024 * 1024
     gc.collect()
@@ -395,7 +402,10 @@ class Cluster:
                 )
                 self.fills = self.fills or Fills(local, timeout=5)
                 memory = MemoryCache(1 << 20)
-                workers.append(ProxyStore(local, self.fills, source, CONFIG, clock=clock, memory=memory, budget=budget))
+                bound = bindings(local, upstream, CONFIG, clock, memory, ClusterLedger(coordinator, clock))
+                workers.append(
+                    ProxyStore(local, self.fills, source, CONFIG, bound, clock=clock, memory=memory, budget=budget)
+                )
             peers.stores[directory.holder(node_id).url] = workers[0].local
             self.nodes.append(workers)
 

@@ -9,13 +9,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from node.bindings import Bindings, Confirmer, Ledger
 from node.budget import DEFAULT_PAUSE, Budget
 from node.config import UpstreamConfig
 from node.errors import BlobUnknown, ManifestUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Origin, TagAnswer
 from node.storage.fill import FillFailed, Fills
+from node.storage.ledger import LocalLedger
 from node.storage.local import LocalStore
+from node.storage.memory import MemoryCache
 from node.storage.proxy import ProxyStore
 from node.upstream import TagPage, Upstream
 from testbed import fake_upstream
@@ -50,6 +53,8 @@ class FakeUpstream:
         self.calls: list[tuple[str, str]] = []
         self.down = False
         self.unsized = False
+        # Repositories that hold nothing: a HEAD for them answers 404.
+        self.strangers: set[str] = set()
 
     def _check(self, call: str, ref: str) -> None:
         self.calls.append((call, ref))
@@ -88,6 +93,31 @@ class FakeUpstream:
         self._check("tags", name)
         return TagPage(list(self.tag_list), None)
 
+    def confirm(self, name: str, digest: Digest, kind: str) -> None:
+        """The HEAD of ``node.bindings.Confirmer``: every repository but the strangers holds everything known."""
+        self._check("confirm", f"{name}@{digest}")
+        known = self.manifests if kind == "manifest" else self.blobs
+        if name in self.strangers or str(digest) not in known:
+            raise ManifestUnknown("unknown") if kind == "manifest" else BlobUnknown("unknown")
+
+
+def bindings(
+    local: LocalStore,
+    confirmer: Confirmer,
+    config: UpstreamConfig,
+    clock: FakeClock,
+    memory: MemoryCache | None = None,
+    ledger: Ledger | None = None,
+) -> Bindings:
+    """What ``Node`` gives a proxy store: a node on its own keeps its confirmations in files."""
+    return Bindings(
+        config,
+        confirmer,
+        ledger or LocalLedger(local.layout),
+        memory if memory is not None else MemoryCache(1 << 20),
+        clock=clock,
+    )
+
 
 @pytest.fixture
 def clock() -> FakeClock:
@@ -104,7 +134,10 @@ def proxy(tmp_path, upstream: FakeUpstream, clock: FakeClock) -> Iterator[ProxyS
     local = LocalStore(str(tmp_path), max_size=1 << 30, clock=clock)
     fills = Fills(local, timeout=5)
     config = UpstreamConfig(url="http://upstream.test", tag_ttl=60)
-    yield ProxyStore(local, fills, upstream, config, clock=clock)
+    memory = MemoryCache(1 << 20)
+    yield ProxyStore(
+        local, fills, upstream, config, bindings(local, upstream, config, clock, memory), clock=clock, memory=memory
+    )
     fills.close()
 
 
@@ -250,8 +283,9 @@ class Budgeted:
             local = LocalStore(root, max_size=1 << 30, clock=clock)
             budget = Budget(self.config, local.layout.budget(self.config.name), clock=clock, observer=self.counts)
             client = Upstream(self.config, clock=clock, budget=budget)
+            bound = bindings(local, client, self.config, clock)
             self.workers.append(
-                ProxyStore(local, Fills(local, timeout=5), client, self.config, clock=clock, budget=budget)
+                ProxyStore(local, Fills(local, timeout=5), client, self.config, bound, clock=clock, budget=budget)
             )
 
     @property

@@ -258,6 +258,46 @@ class PutTagResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ConfirmBindingsRequest(_message.Message):
+    __slots__ = ("upstream", "repository", "digests", "ttl_ms")
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    upstream: str
+    repository: str
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    ttl_ms: int
+    def __init__(self, upstream: _Optional[str] = ..., repository: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class ConfirmBindingsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetBindingsRequest(_message.Message):
+    __slots__ = ("upstream", "repository", "digests")
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    upstream: str
+    repository: str
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, upstream: _Optional[str] = ..., repository: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Binding(_message.Message):
+    __slots__ = ("digest", "ttl_ms")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    ttl_ms: int
+    def __init__(self, digest: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class GetBindingsResponse(_message.Message):
+    __slots__ = ("bindings",)
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    bindings: _containers.RepeatedCompositeFieldContainer[Binding]
+    def __init__(self, bindings: _Optional[_Iterable[_Union[Binding, _Mapping]]] = ...) -> None: ...
+
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("node_id", "worker_id", "sequence", "counters")
     class CountersEntry(_message.Message):

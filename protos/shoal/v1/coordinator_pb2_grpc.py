@@ -99,6 +99,16 @@ class CoordinatorStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.PutTagRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.PutTagResponse.FromString,
                 _registered_method=True)
+        self.ConfirmBindings = channel.unary_unary(
+                '/shoal.v1.Coordinator/ConfirmBindings',
+                request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ConfirmBindingsRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ConfirmBindingsResponse.FromString,
+                _registered_method=True)
+        self.GetBindings = channel.unary_unary(
+                '/shoal.v1.Coordinator/GetBindings',
+                request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.GetBindingsRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.GetBindingsResponse.FromString,
+                _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/shoal.v1.Coordinator/ReportMetrics',
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportMetricsRequest.SerializeToString,
@@ -215,6 +225,24 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmBindings(self, request, context):
+        """Content bound to its repository: a node serves a digest under
+        (upstream, repository) only once the pair is confirmed (the upstream
+        returned it for that repository, or a manifest confirmed for it
+        references it). Confirming extends a pair's expiry to ttl_ms from now,
+        never shortens it; at most 1000 digests per call (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBindings(self, request, context):
+        """Which of the digests are confirmed for the repository, and for how long.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportMetrics(self, request, context):
         """Metric deltas, applied idempotently per (node, worker, sequence).
         """
@@ -296,6 +324,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.PutTag,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.PutTagRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.PutTagResponse.SerializeToString,
+            ),
+            'ConfirmBindings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmBindings,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ConfirmBindingsRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ConfirmBindingsResponse.SerializeToString,
+            ),
+            'GetBindings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBindings,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.GetBindingsRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.GetBindingsResponse.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
@@ -659,6 +697,60 @@ class Coordinator:
             '/shoal.v1.Coordinator/PutTag',
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.PutTagRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.PutTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmBindings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/ConfirmBindings',
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.ConfirmBindingsRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.ConfirmBindingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBindings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/GetBindings',
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.GetBindingsRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.GetBindingsResponse.FromString,
             options,
             channel_credentials,
             insecure,
