@@ -46,7 +46,7 @@ from node.errors import BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamU
 from node.flight import Flight, Outcome, Turn
 from node.peers import PeerClient
 from node.reference import Digest, parse_digest
-from node.sources import BlobStream, FetchedManifest, Origin, Source, TagAnswer
+from node.sources import BlobStream, FetchedManifest, Origin, Skip, Source, TagAnswer
 from node.storage.local import LocalStore
 from node.upstream import MANIFEST_MAX, TagPage
 from protos.leases import blob_lease, manifest_lease, tag_lease
@@ -59,8 +59,6 @@ _STALE_OK = (UpstreamUnavailable, TooManyRequests)
 # How often one blob transfer from peers may break off and be carried on
 # elsewhere before it fails.
 MAX_TAKEOVERS = 3
-# Bytes to be dropped are read in pieces of at most this size.
-_SKIP_PIECE = 1 << 20
 
 
 @dataclass
@@ -212,19 +210,11 @@ class _Skipped:
 
     def __init__(self, stream: BlobStream, start: int) -> None:
         self._stream = stream
-        self._skip = start
+        self._skip = Skip(start)
         self.size, self.origin, self.joined = stream.size, stream.origin, stream.joined
 
     def read(self, size: int) -> bytes:
-        while True:
-            data = self._stream.read(max(size, min(self._skip, _SKIP_PIECE)) if self._skip else size)
-            if self._skip and data:
-                dropped = min(self._skip, len(data))
-                self._skip -= dropped
-                data = data[dropped:]
-                if not data:
-                    continue
-            return data
+        return self._skip.read(self._stream.read, size)
 
 
 class _Relay:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -22,6 +23,9 @@ from node.reference import Digest
 
 if TYPE_CHECKING:
     from node.upstream import TagPage
+
+# Bytes to be dropped are read in pieces of at most this size.
+SKIP_PIECE = 1 << 20
 
 
 class Origin(enum.Enum):
@@ -53,6 +57,30 @@ class BlobStream(Protocol):
     joined: bool
 
     def read(self, size: int) -> bytes: ...
+
+
+class Skip:
+    """The first ``count`` bytes of a stream, read and dropped, for a stream that must start later.
+
+    An upstream that ignored a Range request, and a peer (which always
+    serves from byte 0), send bytes that the reader holds already. ``read``
+    takes the stream's own read and returns the next bytes past them,
+    reading the dropped ones in pieces of up to ``SKIP_PIECE`` bytes.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def read(self, read: Callable[[int], bytes], size: int) -> bytes:
+        while True:
+            data = read(max(size, min(self.count, SKIP_PIECE)) if self.count else size)
+            if self.count and data:
+                dropped = min(self.count, len(data))
+                self.count -= dropped
+                data = data[dropped:]
+                if not data:
+                    continue
+            return data
 
 
 @dataclass(frozen=True)
