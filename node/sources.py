@@ -124,7 +124,10 @@ class Source(Protocol):
       means the content is committed: a source that tells others about
       content (the cluster) does so then, never before. Leaving it with an
       error means nothing was stored, and the source gives back what it
-      held (a lease).
+      held (a lease). A source may replace the caller's ``UpstreamInvalid``
+      with ``BadCopy`` on the way out: the content came from a copy (a
+      peer's) that the source now avoids, and opening it again goes
+      elsewhere.
 
     ``open_blob`` with a ``start`` past 0 carries on a transfer that broke
     off: the stream yields the blob's bytes from that byte on (``size`` is

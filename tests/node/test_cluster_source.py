@@ -287,3 +287,22 @@ def test_an_upstream_that_breaks_off_after_the_takeover_fails_the_fill_and_gives
     # Given back at once, not left to run out: the next asker fetches at once.
     assert node.coordinator.calls("abort_fetch") == [KEY]
     assert KEY not in node.directory.leases
+
+
+def test_a_holders_copy_that_does_not_verify_is_reported_and_fetched_again_from_the_upstream(node: Node) -> None:
+    del node.directory.leases[KEY]
+    node.directory.hold("node-b", Content(str(DIGEST), len(DATA), "application/octet-stream"))
+    middle = len(DATA) // 2
+    bad = DATA[:middle] + bytes([DATA[middle] ^ 0xFF]) + DATA[middle + 1 :]
+    node.peers.streams[node.url("node-b")] = [PeerStream(bad, len(DATA), joined=False)]
+    # This body began with the bad copy, so it is cut short; the fill goes on.
+    with pytest.raises(FillFailed):
+        node.fetch()
+    node.fills.close()
+    assert node.store.has(DIGEST)
+    assert node.coordinator.calls("report_bad_copy") == [f"node-b {DIGEST}"]
+    # Once unlisted, node-b is not asked again: the upstream is, under the lease.
+    assert node.peers.opened == [node.url("node-b")]
+    assert node.registry.ranges == [None]
+    assert node.coordinator.calls("complete_fetch") == [KEY]
+    assert node.directory.holders[str(DIGEST)] == {"node-a"}
