@@ -43,13 +43,14 @@ from node.budget import Budget
 from node.config import UpstreamConfig
 from node.coordinator_client import Coordinator, CoordinatorError
 from node.errors import BadCopy, BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
-from node.flight import Flight, Outcome, Turn
+from node.flight import Counter, Flight, Outcome, Turn
 from node.peers import PeerClient
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import BlobStream, FetchedManifest, Origin, Skip, Source, TagAnswer
 from node.storage.local import LocalStore
 from node.upstream import MANIFEST_MAX, TagPage
 from protos.leases import blob_lease, manifest_lease, tag_lease
+from protos.metrics import BAD_PEER_COPIES
 from protos.values import Holder, TagPointer
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class ClusterSource:
     clock: Callable[[], float] = time.time
     # The upstream's rate-limit budget; without one, tag checks never pause.
     budget: Budget | None = None
+    # Where bad copies from peers are counted (``bad_peer_copies``); without one, they are not.
+    counter: Counter | None = None
 
     @property
     def _node_id(self) -> str:
@@ -120,7 +123,7 @@ class ClusterSource:
             return turn, turn.found.stream, turn.found.holder
         return turn, streams.enter_context(self.upstream.open_blob(name, digest, start)), None
 
-    def _reject(self, peer: Holder | None, digest: Digest, error: UpstreamInvalid) -> None:
+    def _reject(self, peer: Holder | None, digest: Digest, error: UpstreamInvalid, kind: str = "blob") -> None:
         """The bytes from ``peer`` failed verification (``error``): report it and raise ``BadCopy``.
 
         The coordinator unlists that peer's copy, so opening the blob again
@@ -131,6 +134,8 @@ class ClusterSource:
         if peer is None:
             return
         log.warning("the copy of %s from node %s does not match its digest; reporting it", digest, peer.node_id)
+        if self.counter is not None:
+            self.counter.count(kind, BAD_PEER_COPIES)
         try:
             self.coordinator.report_bad_copy(peer.node_id, str(digest))
         except CoordinatorError as exc:
@@ -222,7 +227,7 @@ class ClusterSource:
             if digest_of(manifest.data, digest.algorithm) == digest:
                 return manifest
             with contextlib.suppress(BadCopy):
-                self._reject(peer, digest, UpstreamInvalid("the copy does not match its digest"))
+                self._reject(peer, digest, UpstreamInvalid("the copy does not match its digest"), "manifest")
         return None
 
     # Announcing.

@@ -69,6 +69,15 @@ def _blob_gets(upstream: FakeUpstream, digest: str) -> int:
     return upstream.count("GET", f"/v2/{NAME}/blobs/{digest}")
 
 
+def _bad_copies(node: NodeProcess) -> int:
+    """The node's ``blob.bad_peer_copies``, as the coordinator holds it (0 while it cannot be read)."""
+    response = httpx.get(f"{node.url}/debug/vars", timeout=10)
+    if response.status_code != 200:
+        return 0
+    counters = response.json()["shoal"]["nodes"].get(node.node_id, {}).get("counters", {})
+    return int(counters.get("blob.bad_peer_copies", 0))
+
+
 def test_a_bad_copy_is_fetched_again_and_its_holder_unlisted(cluster: Cluster, upstream: FakeUpstream) -> None:
     digest, data = _held_by(cluster, upstream, "bad-peer")
     node_a, node_b = cluster.nodes[0], cluster.nodes[1]
@@ -85,6 +94,7 @@ def test_a_bad_copy_is_fetched_again_and_its_holder_unlisted(cluster: Cluster, u
     verify_store(node_b)
     assert node_b.leftover_fill_files() == []
     assert "does not match its digest" in node_b.log_text()
+    wait_until(lambda: _bad_copies(node_b) == 1, message="the bad copy was not counted")
     # Node C is sent to B's good copy now, not to A's.
     node_c = cluster.nodes[2]
     assert httpx.get(f"{node_c.url}/v2/{NAME}/blobs/{digest}", timeout=30).content == data
