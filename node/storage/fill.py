@@ -233,7 +233,8 @@ class Fill:
     """One fill, led by this worker: the source's bytes into a partial file, verified, then committed.
 
     ``started`` resolves to the leader's own ``Following`` once the partial
-    file exists, or to the source's error when it failed before that. The
+    file of the first attempt exists, or to the source's error when it
+    failed before that. The
     fill holds the digest's lock (``lock``, an open descriptor) and a fill
     slot until it ends, whatever happens, and then releases both.
     """
@@ -265,6 +266,10 @@ class Fill:
                     if attempt == MAX_ATTEMPTS:
                         raise
                     log.warning("fill of %s: %s; fetching it again", digest, exc.message)
+                    if previous is not None:
+                        # Unlinked already when this attempt was announced; kept tidy if it never was.
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(previous)
                     previous = partial
             if self._fills._on_commit is not None:
                 self._fills._on_commit(digest)
