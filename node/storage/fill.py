@@ -234,9 +234,9 @@ class Fill:
 
     ``started`` resolves to the leader's own ``Following`` once the partial
     file of the first attempt exists, or to the source's error when it
-    failed before that. The
-    fill holds the digest's lock (``lock``, an open descriptor) and a fill
-    slot until it ends, whatever happens, and then releases both.
+    failed before that. The fill holds the digest's lock (``lock``, an open
+    descriptor) and a fill slot until it ends, whatever happens, and then
+    releases both.
     """
 
     def __init__(self, fills: Fills, source: Source, name: str, digest: Digest, lock: int) -> None:
@@ -296,7 +296,8 @@ class Fill:
                 self._announce(stream, partial)
                 if previous is not None:
                     # Its followers see it fail now, and find this attempt (``Followed.begin``).
-                    os.unlink(previous)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(previous)
                 _copy_verified(stream, out, digest)
                 # Followers may finish now: the bytes match the digest.
                 # Syncing to disk is for the store, not for them.
