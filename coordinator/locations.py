@@ -114,20 +114,25 @@ return evict
 # ARGV[1] node id, ARGV[1 + i] digest i
 # Removes the node from the digests' locations. Content whose last holder
 # dropped it is gone from the cluster: its meta and schedule entry go too,
-# and its size leaves the distinct bytes cached.
+# and its size leaves the distinct bytes cached. Returns how many of the
+# digests the node was registered for.
 _DROP = (
     META_FUNCTIONS
     + """
 local node = ARGV[1]
+local removed = 0
 for i = 1, (#KEYS - 3) / 2 do
   local loc, meta, digest = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[1 + i]
   redis.call('SREM', KEYS[1], digest)
-  if redis.call('SREM', loc, node) == 1 and redis.call('SCARD', loc) == 0 then
-    meta_delete(meta, KEYS[3])
-    redis.call('ZREM', KEYS[2], digest)
+  if redis.call('SREM', loc, node) == 1 then
+    removed = removed + 1
+    if redis.call('SCARD', loc) == 0 then
+      meta_delete(meta, KEYS[3])
+      redis.call('ZREM', KEYS[2], digest)
+    end
   end
 end
-return 0
+return removed
 """
 )
 
@@ -260,6 +265,24 @@ class Locations:
         check_name(node_id, "node_id")
         self._drop_chunks(node_id, check_digests(digests))
 
+    def report_bad_copy(self, reporter_id: str, holder_id: str, digest: str) -> bool:
+        """``reporter_id`` received bytes from ``holder_id`` that do not match ``digest``: unlist that copy.
+
+        Removes exactly one registration, the holder's for this digest, as
+        if the holder had dropped it (``drop``); every other holder, and the
+        holder's other content and membership, stay. Only a live member may
+        report, and not about itself (it drops its own content with
+        ``drop``). Returns whether the holder was registered for the digest.
+        """
+        check_name(reporter_id, "node_id")
+        check_name(holder_id, "holder_id")
+        check_digest(digest)
+        if reporter_id == holder_id:
+            raise InvalidArgument("holder_id: a node reports another node's copy, not its own")
+        if not self._membership.live([reporter_id]):
+            raise InvalidArgument("node_id: only a live member of the cluster may report a copy")
+        return self._drop_chunks(holder_id, [digest]) == 1
+
     def locate(self, digest: str, lease_key: str = "") -> Location:
         """Live holders of ``digest``, the live holder of ``lease_key``'s lease, and the content's meta."""
         check_digest(digest)
@@ -292,12 +315,15 @@ class Locations:
         meta = text_map(self._redis.hgetall(self._keys.meta(check_digest(digest))))
         return _content(digest, meta) if meta else None
 
-    def _drop_chunks(self, node_id: str, digests: Sequence[str]) -> None:
+    def _drop_chunks(self, node_id: str, digests: Sequence[str]) -> int:
+        """Drop ``digests`` from ``node_id``'s registrations; return how many it was registered for."""
+        removed = 0
         for chunk in chunked(digests):
             keys = [self._keys.held(node_id), self._keys.ttl(), self._keys.metrics_cluster()]
             for digest in chunk:
                 keys += [self._keys.loc(digest), self._keys.meta(digest)]
-            self._drop(keys=keys, args=[node_id, *chunk])
+            removed += int(self._drop(keys=keys, args=[node_id, *chunk]))
+        return removed
 
 
 def _checked(content: Iterable[ContentInfo]) -> dict[str, ContentInfo]:

@@ -143,6 +143,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.DropContentResponse()
 
     @_rpc
+    def ReportBadCopy(self, request: pb.ReportBadCopyRequest) -> pb.ReportBadCopyResponse:
+        dropped = self._locations.report_bad_copy(request.node_id, request.holder_id, request.digest)
+        # Kept in the log: the report is one node's word against another's.
+        log.warning(
+            "node %s reported a bad copy of %s from node %s (%s)",
+            request.node_id,
+            request.digest,
+            request.holder_id,
+            "unlisted it" if dropped else "it was not listed",
+        )
+        return pb.ReportBadCopyResponse(dropped=dropped)
+
+    @_rpc
     def Locate(self, request: pb.LocateRequest) -> pb.LocateResponse:
         found = self._locations.locate(request.digest, request.lease_key)
         response = pb.LocateResponse(holders=[_holder(holder) for holder in found.holders], fetching=found.fetching)

@@ -148,7 +148,15 @@ class Node:
         assert self.coordinator is not None and self.peers is not None
         upstream = self.upstreams[settings.name]
         return ClusterSource(
-            upstream, settings, flight, self.coordinator, self.peers, self.local, clock, budget=upstream.budget
+            upstream,
+            settings,
+            flight,
+            self.coordinator,
+            self.peers,
+            self.local,
+            clock,
+            budget=upstream.budget,
+            counter=self.metrics,
         )
 
     def _background(self) -> None:

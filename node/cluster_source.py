@@ -41,15 +41,16 @@ from dataclasses import dataclass
 
 from node.budget import Budget
 from node.config import UpstreamConfig
-from node.coordinator_client import Coordinator
-from node.errors import BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
-from node.flight import Flight, Outcome, Turn
+from node.coordinator_client import Coordinator, CoordinatorError
+from node.errors import BadCopy, BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
+from node.flight import Counter, Flight, Outcome, Turn
 from node.peers import PeerClient
-from node.reference import Digest, parse_digest
-from node.sources import BlobStream, FetchedManifest, Origin, Source, TagAnswer
+from node.reference import Digest, digest_of, parse_digest
+from node.sources import BlobStream, FetchedManifest, Origin, Skip, Source, TagAnswer
 from node.storage.local import LocalStore
 from node.upstream import MANIFEST_MAX, TagPage
 from protos.leases import blob_lease, manifest_lease, tag_lease
+from protos.metrics import BAD_PEER_COPIES
 from protos.values import Holder, TagPointer
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ _STALE_OK = (UpstreamUnavailable, TooManyRequests)
 # How often one blob transfer from peers may break off and be carried on
 # elsewhere before it fails.
 MAX_TAKEOVERS = 3
-# Bytes to be dropped are read in pieces of at most this size.
-_SKIP_PIECE = 1 << 20
 
 
 @dataclass
@@ -76,6 +75,8 @@ class ClusterSource:
     clock: Callable[[], float] = time.time
     # The upstream's rate-limit budget; without one, tag checks never pause.
     budget: Budget | None = None
+    # Where bad copies from peers are counted (``bad_peer_copies``); without one, they are not.
+    counter: Counter | None = None
 
     @property
     def _node_id(self) -> str:
@@ -88,34 +89,62 @@ class ClusterSource:
     @contextlib.contextmanager
     def open_blob(self, name: str, digest: Digest, start: int = 0) -> Iterator[BlobStream]:
         with contextlib.ExitStack() as streams:
-            turn, stream = self._blob_turn(streams, name, digest, start)
-            relay = _Relay(self, streams, name, digest, start, turn, stream) if turn.found is not None else None
-            yield relay or stream
+            turn, stream, peer = self._blob_turn(streams, name, digest, start)
+            relay = _Relay(self, streams, name, digest, start, turn, stream, peer) if peer is not None else None
+            try:
+                yield relay or stream
+            except UpstreamInvalid as exc:
+                if relay is not None and not isinstance(exc, BadCopy):
+                    self._reject(relay.only_peer, digest, exc)
+                raise
             final = relay.turn if relay is not None else turn
             self.flight.committed(final, self.local.content(digest), self._ttl_ms)
 
     def _blob_turn(
         self, streams: contextlib.ExitStack, name: str, digest: Digest, start: int
-    ) -> tuple[Turn[BlobStream], BlobStream]:
+    ) -> tuple[Turn[_PeerCopy], BlobStream, Holder | None]:
         """Take a turn for the blob's bytes from ``start`` on, and open them; both stay open in ``streams``.
 
-        From a peer (a holder, or the node fetching it now) when the turn
-        found one, else from the upstream (under the lease when GRANTED).
+        From a peer (a holder, or the node fetching it now, returned as the
+        third item) when the turn found one, else from the upstream (under
+        the lease when GRANTED).
         """
         key = blob_lease(str(digest))
 
-        def look() -> BlobStream | None:
+        def look() -> _PeerCopy | None:
             location = self.coordinator.locate(str(digest), key)
             return self._first_peer(streams, self._peers(location.holders, location.fetcher), digest, start)
 
-        def follow(holder: Holder) -> BlobStream | None:
+        def follow(holder: Holder) -> _PeerCopy | None:
             return self._first_peer(streams, [holder], digest, start)
 
         turn = streams.enter_context(self.flight.coordinate(key, look, follow, kind="blob"))
-        stream = turn.found
-        if stream is None:
-            stream = streams.enter_context(self.upstream.open_blob(name, digest, start))
-        return turn, stream
+        if turn.found is not None:
+            return turn, turn.found.stream, turn.found.holder
+        return turn, streams.enter_context(self.upstream.open_blob(name, digest, start)), None
+
+    def _reject(self, peer: Holder | None, digest: Digest, error: UpstreamInvalid, kind: str = "blob") -> None:
+        """The bytes from ``peer`` failed verification (``error``): report it and raise ``BadCopy``.
+
+        The coordinator unlists that peer's copy, so opening the blob again
+        goes to another holder or the upstream. When the bytes came from
+        more than one place (a transfer carried on elsewhere), there is no
+        one to blame and nothing is raised here: the caller's error stands.
+        """
+        if peer is None:
+            return
+        log.warning("the copy of %s from node %s does not match its digest; reporting it", digest, peer.node_id)
+        if self.counter is not None:
+            self.counter.count(kind, BAD_PEER_COPIES)
+        try:
+            self.coordinator.report_bad_copy(peer.node_id, str(digest))
+        except CoordinatorError as exc:
+            # The next attempt most likely finds no coordinator either, and
+            # goes to the upstream degraded.
+            log.warning("could not report the bad copy of %s from node %s: %s", digest, peer.node_id, exc)
+        raise BadCopy(
+            f"node {peer.node_id} sent a copy that does not match the digest", {"digest": str(digest)}
+        ) from error
 
     @contextlib.contextmanager
     def open_manifest(self, name: str, digest: Digest) -> Iterator[FetchedManifest]:
@@ -176,7 +205,7 @@ class ClusterSource:
 
     def _first_peer(
         self, streams: contextlib.ExitStack, peers: list[Holder], digest: Digest, start: int = 0
-    ) -> BlobStream | None:
+    ) -> _PeerCopy | None:
         """The first of ``peers`` that serves the blob, read from byte ``start`` on."""
         for peer in peers:
             try:
@@ -184,15 +213,21 @@ class ClusterSource:
             except (BlobUnknown, UpstreamUnavailable) as exc:
                 log.info("peer %s cannot serve %s: %s", peer.node_id, digest, exc.message)
                 continue
-            return _Skipped(stream, start) if start else stream
+            return _PeerCopy(peer, _Skipped(stream, start) if start else stream)
         return None
 
     def _manifest_from_peers(self, peers: list[Holder], digest: Digest) -> FetchedManifest | None:
+        """The manifest from the first of ``peers`` whose copy matches ``digest``; the others are reported."""
         for peer in peers:
             try:
-                return self.peers.fetch(peer.url, str(digest), MANIFEST_MAX)
+                manifest = self.peers.fetch(peer.url, str(digest), MANIFEST_MAX)
             except (BlobUnknown, UpstreamUnavailable) as exc:
                 log.info("peer %s cannot serve %s: %s", peer.node_id, digest, exc.message)
+                continue
+            if digest_of(manifest.data, digest.algorithm) == digest:
+                return manifest
+            with contextlib.suppress(BadCopy):
+                self._reject(peer, digest, UpstreamInvalid("the copy does not match its digest"), "manifest")
         return None
 
     # Announcing.
@@ -207,24 +242,24 @@ class ClusterSource:
         return TagPointer(str(answer.digest), manifest.media_type, len(manifest.data), self.clock())
 
 
+@dataclass(frozen=True)
+class _PeerCopy:
+    """A look's find: a blob stream from a peer, and which peer that is."""
+
+    holder: Holder
+    stream: BlobStream
+
+
 class _Skipped:
     """A blob stream from its byte ``start`` on: the bytes before it are read and dropped."""
 
     def __init__(self, stream: BlobStream, start: int) -> None:
         self._stream = stream
-        self._skip = start
+        self._skip = Skip(start)
         self.size, self.origin, self.joined = stream.size, stream.origin, stream.joined
 
     def read(self, size: int) -> bytes:
-        while True:
-            data = self._stream.read(max(size, min(self._skip, _SKIP_PIECE)) if self._skip else size)
-            if self._skip and data:
-                dropped = min(self._skip, len(data))
-                self._skip -= dropped
-                data = data[dropped:]
-                if not data:
-                    continue
-            return data
+        return self._skip.read(self._stream.read, size)
 
 
 class _Relay:
@@ -247,18 +282,26 @@ class _Relay:
         name: str,
         digest: Digest,
         start: int,
-        turn: Turn[BlobStream],
+        turn: Turn[_PeerCopy],
         stream: BlobStream,
+        peer: Holder,
     ) -> None:
         self._source, self._streams, self._name, self._digest = source, streams, name, digest
         self.turn = turn
         self._stream = stream
+        # Where the bytes came from, in order: a peer, or None for the upstream.
+        self._sources: list[Holder | None] = [peer]
         self.size = stream.size
         # How the fill counts the request: as it began.
         self.origin: Origin = stream.origin
         self.joined = stream.joined
         self._position = start
         self._takeovers = 0
+
+    @property
+    def only_peer(self) -> Holder | None:
+        """The peer every byte came from, or None when they came from more than one place."""
+        return self._sources[0] if len(self._sources) == 1 else None
 
     def read(self, size: int) -> bytes:
         while True:
@@ -293,7 +336,8 @@ class _Relay:
             self._position,
             error.message,
         )
-        self.turn, stream = self._source._blob_turn(self._streams, self._name, self._digest, self._position)
+        self.turn, stream, peer = self._source._blob_turn(self._streams, self._name, self._digest, self._position)
+        self._sources.append(peer)
         if stream.size is not None and self.size is not None and stream.size != self.size:
             raise UpstreamInvalid(
                 f"the blob's size changed from {self.size} to {stream.size} bytes", {"digest": str(self._digest)}

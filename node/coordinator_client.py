@@ -134,6 +134,8 @@ class Coordinator(Protocol):
 
     def drop_content(self, digests: Iterable[str]) -> None: ...
 
+    def report_bad_copy(self, holder_id: str, digest: str) -> bool: ...
+
     def locate(self, digest: str, lease_key: str = "") -> Location: ...
 
     def acquire_lease(self, key: str, ttl_ms: int) -> Lease: ...
@@ -258,6 +260,14 @@ class CoordinatorClient:
     def drop_content(self, digests: Iterable[str]) -> None:
         """This node deleted ``digests`` on its own (evicted for space, or found them missing)."""
         self._call("DropContent", pb.DropContentRequest(node_id=self.node_id, digests=list(digests)))
+
+    def report_bad_copy(self, holder_id: str, digest: str) -> bool:
+        """The copy of ``digest`` that node ``holder_id`` served does not match it: unlist that copy.
+
+        Returns whether the holder was listed for the digest (and is no longer).
+        """
+        request = pb.ReportBadCopyRequest(node_id=self.node_id, holder_id=holder_id, digest=digest)
+        return bool(self._call("ReportBadCopy", request).dropped)
 
     # The location directory and fetch leases.
 

@@ -111,3 +111,12 @@ class UpstreamInvalid(ShoalError):
     """The upstream sent content that does not match its digest or limits."""
 
     code, status = "UPSTREAM_INVALID", 502
+
+
+class BadCopy(UpstreamInvalid):
+    """A copy from another node did not match its digest; the source reported it and avoids it now.
+
+    Raised by a source (``node.cluster_source``) as its context is left
+    with the verification's ``UpstreamInvalid``: opening the content again
+    goes to another holder or the upstream, so the fill tries again.
+    """

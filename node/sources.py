@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -22,6 +23,9 @@ from node.reference import Digest
 
 if TYPE_CHECKING:
     from node.upstream import TagPage
+
+# Bytes to be dropped are read in pieces of at most this size.
+SKIP_PIECE = 1 << 20
 
 
 class Origin(enum.Enum):
@@ -53,6 +57,30 @@ class BlobStream(Protocol):
     joined: bool
 
     def read(self, size: int) -> bytes: ...
+
+
+class Skip:
+    """The first ``count`` bytes of a stream, read and dropped, for a stream that must start later.
+
+    An upstream that ignored a Range request, and a peer (which always
+    serves from byte 0), send bytes that the reader holds already. ``read``
+    takes the stream's own read and returns the next bytes past them,
+    reading the dropped ones in pieces of up to ``SKIP_PIECE`` bytes.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def read(self, read: Callable[[int], bytes], size: int) -> bytes:
+        while True:
+            data = read(max(size, min(self.count, SKIP_PIECE)) if self.count else size)
+            if self.count and data:
+                dropped = min(self.count, len(data))
+                self.count -= dropped
+                data = data[dropped:]
+                if not data:
+                    continue
+            return data
 
 
 @dataclass(frozen=True)
@@ -96,7 +124,10 @@ class Source(Protocol):
       means the content is committed: a source that tells others about
       content (the cluster) does so then, never before. Leaving it with an
       error means nothing was stored, and the source gives back what it
-      held (a lease).
+      held (a lease). A source may replace the caller's ``UpstreamInvalid``
+      with ``BadCopy`` on the way out: the content came from a copy (a
+      peer's) that the source now avoids, and opening it again goes
+      elsewhere.
 
     ``open_blob`` with a ``start`` past 0 carries on a transfer that broke
     off: the stream yields the blob's bytes from that byte on (``size`` is

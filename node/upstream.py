@@ -55,7 +55,7 @@ from node.errors import (
 )
 from node.media_types import ACCEPT_MANIFESTS
 from node.reference import Digest, digest_of, is_digest, parse_digest
-from node.sources import FetchedManifest, Origin, TagAnswer
+from node.sources import FetchedManifest, Origin, Skip, TagAnswer
 from node.transport import Urllib3Transport, read1
 from node.upstream_auth import TOKEN_MAX, Challenge, Credentials, RegistryAuth, parse_token
 
@@ -70,8 +70,6 @@ METADATA_CONNECTIONS = 16
 # server, not something worth buffering.
 _TAGS_MAX = 16 * 1024 * 1024
 _RATE_LIMIT_HEADERS = ("ratelimit-limit", "ratelimit-remaining")
-# Bytes of a blob body to be dropped are read in pieces of at most this size.
-_SKIP_PIECE = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
@@ -153,19 +151,11 @@ class BlobStream:
         self._observer = observer
         self.start = start
         self.size = _content_length(response) if size is None else size
-        self._skip = skip
+        self._skip = Skip(skip)
 
     def read(self, size: int) -> bytes:
         """The bytes as they arrive, at most ``size``; a failure part way raises ``UpstreamUnavailable``."""
-        while True:
-            data = self._read(max(size, min(self._skip, _SKIP_PIECE)) if self._skip else size)
-            if self._skip and data:
-                dropped = min(self._skip, len(data))
-                self._skip -= dropped
-                data = data[dropped:]
-                if not data:
-                    continue
-            return data
+        return self._skip.read(self._read, size)
 
     def _read(self, size: int) -> bytes:
         try:

@@ -57,9 +57,12 @@ COUNTERS = (
     "peer_bytes",  # bytes received from other nodes
     "follower_joins",  # requests that rode on a fetch already running
     "lease_waits",  # requests that waited for another node's fetch lease
+    "bad_peer_copies",  # copies from another node that did not match their digest
 )
 # A miss or tag check decided without the cluster (node/flight.py), by type.
 DEGRADED = "degraded"
+# A copy from another node that failed verification (node/cluster_source.py), by type.
+BAD_PEER_COPIES = "bad_peer_copies"
 DEGRADED_TYPES = (*TYPES, "tag")
 DISTINCT_BYTES = "cached.distinct_bytes"
 ACCESS_LOG_DROPPED = "access_log.dropped"
@@ -82,6 +85,7 @@ _HELP = {
     "peer_bytes": "Bytes received from other nodes",
     "follower_joins": "Requests that rode on a fetch already running",
     "lease_waits": "Requests that waited for another node's fetch lease",
+    "bad_peer_copies": "Copies from another node that did not match their digest (that node's copy was unlisted)",
 }
 
 

@@ -113,6 +113,13 @@ class FakeCoordinator:
         for digest in digests:
             self.directory.holders.get(digest, set()).discard(self.node_id)
 
+    def report_bad_copy(self, holder_id: str, digest: str) -> bool:
+        self._call("report_bad_copy", f"{holder_id} {digest}")
+        holders = self.directory.holders.get(digest, set())
+        listed = holder_id in holders
+        holders.discard(holder_id)
+        return listed
+
     # Content and leases.
 
     def locate(self, digest: str, lease_key: str = "") -> Location:

@@ -30,6 +30,15 @@ How a follower tells the outcome from the partial file it has open:
 A follower holds back the last byte of its response until the fill is
 verified, so a failed or corrupt fill always cuts the response short and
 never looks complete.
+
+A fill tries again when its source rejects the copy it sent (``BadCopy``:
+a peer's copy that did not match its digest, which the source now avoids),
+up to ``MAX_ATTEMPTS`` in all, each attempt into a partial file of its own.
+The state names the new partial before the old one is unlinked, so a
+follower whose response has not begun (``Followed.begin``) moves on to the
+new attempt and its client never sees the bad copy; a response that has
+begun is cut short as for any failure, since the bytes it sent cannot be
+taken back.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from node.errors import Busy, ShoalError, UpstreamInvalid, UpstreamUnavailable
+from node.errors import BadCopy, Busy, ShoalError, UpstreamInvalid, UpstreamUnavailable
 from node.offload import run_blocking, start_blocking
 from node.reference import Digest
 from node.sources import BlobStream, Origin, Source
@@ -65,6 +74,9 @@ SMALL_BODY = 64 * 1024
 # A follower checks at least this often that its fill's leader is alive:
 # a leader that dies leaves no event behind.
 _LIVENESS = 1.0
+# A fill whose copy the source rejects (``BadCopy``: a peer's copy that did
+# not match its digest, now avoided) is tried this often in all.
+MAX_ATTEMPTS = 3
 # Mode bits: a partial file without any write bit is verified.
 _WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
@@ -163,7 +175,26 @@ class Fills:
 
     def follow(self, fill: Following, start: int = 0, end: int | None = None) -> Followed:
         """The response body of bytes ``[start, end)`` of ``fill``; it owns ``fill.file`` from now on."""
-        return Followed(fill, self._watch, start, end, self.timeout)
+        return Followed(fill, self, start, end)
+
+    def carry_on(self, failed: Following) -> Following | None:
+        """What follows on from the fill ``failed`` (its partial file was unlinked); None when nothing does.
+
+        The same fill's next attempt (``MAX_ATTEMPTS``), another fill of the
+        digest started since, or the content itself once committed (its file
+        is read-only, so it reads as a fill that is verified).
+        """
+        digest = failed.digest
+        stored = self.store.open(digest)
+        if stored is not None:
+            return Following(
+                stored.detach(), stored.size, digest, self.layout.fill_lock(digest), self.layout.content(digest)
+            )
+        following = self._open_partial(digest)
+        if following is not None and following.partial == failed.partial:
+            following.close()
+            return None
+        return following
 
     def _open_partial(self, digest: Digest) -> Following | None:
         try:
@@ -202,9 +233,10 @@ class Fill:
     """One fill, led by this worker: the source's bytes into a partial file, verified, then committed.
 
     ``started`` resolves to the leader's own ``Following`` once the partial
-    file exists, or to the source's error when it failed before that. The
-    fill holds the digest's lock (``lock``, an open descriptor) and a fill
-    slot until it ends, whatever happens, and then releases both.
+    file of the first attempt exists, or to the source's error when it
+    failed before that. The fill holds the digest's lock (``lock``, an open
+    descriptor) and a fill slot until it ends, whatever happens, and then
+    releases both.
     """
 
     def __init__(self, fills: Fills, source: Source, name: str, digest: Digest, lock: int) -> None:
@@ -218,41 +250,71 @@ class Fill:
         self.ended = threading.Event()
 
     def run(self) -> None:
-        digest, layout = self.digest, self._layout
-        partial = layout.fill_partial(digest, secrets.token_hex(8))
+        digest = self.digest
+        # The partial file of the attempt before, kept linked until the next
+        # attempt's is announced, so that its followers can move on to it.
+        previous: str | None = None
+        partial = ""
         try:
             self._remove_stale()
-            with self._source.open_blob(self._name, digest) as stream:
-                out = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                partial = self._layout.fill_partial(digest, secrets.token_hex(8))
                 try:
-                    self._announce(stream, partial)
-                    _copy_verified(stream, out, digest)
-                    # Followers may finish now: the bytes match the digest.
-                    # Syncing to disk is for the store, not for them.
-                    os.fchmod(out, 0o444)
-                    run_blocking(os.fdatasync, out)
-                finally:
-                    os.close(out)
-                # Committed inside the source's context: leaving it without an
-                # error tells the source that the content is in the store.
-                self._fills.store.commit(digest, partial)
+                    self._attempt(partial, previous)
+                    break
+                except BadCopy as exc:
+                    if attempt == MAX_ATTEMPTS:
+                        raise
+                    log.warning("fill of %s: %s; fetching it again", digest, exc.message)
+                    if previous is not None:
+                        # Unlinked already when this attempt was announced; kept tidy if it never was.
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(previous)
+                    previous = partial
             if self._fills._on_commit is not None:
                 self._fills._on_commit(digest)
         except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
+            for path in filter(None, (partial, previous)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             if self.started.done():
                 log.warning("fill of %s failed: %s", digest, exc)
             else:
                 self.started.set_exception(_as_shoal_error(exc, digest))
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(layout.fill_state(digest))
+                os.unlink(self._layout.fill_state(digest))
             os.close(self._lock)
             self._fills._ended(self)
 
+    def _attempt(self, partial: str, previous: str | None) -> None:
+        """Copy the source's bytes into ``partial``, verify them and commit; unlink ``previous`` once announced."""
+        digest = self.digest
+        with self._source.open_blob(self._name, digest) as stream:
+            out = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            try:
+                self._announce(stream, partial)
+                if previous is not None:
+                    # Its followers see it fail now, and find this attempt (``Followed.begin``).
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(previous)
+                _copy_verified(stream, out, digest)
+                # Followers may finish now: the bytes match the digest.
+                # Syncing to disk is for the store, not for them.
+                os.fchmod(out, 0o444)
+                run_blocking(os.fdatasync, out)
+            finally:
+                os.close(out)
+            # Committed inside the source's context: leaving it without an
+            # error tells the source that the content is in the store.
+            self._fills.store.commit(digest, partial)
+
     def _announce(self, stream: BlobStream, partial: str) -> None:
-        """Write the fill's state for other workers, and hand the leader's request its ``Following``."""
+        """Write the fill's state for other workers; at first, hand the leader's request its ``Following``."""
+        state = {"size": stream.size, "partial": os.path.basename(partial), "origin": stream.origin.value}
+        if self.started.done():
+            write_atomic(self._layout.fill_state(self.digest), json.dumps(state).encode())
+            return
         following = Following(
             os.open(partial, os.O_RDONLY),
             stream.size,
@@ -263,7 +325,6 @@ class Fill:
             stream.joined,
         )
         try:
-            state = {"size": stream.size, "partial": os.path.basename(partial), "origin": stream.origin.value}
             write_atomic(self._layout.fill_state(self.digest), json.dumps(state).encode())
         except BaseException:
             following.close()
@@ -297,14 +358,17 @@ class Followed:
     range, or the last byte of a fill whose size is unknown) go out only once
     the fill is verified; a fill that fails, or a leader that stalls for
     ``stall_timeout``, raises ``FillFailed`` so the response is cut short.
-    ``close`` closes the partial file.
+    A fill that fails before the response began (``begin``) is not the
+    end: when the fill tries again (or the content arrived meanwhile), the
+    body follows that instead. ``close`` closes the partial file.
     """
 
-    def __init__(self, fill: Following, watch: PartialWatch, start: int, end: int | None, stall_timeout: float):
+    def __init__(self, fill: Following, fills: Fills, start: int, end: int | None):
         self.fill = fill
-        self._watch = watch
+        self._fills = fills
+        self._watch = fills._watch
         self._start, self._end = start, end
-        self._stall_timeout = stall_timeout
+        self._stall_timeout = fills.timeout
         self._position = start
         os.lseek(fill.file, start, os.SEEK_SET)
 
@@ -348,8 +412,20 @@ class Followed:
         """
         small = self._end is not None and self._end - self._start <= SMALL_BODY
         position = self._start
+        moves = 0
         while True:
-            ready = self.available(position)
+            try:
+                ready = self.available(position)
+            except FillFailed:
+                carried = self._fills.carry_on(self.fill) if moves < MAX_ATTEMPTS else None
+                if carried is None:
+                    raise
+                moves += 1
+                self.fill.close()
+                self.fill = carried
+                os.lseek(carried.file, self._start, os.SEEK_SET)
+                position = self._start
+                continue
             if not small or ready == position:
                 return
             position = ready

@@ -109,6 +109,33 @@ def test_locate_returns_only_live_holders_and_the_live_fetcher(
     assert found.fetching and found.fetcher is None
 
 
+def test_a_bad_copy_report_unlists_only_that_holders_copy(directory: Directory) -> None:
+    bad, other = digest("bad"), digest("other")
+    directory.locations.announce("node-a", [ContentInfo(bad, 1), ContentInfo(other, 1)])
+    directory.locations.announce("node-b", [ContentInfo(bad, 1)])
+    directory.membership.register(NodeInfo("node-c", "http://c:5000"))
+
+    assert directory.locations.report_bad_copy("node-c", "node-a", bad)
+    assert directory.locations.holders(bad) == {"node-b"}
+    assert directory.locations.held("node-a") == {other}
+    assert directory.locations.content(bad) is not None, "node-b still holds it"
+    assert directory.membership.live(["node-a"]) == {"node-a"}
+    # Reported again (a retry, another reporter): nothing more goes.
+    assert not directory.locations.report_bad_copy("node-b", "node-a", bad)
+    assert directory.locations.holders(bad) == {"node-b"}
+
+
+def test_a_bad_copy_is_reported_by_a_live_member_about_another(directory: Directory) -> None:
+    directory.locations.announce("node-a", [ContentInfo(digest(1), 1)])
+    with pytest.raises(InvalidArgument, match="live member"):
+        directory.locations.report_bad_copy("node-gone", "node-a", digest(1))
+    with pytest.raises(InvalidArgument, match="not its own"):
+        directory.locations.report_bad_copy("node-a", "node-a", digest(1))
+    with pytest.raises(InvalidArgument):
+        directory.locations.report_bad_copy("node-b", "node-a", "sha256:nothex")
+    assert directory.locations.holders(digest(1)) == {"node-a"}
+
+
 def test_locate_unknown_content(directory: Directory) -> None:
     found = directory.locations.locate(digest("nobody"), "blob:whatever")
     assert found.holders == [] and found.content is None and not found.fetching

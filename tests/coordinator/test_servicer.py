@@ -178,6 +178,14 @@ def test_announce_drop_and_touch(
     assert node_a.add_content([Content(dropped, 2)], ttl_ms=10 * HOUR_MS) == []
     assert [h.node_id for h in node_b.locate(dropped).holders] == ["node-a"]
 
+    # Node b reports node a's copy as bad: only that registration goes.
+    assert node_b.report_bad_copy("node-a", dropped)
+    assert node_b.locate(dropped).holders == []
+    assert not node_b.report_bad_copy("node-a", dropped)
+    assert [h.node_id for h in node_b.locate(kept).holders] == ["node-a", "node-b"]
+    with pytest.raises(CoordinatorError, match="not its own"):
+        node_a.report_bad_copy("node-a", kept)
+
     clock.advance(3000)
     node_b.touch([kept])
     clock.advance(1000)

@@ -22,7 +22,7 @@ from node.config import UpstreamConfig
 from node.errors import UpstreamUnavailable
 from node.flight import Announcements, Flight
 from node.reference import digest_of
-from node.sources import Origin
+from node.sources import FetchedManifest, Origin
 from node.storage.fill import FillFailed, Fills
 from node.storage.local import LocalStore
 from node.upstream import Upstream
@@ -70,11 +70,21 @@ class PeerStream:
 
 
 class Peers:
-    """Other nodes by URL: each open hands out the next of its streams; with none left, it cannot be reached."""
+    """Other nodes by URL: each open hands out the next of its streams; with none left, it cannot be reached.
+
+    ``manifests`` holds what ``fetch`` answers, by URL.
+    """
 
     def __init__(self) -> None:
         self.streams: dict[str, list[PeerStream]] = {}
         self.opened: list[str] = []
+        self.manifests: dict[str, bytes] = {}
+
+    def fetch(self, peer_url: str, digest: str, limit: int) -> FetchedManifest:
+        self.opened.append(peer_url)
+        if peer_url not in self.manifests:
+            raise UpstreamUnavailable(f"cannot reach peer {peer_url} (ConnectError)")
+        return FetchedManifest(self.manifests[peer_url], "application/vnd.oci.image.manifest.v1+json", Origin.PEER)
 
     @contextlib.contextmanager
     def open(self, peer_url: str, digest: str, kind: str = "blob") -> Iterator[PeerStream]:
@@ -287,3 +297,40 @@ def test_an_upstream_that_breaks_off_after_the_takeover_fails_the_fill_and_gives
     # Given back at once, not left to run out: the next asker fetches at once.
     assert node.coordinator.calls("abort_fetch") == [KEY]
     assert KEY not in node.directory.leases
+
+
+def test_a_holders_copy_that_does_not_verify_is_reported_and_fetched_again_from_the_upstream(node: Node) -> None:
+    del node.directory.leases[KEY]
+    node.directory.hold("node-b", Content(str(DIGEST), len(DATA), "application/octet-stream"))
+    middle = len(DATA) // 2
+    bad = DATA[:middle] + bytes([DATA[middle] ^ 0xFF]) + DATA[middle + 1 :]
+    node.peers.streams[node.url("node-b")] = [PeerStream(bad, len(DATA), joined=False)]
+    # This body began with the bad copy, so it is cut short; the fill goes on.
+    with pytest.raises(FillFailed):
+        node.fetch()
+    node.fills.close()
+    assert node.store.has(DIGEST)
+    assert node.coordinator.calls("report_bad_copy") == [f"node-b {DIGEST}"]
+    # Once unlisted, node-b is not asked again: the upstream is, under the lease.
+    assert node.peers.opened == [node.url("node-b")]
+    assert node.registry.ranges == [None]
+    assert node.coordinator.calls("complete_fetch") == [KEY]
+    assert node.directory.holders[str(DIGEST)] == {"node-a"}
+
+
+def test_a_manifest_copy_that_does_not_match_is_reported_and_the_next_holder_asked(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = b'{"schemaVersion": 2}'
+    digest = digest_of(manifest)
+    content = Content(str(digest), len(manifest), "application/vnd.oci.image.manifest.v1+json")
+    for holder in ("node-b", "node-c"):
+        node.directory.hold(holder, content)
+    node.peers.manifests = {node.url("node-b"): manifest.replace(b"2", b"3"), node.url("node-c"): manifest}
+    # The holders in the directory's order (node-b first), not shuffled.
+    monkeypatch.setattr("node.cluster_source.random.shuffle", lambda holders: None)
+    with node.source.open_manifest("app", digest) as fetched:
+        assert fetched.data == manifest
+    assert node.peers.opened == [node.url("node-b"), node.url("node-c")]
+    assert node.coordinator.calls("report_bad_copy") == [f"node-b {digest}"]
+    assert node.directory.holders[str(digest)] == {"node-c"}

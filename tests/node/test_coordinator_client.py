@@ -291,6 +291,16 @@ def test_drop_content_sends_the_digests(coordinator: FakeCoordinator, client: Co
     )
 
 
+def test_report_bad_copy_names_this_node_the_holder_and_the_digest(
+    coordinator: FakeCoordinator, client: CoordinatorClient
+) -> None:
+    coordinator.answers["ReportBadCopy"] = pb.ReportBadCopyResponse(dropped=True)
+    assert client.report_bad_copy("node-b", LAYER)
+    assert coordinator.last("ReportBadCopy").request == pb.ReportBadCopyRequest(
+        node_id=NODE, holder_id="node-b", digest=LAYER
+    )
+
+
 def test_locate_returns_holders_fetcher_and_content(coordinator: FakeCoordinator, client: CoordinatorClient) -> None:
     coordinator.answers["Locate"] = pb.LocateResponse(
         holders=[pb.Holder(node_id="node-b", url="http://b:5000"), pb.Holder(node_id="node-c", url="http://c:5000")],
@@ -478,6 +488,7 @@ CALLS: dict[str, Callable[[CoordinatorClient], object]] = {
     "AnnounceInventory": lambda client: client.announce_inventory([]),
     "AddContent": lambda client: client.add_content([]),
     "DropContent": lambda client: client.drop_content([LAYER]),
+    "ReportBadCopy": lambda client: client.report_bad_copy("node-b", LAYER),
     "Locate": lambda client: client.locate(LAYER),
     "AcquireLease": lambda client: client.acquire_lease(LAYER_KEY, 1000),
     "RenewLease": lambda client: client.renew_lease(LAYER_KEY, "token-1", 1000),

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from node.errors import Busy, UpstreamUnavailable
+from node.errors import BadCopy, Busy, UpstreamInvalid, UpstreamUnavailable
 from node.reference import Digest, digest_of
 from node.sources import Origin
-from node.storage.fill import FillFailed, Fills
+from node.storage.fill import MAX_ATTEMPTS, FillFailed, Fills
 from node.storage.local import LocalStore
 
 DATA = os.urandom(200_000)
@@ -203,3 +203,81 @@ def test_closing_a_following_is_idempotent_and_detaching_hands_it_over(fills: Fi
     moved.close()
     with pytest.raises(OSError):
         os.fstat(moved.file)
+
+
+class Rejecting(Source):
+    """Sends ``bad`` bytes on the first ``rejections`` openings and then rejects them as a peer's bad copy.
+
+    As ``node.cluster_source`` does: the fill's ``UpstreamInvalid`` leaves
+    the context as ``BadCopy``. Later openings send the real bytes.
+    """
+
+    def __init__(self, data: bytes, bad: bytes, rejections: int = 1) -> None:
+        super().__init__(data, origin=Origin.PEER)
+        self.bad, self.rejections = bad, rejections
+
+    @contextlib.contextmanager
+    def open_blob(self, name: str, digest: Digest) -> Iterator[Stream]:
+        self.opened.append(str(digest))
+        rejected = len(self.opened) <= self.rejections
+        try:
+            yield Stream(self.bad if rejected else self.data, self.size, self.gate if rejected else None, self.origin)
+        except UpstreamInvalid as exc:
+            if rejected:
+                raise BadCopy("the peer's copy does not match") from exc
+            raise
+
+
+def corrupted(data: bytes) -> bytes:
+    """``data`` with bytes in the middle flipped: the same size, another digest."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(byte ^ 0xFF for byte in data[middle : middle + 16]) + data[middle + 16 :]
+
+
+def test_a_rejected_copy_is_fetched_again_and_a_body_not_begun_gets_the_good_one(
+    fills: Fills, store: LocalStore
+) -> None:
+    small = os.urandom(40_000)
+    source = Rejecting(small, corrupted(small))
+    following = fills.join(source, "app", digest_of(small))
+    assert following is not None
+    with contextlib.closing(fills.follow(following, 0, len(small))) as body:
+        body.begin()
+        assert b"".join(body) == small
+    fills.close()
+    assert len(source.opened) == 2
+    assert store.has(digest_of(small))
+    assert leftovers(store) == []
+
+
+def test_a_fill_rejected_every_time_fails_the_body_and_stores_nothing(fills: Fills, store: LocalStore) -> None:
+    small = os.urandom(40_000)
+    source = Rejecting(small, corrupted(small), rejections=MAX_ATTEMPTS)
+    following = fills.join(source, "app", digest_of(small))
+    assert following is not None
+    with pytest.raises(FillFailed), contextlib.closing(fills.follow(following, 0, len(small))) as body:
+        body.begin()
+    fills.close()
+    assert len(source.opened) == MAX_ATTEMPTS
+    assert not store.has(digest_of(small))
+    assert leftovers(store) == []
+
+
+def test_a_body_that_began_with_a_rejected_copy_is_cut_short_and_the_store_gets_the_good_one(
+    fills: Fills, store: LocalStore
+) -> None:
+    source = Rejecting(DATA, corrupted(DATA))
+    source.gate = threading.Event()
+    following = fills.join(source, "app", DIGEST)
+    assert following is not None
+    received = b""
+    with pytest.raises(FillFailed), contextlib.closing(fills.follow(following, 0, len(DATA))) as body:
+        body.begin()
+        for chunk in body:
+            received += chunk
+            source.gate.set()
+    assert 0 < len(received) < len(DATA)
+    fills.close()
+    assert len(source.opened) == 2
+    assert store.has(DIGEST)
+    assert leftovers(store) == []

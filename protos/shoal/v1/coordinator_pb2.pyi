@@ -100,6 +100,22 @@ class DropContentResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReportBadCopyRequest(_message.Message):
+    __slots__ = ("node_id", "holder_id", "digest")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    holder_id: str
+    digest: str
+    def __init__(self, node_id: _Optional[str] = ..., holder_id: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ReportBadCopyResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
+
 class LocateRequest(_message.Message):
     __slots__ = ("digest", "lease_key")
     DIGEST_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentResponse.FromString,
                 _registered_method=True)
+        self.ReportBadCopy = channel.unary_unary(
+                '/shoal.v1.Coordinator/ReportBadCopy',
+                request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportBadCopyRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportBadCopyResponse.FromString,
+                _registered_method=True)
         self.Locate = channel.unary_unary(
                 '/shoal.v1.Coordinator/Locate',
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateRequest.SerializeToString,
@@ -158,6 +163,17 @@ class CoordinatorServicer:
 
     def DropContent(self, request, context):
         """A node dropped content on its own (evicted for space, or found missing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportBadCopy(self, request, context):
+        """A node received a copy from another node (holder_id) that does not
+        match its digest: the holder's registration for that one digest is
+        removed, as if the holder had dropped it, and nothing else changes. The
+        reporter (node_id) must be a live member other than the holder
+        (INVALID_ARGUMENT otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,6 +300,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DropContent,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentResponse.SerializeToString,
+            ),
+            'ReportBadCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBadCopy,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportBadCopyRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportBadCopyResponse.SerializeToString,
             ),
             'Locate': grpc.unary_unary_rpc_method_handler(
                     servicer.Locate,
@@ -481,6 +502,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/DropContent',
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.DropContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBadCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/ReportBadCopy',
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportBadCopyRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.ReportBadCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,
