@@ -289,6 +289,9 @@ class ProxyStore:
     # Tags and the catalog.
 
     def tags(self, name: str, n: int | None, last: str | None) -> TagPage:
+        if n == 0:
+            # Distribution answers n=0 with an empty page, and so does the cache, without asking.
+            return TagPage([])
         try:
             page = self.source.tags(name, n, last)
         except _STALE_OK as exc:
@@ -296,18 +299,18 @@ class ProxyStore:
             if not known:
                 raise
             log.warning("answering the tag list of %s from the cache: %s", name, exc.message)
-            return paginate(known, n, last, f"/v2/{name}/tags/list")
+            return paginate(known, n, last)
         # The spec wants lexical order; distribution 2.x sends the list in
         # the order its storage walks, and ignores n and last.
         tags = sorted(page.tags)
         if n is None and last is None:
             self.local.write_tag_list(self._scoped(name), tags)
-        elif page.link is None:
-            return paginate(tags, n, last, f"/v2/{name}/tags/list")
-        return TagPage(tags, page.link)
+        elif page.next is None:
+            return paginate(tags, n, last)
+        return TagPage(tags, page.next)
 
     def catalog(self, n: int | None, last: str | None) -> TagPage:
-        return paginate(self.local.repositories(self.config.name), n, last, "/v2/_catalog")
+        return paginate(self.local.repositories(self.config.name), n, last)
 
     def _scoped(self, name: str) -> str:
         """Tags and repositories are kept per registry: the same name is another repository elsewhere."""
@@ -319,11 +322,13 @@ class ProxyStore:
         return exclusive(path, 2 * self.config.timeout + 5)
 
 
-def paginate(items: list[str], n: int | None, last: str | None, path: str) -> TagPage:
-    """One page of a sorted list, with a Link to the next as the spec has it."""
+def paginate(items: list[str], n: int | None, last: str | None) -> TagPage:
+    """One page of a sorted list, with the query of the next page as the spec has it."""
     if last is not None:
         items = [item for item in items if item > last]
     if n is None or len(items) <= n:
-        return TagPage(items, None)
+        return TagPage(items)
     page = items[:n]
-    return TagPage(page, f'<{path}?n={n}&last={page[-1]}>; rel="next"')
+    if not page:
+        return TagPage([])
+    return TagPage(page, {"n": str(n), "last": page[-1]})

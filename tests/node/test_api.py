@@ -117,12 +117,51 @@ def test_ranges_on_miss_and_hit(tmp_path: Path, upstream_registry: DistributionR
                 assert response.status_code == 206, header
                 assert response.content == data[start:end], header
                 assert response.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(data)}"
-            for header in ("bytes=700000-", "bytes=5-2", "bytes=abc", "bytes=-0"):
+            # One satisfiable range among ranges past the end is that range, as Go's ServeContent has it.
+            response = http.get(f"/v2/api/ranges/blobs/{layer}", headers={"Range": "bytes=700000-, 10-19"})
+            assert response.status_code == 206
+            assert response.content == data[10:20]
+            unsatisfiable = [
+                "bytes=700000-",
+                "bytes=5-2",
+                "bytes=abc",
+                "bytes=-0",
+                "bytes=1 0-20",
+                b"bytes=\xc2\xb2-",
+                "bytes=0-1,x",
+                "bytes=700000-,800000-",
+                "bytes=" + "9" * 20 + "-",
+                "bytes=" + "9" * 5000,
+                "bytes=-" + "9" * 5000,
+                "bytes=" + "1" * 5000 + "-",
+            ]
+            for header in unsatisfiable:
                 response = http.get(f"/v2/api/ranges/blobs/{layer}", headers={"Range": header})
                 assert response.status_code == 416, header
                 assert response.json()["errors"][0]["code"] == "RANGE_INVALID"
                 assert response.headers["Content-Range"] == f"bytes */{len(data)}"
-            assert http.get(f"/v2/api/ranges/blobs/{layer}", headers={"Range": "items=1-2"}).status_code == 200
+            whole = [
+                ({"Range": "items=1-2"}),
+                # No range in the list at all.
+                ({"Range": "bytes="}),
+                ({"Range": "bytes=, ,"}),
+                # Several ranges: Go sends them as multipart/byteranges, Shoal the whole blob.
+                ({"Range": "bytes=0-1,5-6"}),
+                # Ranges that add up to more than the blob.
+                ({"Range": "bytes=0-,1-"}),
+                # A range for another version of the content.
+                ({"Range": "bytes=0-9", "If-Range": '"sha256:' + "0" * 64 + '"'}),
+                ({"Range": "bytes=0-9", "If-Range": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+            ]
+            for headers in whole:
+                response = http.get(f"/v2/api/ranges/blobs/{layer}", headers=headers)
+                assert response.status_code == 200, headers
+                assert response.content == data, headers
+            matching = http.get(
+                f"/v2/api/ranges/blobs/{layer}", headers={"Range": "bytes=0-9", "If-Range": f'"{layer}"'}
+            )
+            assert matching.status_code == 206
+            assert matching.content == data[:10]
     finally:
         node.stop()
 
@@ -156,6 +195,14 @@ def test_writes_are_unsupported(client: httpx.Client, image: Image) -> None:
         ("/v2/api/app/manifests/sha256:xyz", 400, "DIGEST_INVALID"),
         ("/v2/api/app/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
         ("/v2/api/app/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
+        # A superscript two is a digit to str.isdigit, not to int.
+        ("/v2/api/app/tags/list?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/app/tags/list?n=" + "9" * 4000, 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/app/tags/list?n=10001", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/app/tags/list?last=" + "a" * 257, 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=1.5", 400, "PAGINATION_NUMBER_INVALID"),
         ("/v2/api/app/manifests/missing", 404, "MANIFEST_UNKNOWN"),
         ("/v2/api/app/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
         ("/v2/api/app/nothing", 404, "NOT_FOUND"),
@@ -176,6 +223,15 @@ def test_bad_input_gets_an_oci_error(node: NodeProcess, path: str, status: int, 
     assert body["errors"][0]["code"] == code
     assert node.stored_digests() == before
     assert not (node.cache_dir.parent / "etc").exists()
+
+
+def test_a_page_of_none_is_empty(client: httpx.Client, image: Image) -> None:
+    client.get("/v2/api/app/manifests/v1")
+    for path, field in (("/v2/_catalog", "repositories"), ("/v2/api/app/tags/list", "tags")):
+        response = client.get(path, params={"n": "0"})
+        assert response.status_code == 200, response.text
+        assert response.json()[field] == []
+        assert "Link" not in response.headers
 
 
 def test_tags_list_and_catalog(client: httpx.Client, upstream_registry: DistributionRegistry) -> None:

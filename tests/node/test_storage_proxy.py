@@ -241,7 +241,7 @@ def test_tag_list_falls_back_to_known_tags(proxy: ProxyStore, upstream: FakeUpst
     upstream.down = True
     page = proxy.tags("app", 2, "a")
     assert page.tags == ["b", "c"]
-    assert page.link == '</v2/app/tags/list?n=2&last=c>; rel="next"'
+    assert page.next == {"n": "2", "last": "c"}
     assert proxy.tags("app", None, "c").tags == ["d"]
 
 
