@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,6 +233,38 @@ def test_a_page_of_none_is_empty(client: httpx.Client, image: Image) -> None:
         assert response.status_code == 200, response.text
         assert response.json()[field] == []
         assert "Link" not in response.headers
+
+
+def _raw(node: NodeProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as it is; the status, headers and body of the answer."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        return answer.status, dict(answer.getheaders()), answer.read()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, id="header too long"),
+        pytest.param(
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n",
+            431,
+            id="too many headers",
+        ),
+        pytest.param(b"GET /v2/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, id="request line too long"),
+        pytest.param(b"\x16\x03\x01 garbage\r\n\r\n", 400, id="not HTTP"),
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400, id="invalid header name"),
+    ],
+)
+def test_requests_gunicorn_refuses_get_an_oci_error(node: NodeProcess, request_bytes: bytes, status: int) -> None:
+    answered, headers, body = _raw(node, request_bytes)
+    assert answered == status
+    assert headers["Content-Type"] == "application/json"
+    errors = json.loads(body)["errors"]
+    assert errors[0]["code"] == "UNKNOWN"
+    assert "aaaa" not in errors[0]["message"]
 
 
 def test_tags_list_and_catalog(client: httpx.Client, upstream_registry: DistributionRegistry) -> None:
