@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from node.media_types import OCTET_STREAM, manifest_media_type
 from node.reference import Digest
 from node.storage.files import try_lock, write_atomic
 from node.storage.layout import TYPE_SUFFIX, Layout
 from node.storage.removals import Removals
 from protos.values import Content, TagPointer
-
-OCTET_STREAM = "application/octet-stream"
 
 
 class Stored:
@@ -124,13 +123,24 @@ class LocalStore:
     def has(self, digest: Digest) -> bool:
         return os.path.exists(self.layout.content(digest))
 
-    def read(self, digest: Digest) -> tuple[bytes, str] | None:
-        """The whole content and its media type; for small things (manifests)."""
+    def read(self, digest: Digest, limit: int | None = None) -> tuple[bytes, str] | None:
+        """The whole content and its media type; for small things (manifests).
+
+        None when the store does not hold it, or holds more than ``limit``
+        bytes of it (a layer asked for as a manifest is not read into memory).
+        Content stored without a type (a manifest first fetched through the
+        blob endpoint) gets the type its document names
+        (``node.media_types.manifest_media_type``).
+        """
         stored = self.open(digest)
         if stored is None:
             return None
+        if limit is not None and stored.size > limit:
+            stored.close()
+            return None
         with os.fdopen(stored.detach(), "rb") as handle:
-            return handle.read(), self.media_type(digest)
+            data = handle.read()
+        return data, manifest_media_type(self.media_type(digest), data)
 
     def commit(self, digest: Digest, verified_path: str, media_type: str | None = None) -> None:
         """Move a file whose bytes were verified against ``digest`` into place."""

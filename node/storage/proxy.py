@@ -44,13 +44,14 @@ from node.bindings import Bindings
 from node.budget import Budget
 from node.config import CacheConfig, UpstreamConfig
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
+from node.media_types import manifest_media_type
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Origin, Source
 from node.storage.files import exclusive
 from node.storage.fill import Fills, Following
-from node.storage.local import OCTET_STREAM, LocalStore, Stored
+from node.storage.local import LocalStore, Stored
 from node.storage.memory import MemoryCache, RememberedManifest
-from node.upstream import TagPage
+from node.upstream import MANIFEST_MAX, TagPage
 from protos.values import TagPointer
 
 log = logging.getLogger(__name__)
@@ -177,19 +178,21 @@ class ProxyStore:
             if cached is not None:
                 return cached
             with self.source.open_manifest(name, digest) as fetched:
-                self._put_manifest(digest, fetched)
+                media_type = self._put_manifest(digest, fetched)
             vouched_at = self.clock() if fetched.origin is Origin.UPSTREAM else None
-            return Manifest(fetched.data, fetched.media_type, digest, fetched.origin.outcome, vouched_at)
+            return Manifest(fetched.data, media_type, digest, fetched.origin.outcome, vouched_at)
 
-    def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> None:
+    def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> str:
+        """Store a fetched manifest and keep it in memory; the media type it is served with."""
         if digest_of(fetched.data, digest.algorithm) != digest:
             raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
         # Read before the bytes reach the disk: any removal after it voids the copy.
         stamp = self.local.removals.stamp(digest)
-        self.local.put(digest, fetched.data, fetched.media_type)
-        # What a read from the disk would answer (the store keeps no type for octet-stream).
-        media_type = fetched.media_type or OCTET_STREAM
+        # A peer that got the manifest through the blob endpoint states no type of its own.
+        media_type = manifest_media_type(fetched.media_type, fetched.data)
+        self.local.put(digest, fetched.data, media_type)
         self.memory.keep_manifest(digest, RememberedManifest(fetched.data, media_type, stamp, self.clock()))
+        return media_type
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
         """The manifest from memory, else from the disk; None when the store does not hold it."""
@@ -208,7 +211,7 @@ class ProxyStore:
         A file that does not match its digest breaks the store's invariant
         (a disk error, a hand edit): it is removed and fetched again.
         """
-        found = self.local.read(digest)
+        found = self.local.read(digest, MANIFEST_MAX)
         if found is None:
             return None
         data, media_type = found
