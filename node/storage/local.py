@@ -2,8 +2,10 @@
 
 The paths it uses are drawn in ``layout.py``. Invariant: a file exists at its content path only if its bytes hash to its
 name. Content reaches that path only by ``os.replace`` of a file already
-verified, so a reader that finds the path never sees a partial file, and a
-crash leaves at most an orphan in ``fills/``.
+verified and synced to disk (blobs by the fill, manifests by ``put``), so a
+reader that finds the path never sees a partial file, and a crash leaves at
+most an orphan in ``fills/``. A manifest's type file is not synced: a
+manifest that lost it is served with the type its document names.
 
 Least-recently-used order is the files' access time; their modification
 time is when they were stored. Hits do not touch files themselves (the hit
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from node.media_types import OCTET_STREAM, manifest_media_type
+from node.offload import run_blocking
 from node.reference import Digest
 from node.storage.files import try_lock, write_atomic
 from node.storage.layout import TYPE_SUFFIX, Layout
@@ -158,6 +161,10 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                # As durable as a blob, which a fill syncs before its rename:
+                # after a crash the path holds the whole manifest or nothing.
+                run_blocking(os.fdatasync, handle.fileno())
             self.commit(digest, tmp, media_type)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
