@@ -320,7 +320,8 @@ def _range(header: str | None, size: int | None, etag: str) -> tuple[int, int] |
 
 
 def _not_modified(digest: Digest) -> bool:
-    return f'"{digest}"' in request.headers.get("If-None-Match", "")
+    """Whether ``If-None-Match`` names this content: its ETag (weakly compared, RFC 9110), or ``*``."""
+    return request.if_none_match.contains_weak(str(digest))
 
 
 def register(app: Flask) -> None:

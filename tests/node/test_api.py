@@ -100,6 +100,21 @@ def test_head_answers_headers_without_body(client: httpx.Client, image: Image) -
     assert blob.headers["Content-Length"] == str(len(image.blobs[layer]))
 
 
+def test_if_none_match_answers_304_for_this_content(client: httpx.Client, image: Image) -> None:
+    layer = image.layer_digests[0]
+    for path, digest in (
+        (f"/v2/api/app/manifests/{image.digest}", image.digest),
+        (f"/v2/api/app/blobs/{layer}", layer),
+    ):
+        for matching in (f'"{digest}"', f'W/"{digest}"', f'"sha256:{"0" * 64}", "{digest}"', "*"):
+            response = client.get(path, headers={"If-None-Match": matching})
+            assert response.status_code == 304, (path, matching)
+            assert response.content == b""
+            assert response.headers["ETag"] == f'"{digest}"'
+        for other in (f'"sha256:{"0" * 64}"', f'"x{digest}"'):
+            assert client.get(path, headers={"If-None-Match": other}).status_code == 200, (path, other)
+
+
 def test_ranges_on_miss_and_hit(tmp_path: Path, upstream_registry: DistributionRegistry) -> None:
     built = build_image([600_000], seed="ranges")
     push(upstream_registry.url, "api/ranges", "v1", built)
