@@ -4,7 +4,8 @@ hypothesis draws paths (well-formed registry paths with odd parts, and
 arbitrary text), query parameters, headers and methods. The upstream is an
 ``httpx.MockTransport`` that holds one repository's worth of content under
 any name, so that requests get past validation into the stores: tags,
-manifests, blob fills and hits, ranges, pages.
+manifests, blob fills and hits, ranges, pages. The app runs open, and with
+htpasswd users, whose credentials are among the Authorization headers drawn.
 
 The suite runs ``EXAMPLES`` examples (a few seconds); a longer run:
 ``SHOAL_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/node/test_fuzz_api.py``.
@@ -12,12 +13,14 @@ The suite runs ``EXAMPLES`` examples (a few seconds); a longer run:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import urllib.parse
 from collections.abc import Iterator
 
+import bcrypt
 import httpx
 import pytest
 from flask.testing import FlaskClient
@@ -45,6 +48,8 @@ MANIFEST = json.dumps(
 ).encode()
 MANIFEST_DIGEST = str(digest_of(MANIFEST))
 TAGS = ["a", "b", "latest", "v1"]
+USER, PASSWORD = "fuzz", "fuzz-password"
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 _CONTENT = re.compile(r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
 
@@ -76,11 +81,16 @@ def _upstream(request: httpx.Request) -> httpx.Response:
     return httpx.Response(404, json={"errors": [{"code": "NAME_UNKNOWN", "message": "unknown"}]})
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
-    config = config_from_dict(
-        {"upstream": {"url": f"https://{REGISTRY}"}, "cache": {"dir": str(tmp_path_factory.mktemp("fuzz"))}}
-    )
+@pytest.fixture(scope="module", params=["open", "htpasswd"])
+def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
+    """The app as anyone may pull from it, and with htpasswd users (``USER``, who pulls with ``BASIC``)."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    settings: dict[str, object] = {"upstream": {"url": f"https://{REGISTRY}"}, "cache": {"dir": str(folder / "cache")}}
+    if request.param == "htpasswd":
+        users = folder / "htpasswd"
+        users.write_bytes(b"%s:%s\n" % (USER.encode(), bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))))
+        settings["auth"] = {"htpasswd": {"realm": "fuzz", "path": str(users)}}
+    config = config_from_dict(settings)
     upstream = Upstream(config.upstream, transport=httpx.MockTransport(_upstream))
     app = create_app(config, upstream=upstream)
     try:
@@ -131,7 +141,9 @@ _HEADERS = st.fixed_dictionaries(
         "If-Range": st.one_of(st.just(f'"{BLOB_DIGEST}"'), _HEADER_TEXT),
         "If-None-Match": st.one_of(st.just(f'"{MANIFEST_DIGEST}"'), st.just("*"), _HEADER_TEXT),
         "Accept": st.one_of(st.just(MANIFEST_TYPE), _HEADER_TEXT),
-        "Authorization": st.one_of(st.just("Basic !!!"), st.just("Bearer x.y.z"), _HEADER_TEXT),
+        "Authorization": st.one_of(
+            st.just(BASIC), st.just(BASIC), st.just("Basic !!!"), st.just("Bearer x.y.z"), _HEADER_TEXT
+        ),
     },
 )
 _METHODS = st.sampled_from(["GET", "GET", "GET", "HEAD", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
