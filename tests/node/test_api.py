@@ -219,6 +219,12 @@ def test_writes_are_unsupported(client: httpx.Client, image: Image) -> None:
         ("/v2/_catalog?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
         ("/v2/_catalog?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
         ("/v2/_catalog?n=1.5", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=%FF", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/%FF/manifests/v1", 400, "NAME_INVALID"),
+        ("/v2/api/app/manifests/%FF", 400, "MANIFEST_INVALID"),
+        ("/v2/api/app/blobs/sha256:%00", 400, "DIGEST_INVALID"),
+        ("/v2/api/app/tags/list?ns=nowhere.example", 404, "NAME_UNKNOWN"),
+        ("/v2/nowhere.example/api/app/tags/list", 404, "NAME_UNKNOWN"),
         ("/v2/api/app/manifests/missing", 404, "MANIFEST_UNKNOWN"),
         ("/v2/api/app/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
         ("/v2/api/app/nothing", 404, "NOT_FOUND"),
@@ -271,6 +277,11 @@ def _raw(node: NodeProcess, request: bytes) -> tuple[int, dict[str, str], bytes]
         pytest.param(b"GET /v2/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, id="request line too long"),
         pytest.param(b"\x16\x03\x01 garbage\r\n\r\n", 400, id="not HTTP"),
         pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400, id="invalid header name"),
+        pytest.param(b"GET /v2/api/\xff/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="raw non-ASCII path"),
+        pytest.param(b"get /v2/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="lower-case method"),
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, id="bad length"),
+        pytest.param(b"GET /v2/ HTTP/9.9\r\nHost: x\r\n\r\n", 400, id="unknown HTTP version"),
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, id="unknown expectation"),
     ],
 )
 def test_requests_gunicorn_refuses_get_an_oci_error(node: NodeProcess, request_bytes: bytes, status: int) -> None:
@@ -278,7 +289,7 @@ def test_requests_gunicorn_refuses_get_an_oci_error(node: NodeProcess, request_b
     assert answered == status
     assert headers["Content-Type"] == "application/json"
     errors = json.loads(body)["errors"]
-    assert errors[0]["code"] == "UNKNOWN"
+    assert errors[0]["code"] == ("UNSUPPORTED" if status == 417 else "UNKNOWN")
     assert "aaaa" not in errors[0]["message"]
 
 
