@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
@@ -32,8 +33,11 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 _CONTENT = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
 _TAGS = re.compile(r"(?P<name>.+)/tags/list")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_PAGE_SIZE = re.compile(r"[0-9]{1,9}")
+# A byte position has at most 19 digits (Go's int64, as in http.ServeContent).
+_POSITION = re.compile(r"[0-9]{1,19}")
 PAGE_MAX = 10000
+LAST_MAX = 256
 
 api = Blueprint("registry", __name__)
 
@@ -119,15 +123,20 @@ def _name(store: ProxyStore, raw: str) -> str:
 
 
 def _pagination() -> tuple[int | None, str | None]:
-    n_text = request.args.get("n")
+    """``n`` and ``last`` as distribution reads them: an empty one is as good as none.
+
+    ``n`` is a whole number in ASCII digits (``str.isdigit`` would take a
+    superscript two) from 0 to ``PAGE_MAX``; 0 answers an empty page.
+    """
+    n_text = request.args.get("n") or None
     n = None
     if n_text is not None:
-        if not n_text.isdigit() or not 0 <= int(n_text) <= PAGE_MAX:
-            raise PaginationInvalid(f"n must be a whole number from 0 to {PAGE_MAX}")
+        if not _PAGE_SIZE.fullmatch(n_text) or int(n_text) > PAGE_MAX:
+            raise PaginationInvalid(f"n must be a whole number from 0 to {PAGE_MAX}", {"n": n_text[:16]})
         n = int(n_text)
     last = request.args.get("last") or None
-    if last is not None and len(last) > 256:
-        raise PaginationInvalid("last is too long")
+    if last is not None and len(last) > LAST_MAX:
+        raise PaginationInvalid(f"last is longer than {LAST_MAX} characters")
     return n, last
 
 
@@ -136,9 +145,25 @@ def _page_response(page: TagPage, field: str, name: str | None = None) -> Respon
     if name is not None:
         body = {"name": name, **body}
     response = jsonify(body)
-    if page.link:
-        response.headers["Link"] = page.link
+    if page.next is not None:
+        response.headers["Link"] = _next_link(page.next)
     return response
+
+
+def _next_link(query: Mapping[str, str]) -> str:
+    """The Link to the next page, back at this mirror: the path the client asked for, and its ``ns``.
+
+    The path keeps a registry prefix and the name as the client wrote it
+    (``alpine``, not ``library/alpine``); only the page's ``n`` and
+    ``last`` come from the page, so an upstream's link never sends a client
+    elsewhere.
+    """
+    params = dict(query)
+    namespace = request.args.get("ns")
+    if namespace is not None:
+        params["ns"] = namespace
+    path = urllib.parse.quote(request.path, safe="/:")
+    return f'<{path}?{urllib.parse.urlencode(params)}>; rel="next"'
 
 
 def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
@@ -168,7 +193,7 @@ def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
         }
-        span = _range(request.headers.get("Range"), size)
+        span = _range(request.headers.get("Range"), size, headers["ETag"])
         status = 200
         if span is not None and size is not None:
             headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
@@ -229,33 +254,74 @@ def _pushed(body: Followed) -> Iterator[bytes]:
         body.close()
 
 
-def _range(header: str | None, size: int | None) -> tuple[int, int] | None:
-    """The byte span ``[start, end)`` a ``Range`` header asks for, or None.
+def _range(header: str | None, size: int | None, etag: str) -> tuple[int, int] | None:
+    """The byte span ``[start, end)`` a ``Range`` header asks for, or None for the whole body.
 
-    Only single ``bytes`` ranges are supported, as registries use them. An
-    unknown unit is ignored (RFC 9110); a malformed or unsatisfiable range
-    answers 416 ``RANGE_INVALID``. With an unknown size the whole body is sent.
+    As Go's ``http.ServeContent`` decides (distribution serves blobs with
+    it), with two differences RFC 9110 allows or asks for: a unit other
+    than ``bytes`` is ignored, and a suffix of 0 bytes is unsatisfiable.
+
+    - No header, an unknown size (a fill of unknown length), or no range
+      in the list (``bytes=``): the whole body.
+    - Any malformed range in the list (not ``first-last``, ``-suffix`` or
+      ``first-``; a position that is not ASCII digits or has more than 19
+      of them; ``last`` before ``first``): 416 ``RANGE_INVALID``.
+    - Ranges that all start past the end: 416.
+    - One satisfiable range: that range (a 206).
+    - Several, or ranges that add up to more than the blob: the whole body
+      (Go sends several as multipart/byteranges, which no registry client
+      asks for; a 200 of the whole is allowed by RFC 9110). So is a suffix
+      of an empty blob.
+    - An ``If-Range`` that is not this blob's ETag: the whole body.
     """
-    if header is None or size is None or not header.strip().startswith("bytes="):
+    if header is None or size is None:
         return None
-    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
-    if not match or match.group(1) == match.group(2) == "":
-        raise RangeInvalid("invalid range", size)
-    first, last = match.groups()
-    if first == "":
-        length = int(last)
-        if length == 0:
+    header = header.strip()
+    if header[:6].lower() != "bytes=":
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != etag:
+        return None
+    spans: list[tuple[int, int]] = []
+    beyond = False
+    for part in header[6:].split(","):
+        part = part.strip(" \t")
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        first, last = first.strip(" \t"), last.strip(" \t")
+        if not dash or not (first or last):
+            raise RangeInvalid("invalid range", size)
+        if any(position and not _POSITION.fullmatch(position) for position in (first, last)):
+            raise RangeInvalid("invalid range", size)
+        if not first:
+            suffix = int(last)
+            if suffix == 0:
+                raise RangeInvalid("range not satisfiable", size)
+            if size == 0:
+                # Nothing to send a part of: the whole (empty) body.
+                continue
+            spans.append((max(size - suffix, 0), size))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            raise RangeInvalid("invalid range", size)
+        if start >= size:
+            beyond = True
+            continue
+        spans.append((start, size if not last else min(int(last) + 1, size)))
+    if not spans:
+        if beyond:
             raise RangeInvalid("range not satisfiable", size)
-        return max(size - length, 0), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if start >= size or end <= start:
-        raise RangeInvalid("range not satisfiable", size)
-    return start, end
+        return None
+    if len(spans) > 1 or sum(end - start for start, end in spans) > size:
+        return None
+    return spans[0]
 
 
 def _not_modified(digest: Digest) -> bool:
-    return f'"{digest}"' in request.headers.get("If-None-Match", "")
+    """Whether ``If-None-Match`` names this content: its ETag (weakly compared, RFC 9110), or ``*``."""
+    return request.if_none_match.contains_weak(str(digest))
 
 
 def register(app: Flask) -> None:

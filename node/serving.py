@@ -24,6 +24,13 @@ worker this adds what a registry mirror needs:
 - **gRPC on gevent.** ``grpc.experimental.gevent.init_gevent`` runs right
   after monkey patching, before the app (and any channel) exists.
 
+- **OCI errors from gunicorn too.** A request gunicorn refuses before the
+  app sees it (a request line longer than ``limit_request_line``, a header
+  longer than ``limit_request_field_size`` or more than
+  ``limit_request_fields`` of them, bytes that are not HTTP) gets
+  gunicorn's status (414, 431, 400) with an OCI error body instead of its
+  HTML page (``oci_error_page``).
+
 A response cut short on purpose (a client that stalled, a fill that
 failed) ends with ``ResponseCutShort``, a connection reset for gunicorn, so
 it closes the connection quietly; the node logs the reason once.
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -138,6 +146,58 @@ class ClientSocket(cooperative.socket):
         return ResponseCutShort("the client accepted no bytes for server.send_timeout")
 
 
+class _OciErrorSocket:
+    """A client socket as gunicorn's ``handle_error`` sees it: what it sends is rewritten by ``oci_error_page``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        self._client.sendall(oci_error_page(data), flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+# The message of each status gunicorn answers a request it cannot parse
+# with. None quotes the request: it may carry a credential.
+_GUNICORN_ERRORS = {
+    400: "the request is not valid HTTP",
+    403: "the request was refused",
+    414: "the request line is longer than this server accepts (limit_request_line)",
+    417: "the request's Expect header is not supported",
+    431: (
+        "a request header is longer than this server accepts (limit_request_field_size), "
+        "or there are more headers than it accepts (limit_request_fields)"
+    ),
+    501: "the request's Transfer-Encoding is not supported",
+}
+
+
+def oci_error_page(page: bytes) -> bytes:
+    """gunicorn's error answer (``gunicorn.util.write_error``) with an OCI error body in place of its HTML.
+
+    The status line is kept; the body is ``{"errors": [...]}`` with a
+    message chosen by the status, so nothing of the request is echoed. An
+    answer that does not start with a status line is sent as it is.
+    """
+    status_line, _, _ = page.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return page
+    status = int(parts[1])
+    code = "UNSUPPORTED" if status in (417, 501) else "DENIED" if status == 403 else "UNKNOWN"
+    message = _GUNICORN_ERRORS.get(status, "the request cannot be served")
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+    return (
+        status_line + b"\r\n"
+        b"Connection: close\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Docker-Distribution-API-Version: registry/2.0\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 class Worker(GeventWorker):
     """gunicorn's gevent worker with the node's ceilings and its zero-copy socket."""
 
@@ -196,6 +256,10 @@ class Worker(GeventWorker):
             super().handle_request(listener_name, req, sock, addr)
         finally:
             gevent.sleep(0)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's answer to a request it could not parse (or serve), with an OCI error body."""
+        super().handle_error(req, _OciErrorSocket(client), addr, exc)
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         if self.open_connections >= self.connection_limit:

@@ -35,6 +35,7 @@ import math
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -98,9 +99,11 @@ class UpstreamManifest:
 @dataclass(frozen=True)
 class TagPage:
     tags: list[str]
-    # The upstream's Link header (rel="next") unchanged; the caller rewrites
-    # it for its own clients.
-    link: str | None
+    # The query of the next page (its ``last``, and ``n`` when it has one),
+    # when there is a next page: from the upstream's Link header
+    # (rel="next"), or from the cache's own pagination. Never a URL: the view
+    # makes the Link header from it, under the path and ``ns`` its client used.
+    next: dict[str, str] | None = None
 
 
 class Observer(Protocol):
@@ -349,7 +352,7 @@ class Upstream:
             tags = None if document is None else (document.get("tags") or [])
             if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
                 raise self._failure(UpstreamInvalid, f"{what}: the answer is not a tag list")
-            return TagPage(tags, response.headers.get("link"))
+            return TagPage(tags, _next_page(response))
 
     def ping(self) -> None:
         """Check that the upstream answers ``GET /v2/`` (with auth) with 200."""
@@ -485,6 +488,23 @@ def _rest_of_blob(response: httpx.Response, start: int) -> int | None:
     if length is not None and length != total - start:
         return None
     return total
+
+
+def _next_page(response: httpx.Response) -> dict[str, str] | None:
+    """The ``n`` and ``last`` of the upstream's next page (Link, rel="next"); None without one.
+
+    Only these two are kept: they are all Shoal passes on to the upstream.
+    A next link without a ``last`` cannot be followed through Shoal (it
+    would ask for the same page again), so it is dropped.
+    """
+    url = response.links.get("next", {}).get("url")
+    if url is None:
+        return None
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    if not query.get("last"):
+        logger.debug("upstream tag list: a next link without last; not passed on")
+        return None
+    return {key: query[key] for key in ("n", "last") if key in query}
 
 
 def _media_type_field(data: bytes) -> str:

@@ -14,6 +14,11 @@ content, as they would from a real upstream that fails mid-transfer.
 A ``RateLimit`` (``set_rate_limit``) plays Docker Hub's rate limits on the
 whole registry: the ``ratelimit-*`` headers on every answer, and 429s.
 
+A tag list honours ``n`` and ``last`` and links to the next page, as
+distribution 3 does. A peer's content endpoint
+(``/internal/v1/content/<digest>``) serves any blob the fake holds, faults
+and all, so a test can play a misbehaving peer.
+
 A blob GET with ``Range: bytes=<first>-`` is answered 206 with the bytes
 from there on, as distribution answers it, unless ``honour_range`` is off
 (then it is a 200 of the whole blob, as from an upstream that ignores
@@ -32,6 +37,7 @@ import socket
 import threading
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -42,6 +48,7 @@ from testbed.images import Image, Index, sha256_digest
 _MANIFEST_OR_BLOB = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _TAGS_LIST = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
 _CDN = re.compile(r"^/cdn/(?P<digest>[^/]+)$")
+_PEER = re.compile(r"^/internal/v1/content/(?P<digest>[^/]+)$")
 _RANGE = re.compile(r"bytes=(?P<first>\d+)-")
 
 
@@ -344,6 +351,20 @@ class FakeUpstream:
             return self._faults.get(digest)
 
 
+def _page(name: str, tags: list[str], query: dict[str, list[str]]) -> tuple[list[str], str | None]:
+    """The page of ``tags`` that ``n`` and ``last`` ask for, and the Link to the next, as distribution 3 sends them."""
+    last = query.get("last", [""])[0]
+    after = [tag for tag in tags if tag > last]
+    n_text = query.get("n", [""])[0]
+    if not n_text.isdecimal() or len(after) <= int(n_text):
+        return after, None
+    page = after[: int(n_text)]
+    if not page:
+        return page, None
+    next_query = urllib.parse.urlencode({"last": page[-1], "n": n_text})
+    return page, f'</v2/{name}/tags/list?{next_query}>; rel="next"'
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     upstream: FakeUpstream
@@ -398,10 +419,11 @@ class _Handler(BaseHTTPRequestHandler):
             if tags is None:
                 self._send_error(404, "NAME_UNKNOWN", "repository name not known to registry", send_body=send_body)
                 return
+            tags, link = _page(match["name"], tags, urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
             body = json.dumps({"name": match["name"], "tags": tags}).encode()
-            self._send(200, "application/json", body, digest=None, send_body=send_body)
+            self._send(200, "application/json", body, digest=None, send_body=send_body, link=link)
             return
-        if match := _CDN.match(path):
+        if match := _CDN.match(path) or _PEER.match(path):
             data = self.upstream._lookup_any_blob(match["digest"])
             if data is None:
                 self._send_error(404, "BLOB_UNKNOWN", "blob unknown to the CDN", send_body=send_body)
@@ -476,8 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
         send_body: bool,
         fault_of: str | None = None,
         first: int = 0,
+        link: str | None = None,
     ) -> None:
-        """Answer with ``body``, or with its bytes from ``first`` on as a 206."""
+        """Answer with ``body``, or with its bytes from ``first`` on as a 206; ``link`` is a Link header."""
         fault_of = fault_of or digest
         fault = self.upstream._fault(fault_of) if fault_of is not None else None
         if fault is not None and fault.corrupt and body:
@@ -494,6 +517,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_rate_limit_headers(status)
         if digest is not None:
             self.send_header("Docker-Content-Digest", digest)
+        if link is not None:
+            self.send_header("Link", link)
         if fault is not None and fault.content_encoding is not None:
             self.send_header("Content-Encoding", fault.content_encoding)
         self.end_headers()

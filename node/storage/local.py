@@ -2,8 +2,10 @@
 
 The paths it uses are drawn in ``layout.py``. Invariant: a file exists at its content path only if its bytes hash to its
 name. Content reaches that path only by ``os.replace`` of a file already
-verified, so a reader that finds the path never sees a partial file, and a
-crash leaves at most an orphan in ``fills/``.
+verified and synced to disk (blobs by the fill, manifests by ``put``), so a
+reader that finds the path never sees a partial file, and a crash leaves at
+most an orphan in ``fills/``. A manifest's type file is not synced: a
+manifest that lost it is served with the type its document names.
 
 Least-recently-used order is the files' access time; their modification
 time is when they were stored. Hits do not touch files themselves (the hit
@@ -29,13 +31,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from node.media_types import OCTET_STREAM, manifest_media_type
+from node.offload import run_blocking
 from node.reference import Digest
 from node.storage.files import try_lock, write_atomic
 from node.storage.layout import TYPE_SUFFIX, Layout
 from node.storage.removals import Removals
 from protos.values import Content, TagPointer
-
-OCTET_STREAM = "application/octet-stream"
 
 
 class Stored:
@@ -124,13 +126,24 @@ class LocalStore:
     def has(self, digest: Digest) -> bool:
         return os.path.exists(self.layout.content(digest))
 
-    def read(self, digest: Digest) -> tuple[bytes, str] | None:
-        """The whole content and its media type; for small things (manifests)."""
+    def read(self, digest: Digest, limit: int | None = None) -> tuple[bytes, str] | None:
+        """The whole content and its media type; for small things (manifests).
+
+        None when the store does not hold it, or holds more than ``limit``
+        bytes of it (a layer asked for as a manifest is not read into memory).
+        Content stored without a type (a manifest first fetched through the
+        blob endpoint) gets the type its document names
+        (``node.media_types.manifest_media_type``).
+        """
         stored = self.open(digest)
         if stored is None:
             return None
+        if limit is not None and stored.size > limit:
+            stored.close()
+            return None
         with os.fdopen(stored.detach(), "rb") as handle:
-            return handle.read(), self.media_type(digest)
+            data = handle.read()
+        return data, manifest_media_type(self.media_type(digest), data)
 
     def commit(self, digest: Digest, verified_path: str, media_type: str | None = None) -> None:
         """Move a file whose bytes were verified against ``digest`` into place."""
@@ -148,6 +161,10 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                # As durable as a blob, which a fill syncs before its rename:
+                # after a crash the path holds the whole manifest or nothing.
+                run_blocking(os.fdatasync, handle.fileno())
             self.commit(digest, tmp, media_type)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

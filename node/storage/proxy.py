@@ -44,13 +44,14 @@ from node.bindings import Bindings
 from node.budget import Budget
 from node.config import CacheConfig, UpstreamConfig
 from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
+from node.media_types import manifest_media_type
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Origin, Source
 from node.storage.files import exclusive
 from node.storage.fill import Fills, Following
-from node.storage.local import OCTET_STREAM, LocalStore, Stored
+from node.storage.local import LocalStore, Stored
 from node.storage.memory import MemoryCache, RememberedManifest
-from node.upstream import TagPage
+from node.upstream import MANIFEST_MAX, TagPage
 from protos.values import TagPointer
 
 log = logging.getLogger(__name__)
@@ -177,19 +178,21 @@ class ProxyStore:
             if cached is not None:
                 return cached
             with self.source.open_manifest(name, digest) as fetched:
-                self._put_manifest(digest, fetched)
+                media_type = self._put_manifest(digest, fetched)
             vouched_at = self.clock() if fetched.origin is Origin.UPSTREAM else None
-            return Manifest(fetched.data, fetched.media_type, digest, fetched.origin.outcome, vouched_at)
+            return Manifest(fetched.data, media_type, digest, fetched.origin.outcome, vouched_at)
 
-    def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> None:
+    def _put_manifest(self, digest: Digest, fetched: FetchedManifest) -> str:
+        """Store a fetched manifest and keep it in memory; the media type it is served with."""
         if digest_of(fetched.data, digest.algorithm) != digest:
             raise UpstreamInvalid("the upstream sent a manifest that does not match its digest")
         # Read before the bytes reach the disk: any removal after it voids the copy.
         stamp = self.local.removals.stamp(digest)
-        self.local.put(digest, fetched.data, fetched.media_type)
-        # What a read from the disk would answer (the store keeps no type for octet-stream).
-        media_type = fetched.media_type or OCTET_STREAM
+        # A peer that got the manifest through the blob endpoint states no type of its own.
+        media_type = manifest_media_type(fetched.media_type, fetched.data)
+        self.local.put(digest, fetched.data, media_type)
         self.memory.keep_manifest(digest, RememberedManifest(fetched.data, media_type, stamp, self.clock()))
+        return media_type
 
     def _cached_manifest(self, digest: Digest) -> Manifest | None:
         """The manifest from memory, else from the disk; None when the store does not hold it."""
@@ -208,7 +211,7 @@ class ProxyStore:
         A file that does not match its digest breaks the store's invariant
         (a disk error, a hand edit): it is removed and fetched again.
         """
-        found = self.local.read(digest)
+        found = self.local.read(digest, MANIFEST_MAX)
         if found is None:
             return None
         data, media_type = found
@@ -289,6 +292,9 @@ class ProxyStore:
     # Tags and the catalog.
 
     def tags(self, name: str, n: int | None, last: str | None) -> TagPage:
+        if n == 0:
+            # Distribution answers n=0 with an empty page, and so does the cache, without asking.
+            return TagPage([])
         try:
             page = self.source.tags(name, n, last)
         except _STALE_OK as exc:
@@ -296,18 +302,18 @@ class ProxyStore:
             if not known:
                 raise
             log.warning("answering the tag list of %s from the cache: %s", name, exc.message)
-            return paginate(known, n, last, f"/v2/{name}/tags/list")
+            return paginate(known, n, last)
         # The spec wants lexical order; distribution 2.x sends the list in
         # the order its storage walks, and ignores n and last.
         tags = sorted(page.tags)
         if n is None and last is None:
             self.local.write_tag_list(self._scoped(name), tags)
-        elif page.link is None:
-            return paginate(tags, n, last, f"/v2/{name}/tags/list")
-        return TagPage(tags, page.link)
+        elif page.next is None:
+            return paginate(tags, n, last)
+        return TagPage(tags, page.next)
 
     def catalog(self, n: int | None, last: str | None) -> TagPage:
-        return paginate(self.local.repositories(self.config.name), n, last, "/v2/_catalog")
+        return paginate(self.local.repositories(self.config.name), n, last)
 
     def _scoped(self, name: str) -> str:
         """Tags and repositories are kept per registry: the same name is another repository elsewhere."""
@@ -319,11 +325,13 @@ class ProxyStore:
         return exclusive(path, 2 * self.config.timeout + 5)
 
 
-def paginate(items: list[str], n: int | None, last: str | None, path: str) -> TagPage:
-    """One page of a sorted list, with a Link to the next as the spec has it."""
+def paginate(items: list[str], n: int | None, last: str | None) -> TagPage:
+    """One page of a sorted list, with the query of the next page as the spec has it."""
     if last is not None:
         items = [item for item in items if item > last]
     if n is None or len(items) <= n:
-        return TagPage(items, None)
+        return TagPage(items)
     page = items[:n]
-    return TagPage(page, f'<{path}?n={n}&last={page[-1]}>; rel="next"')
+    if not page:
+        return TagPage([])
+    return TagPage(page, {"n": str(n), "last": page[-1]})

@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,21 @@ def test_head_answers_headers_without_body(client: httpx.Client, image: Image) -
     assert blob.headers["Content-Length"] == str(len(image.blobs[layer]))
 
 
+def test_if_none_match_answers_304_for_this_content(client: httpx.Client, image: Image) -> None:
+    layer = image.layer_digests[0]
+    for path, digest in (
+        (f"/v2/api/app/manifests/{image.digest}", image.digest),
+        (f"/v2/api/app/blobs/{layer}", layer),
+    ):
+        for matching in (f'"{digest}"', f'W/"{digest}"', f'"sha256:{"0" * 64}", "{digest}"', "*"):
+            response = client.get(path, headers={"If-None-Match": matching})
+            assert response.status_code == 304, (path, matching)
+            assert response.content == b""
+            assert response.headers["ETag"] == f'"{digest}"'
+        for other in (f'"sha256:{"0" * 64}"', f'"x{digest}"'):
+            assert client.get(path, headers={"If-None-Match": other}).status_code == 200, (path, other)
+
+
 def test_ranges_on_miss_and_hit(tmp_path: Path, upstream_registry: DistributionRegistry) -> None:
     built = build_image([600_000], seed="ranges")
     push(upstream_registry.url, "api/ranges", "v1", built)
@@ -117,12 +133,51 @@ def test_ranges_on_miss_and_hit(tmp_path: Path, upstream_registry: DistributionR
                 assert response.status_code == 206, header
                 assert response.content == data[start:end], header
                 assert response.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(data)}"
-            for header in ("bytes=700000-", "bytes=5-2", "bytes=abc", "bytes=-0"):
+            # One satisfiable range among ranges past the end is that range, as Go's ServeContent has it.
+            response = http.get(f"/v2/api/ranges/blobs/{layer}", headers={"Range": "bytes=700000-, 10-19"})
+            assert response.status_code == 206
+            assert response.content == data[10:20]
+            unsatisfiable = [
+                "bytes=700000-",
+                "bytes=5-2",
+                "bytes=abc",
+                "bytes=-0",
+                "bytes=1 0-20",
+                b"bytes=\xc2\xb2-",
+                "bytes=0-1,x",
+                "bytes=700000-,800000-",
+                "bytes=" + "9" * 20 + "-",
+                "bytes=" + "9" * 5000,
+                "bytes=-" + "9" * 5000,
+                "bytes=" + "1" * 5000 + "-",
+            ]
+            for header in unsatisfiable:
                 response = http.get(f"/v2/api/ranges/blobs/{layer}", headers={"Range": header})
                 assert response.status_code == 416, header
                 assert response.json()["errors"][0]["code"] == "RANGE_INVALID"
                 assert response.headers["Content-Range"] == f"bytes */{len(data)}"
-            assert http.get(f"/v2/api/ranges/blobs/{layer}", headers={"Range": "items=1-2"}).status_code == 200
+            whole = [
+                ({"Range": "items=1-2"}),
+                # No range in the list at all.
+                ({"Range": "bytes="}),
+                ({"Range": "bytes=, ,"}),
+                # Several ranges: Go sends them as multipart/byteranges, Shoal the whole blob.
+                ({"Range": "bytes=0-1,5-6"}),
+                # Ranges that add up to more than the blob.
+                ({"Range": "bytes=0-,1-"}),
+                # A range for another version of the content.
+                ({"Range": "bytes=0-9", "If-Range": '"sha256:' + "0" * 64 + '"'}),
+                ({"Range": "bytes=0-9", "If-Range": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+            ]
+            for headers in whole:
+                response = http.get(f"/v2/api/ranges/blobs/{layer}", headers=headers)
+                assert response.status_code == 200, headers
+                assert response.content == data, headers
+            matching = http.get(
+                f"/v2/api/ranges/blobs/{layer}", headers={"Range": "bytes=0-9", "If-Range": f'"{layer}"'}
+            )
+            assert matching.status_code == 206
+            assert matching.content == data[:10]
     finally:
         node.stop()
 
@@ -156,6 +211,20 @@ def test_writes_are_unsupported(client: httpx.Client, image: Image) -> None:
         ("/v2/api/app/manifests/sha256:xyz", 400, "DIGEST_INVALID"),
         ("/v2/api/app/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
         ("/v2/api/app/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
+        # A superscript two is a digit to str.isdigit, not to int.
+        ("/v2/api/app/tags/list?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/app/tags/list?n=" + "9" * 4000, 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/app/tags/list?n=10001", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/app/tags/list?last=" + "a" * 257, 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=1.5", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=%FF", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/api/%FF/manifests/v1", 400, "NAME_INVALID"),
+        ("/v2/api/app/manifests/%FF", 400, "MANIFEST_INVALID"),
+        ("/v2/api/app/blobs/sha256:%00", 400, "DIGEST_INVALID"),
+        ("/v2/api/app/tags/list?ns=nowhere.example", 404, "NAME_UNKNOWN"),
+        ("/v2/nowhere.example/api/app/tags/list", 404, "NAME_UNKNOWN"),
         ("/v2/api/app/manifests/missing", 404, "MANIFEST_UNKNOWN"),
         ("/v2/api/app/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
         ("/v2/api/app/nothing", 404, "NOT_FOUND"),
@@ -176,6 +245,52 @@ def test_bad_input_gets_an_oci_error(node: NodeProcess, path: str, status: int, 
     assert body["errors"][0]["code"] == code
     assert node.stored_digests() == before
     assert not (node.cache_dir.parent / "etc").exists()
+
+
+def test_a_page_of_none_is_empty(client: httpx.Client, image: Image) -> None:
+    client.get("/v2/api/app/manifests/v1")
+    for path, field in (("/v2/_catalog", "repositories"), ("/v2/api/app/tags/list", "tags")):
+        response = client.get(path, params={"n": "0"})
+        assert response.status_code == 200, response.text
+        assert response.json()[field] == []
+        assert "Link" not in response.headers
+
+
+def _raw(node: NodeProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as it is; the status, headers and body of the answer."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        return answer.status, dict(answer.getheaders()), answer.read()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, id="header too long"),
+        pytest.param(
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n",
+            431,
+            id="too many headers",
+        ),
+        pytest.param(b"GET /v2/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, id="request line too long"),
+        pytest.param(b"\x16\x03\x01 garbage\r\n\r\n", 400, id="not HTTP"),
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400, id="invalid header name"),
+        pytest.param(b"GET /v2/api/\xff/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="raw non-ASCII path"),
+        pytest.param(b"get /v2/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="lower-case method"),
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, id="bad length"),
+        pytest.param(b"GET /v2/ HTTP/9.9\r\nHost: x\r\n\r\n", 400, id="unknown HTTP version"),
+        pytest.param(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, id="unknown expectation"),
+    ],
+)
+def test_requests_gunicorn_refuses_get_an_oci_error(node: NodeProcess, request_bytes: bytes, status: int) -> None:
+    answered, headers, body = _raw(node, request_bytes)
+    assert answered == status
+    assert headers["Content-Type"] == "application/json"
+    errors = json.loads(body)["errors"]
+    assert errors[0]["code"] == ("UNSUPPORTED" if status == 417 else "UNKNOWN")
+    assert "aaaa" not in errors[0]["message"]
 
 
 def test_tags_list_and_catalog(client: httpx.Client, upstream_registry: DistributionRegistry) -> None:

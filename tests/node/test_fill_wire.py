@@ -1,4 +1,4 @@
-"""Fills from an upstream on a real socket, through the blob transport (``node.transport``).
+"""Fills from an upstream, and bodies from a peer, on a real socket, through the blob transport (``node.transport``).
 
 The fake upstream (``testbed.fake_upstream``) is a real HTTP server, so the
 bytes take the path they take in production: urllib3 below httpx, read in
@@ -8,6 +8,7 @@ pieces as large as what has arrived, hashed and written by the fill.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from node.config import UpstreamConfig
 from node.errors import UpstreamUnavailable
+from node.peers import PeerClient
 from node.reference import Digest, parse_digest
 from node.storage.fill import FillFailed, Fills
 from node.storage.local import LocalStore
@@ -83,6 +85,38 @@ def test_a_fill_stores_exactly_the_upstream_bytes(
     assert fill(fills, upstream, digest) == expected
     fills.close()
     assert stored(store, digest) == expected
+
+
+class _Counts:
+    """The ``node.upstream.Observer`` a peer client reports its bytes to."""
+
+    def __init__(self) -> None:
+        self.counted: dict[tuple[str, str], int] = {}
+
+    def upstream_request(self, registry: str, kind: str, status: int | None, seconds: float) -> None:
+        pass
+
+    def count(self, kind: str, counter: str, value: int = 1) -> None:
+        self.counted[kind, counter] = self.counted.get((kind, counter), 0) + value
+
+    def rate_limits(self, registry: str, seen: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_peer_body_is_read_raw(fake: FakeUpstream, encoding: str) -> None:
+    """A layer is gzip bytes: a client that decoded them for a Content-Encoding would change the digest."""
+    layer = gzip.compress(os.urandom(300_000))
+    digest = fake.add_blob(NAME, layer)
+    fake.set_fault(digest, content_encoding=encoding, chunk_size=65_537)
+    counts = _Counts()
+    peers = PeerClient("secret", 5.0, counts)
+    try:
+        with peers.open(fake.url, digest) as stream:
+            assert b"".join(iter(lambda: stream.read(1 << 20), b"")) == layer
+    finally:
+        peers.close()
+    assert counts.counted["blob", "peer_bytes"] == len(layer)
 
 
 def test_a_corrupt_body_is_never_committed(

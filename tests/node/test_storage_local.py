@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from node.reference import digest_of
 from node.storage.local import LocalStore
 from protos.values import TagPointer
@@ -19,6 +21,24 @@ def test_put_and_open(tmp_path) -> None:
     stored.close()
     assert store.read(digest) == (b"hello", "application/vnd.oci.image.manifest.v1+json")
     assert os.listdir(store.layout.fills) == []
+
+
+def test_a_manifest_is_on_disk_before_it_is_in_place(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a fill does for a blob: the bytes are synced, then renamed into place."""
+    store = LocalStore(str(tmp_path), max_size=1 << 20)
+    data = b'{"schemaVersion": 2}'
+    digest = digest_of(data)
+    synced: list[tuple[bytes, bool]] = []
+    sync = os.fdatasync
+
+    def spy(fd: int) -> None:
+        sync(fd)
+        synced.append((os.pread(fd, len(data) + 1, 0), store.has(digest)))
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    store.put(digest, data, "application/vnd.oci.image.manifest.v1+json")
+    assert synced == [(data, False)]
+    assert store.has(digest)
 
 
 def test_sweep_evicts_least_recently_used_over_the_limit(tmp_path) -> None:

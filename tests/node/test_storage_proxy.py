@@ -55,6 +55,9 @@ class FakeUpstream:
         self.unsized = False
         # Repositories that hold nothing: a HEAD for them answers 404.
         self.strangers: set[str] = set()
+        # The media type manifests come with (a peer that got one through
+        # the blob endpoint sends application/octet-stream).
+        self.media_type = MEDIA
 
     def _check(self, call: str, ref: str) -> None:
         self.calls.append((call, ref))
@@ -79,7 +82,7 @@ class FakeUpstream:
         self._check("get", str(digest))
         if str(digest) not in self.manifests:
             raise ManifestUnknown("unknown")
-        yield FetchedManifest(self.manifests[str(digest)], MEDIA)
+        yield FetchedManifest(self.manifests[str(digest)], self.media_type)
 
     @contextlib.contextmanager
     def open_blob(self, name: str, digest: Digest) -> Iterator[FakeStream]:
@@ -196,6 +199,39 @@ def test_manifest_by_digest_is_verified(proxy: ProxyStore, upstream: FakeUpstrea
     assert proxy.manifest("app", digest).data == good
 
 
+def test_a_manifest_first_fetched_as_a_blob_is_served_with_its_media_type(
+    proxy: ProxyStore, upstream: FakeUpstream
+) -> None:
+    manifest = build_image([10], seed="as-a-blob").manifest
+    digest = digest_of(manifest)
+    upstream.blobs[str(digest)] = upstream.manifests[str(digest)] = manifest
+    assert _read_blob(proxy, digest) == manifest
+    proxy.fills.close()
+    assert proxy.local.has(digest)
+    served = proxy.manifest("app", str(digest))
+    assert served.data == manifest
+    assert served.media_type == "application/vnd.docker.distribution.manifest.v2+json"
+    assert ("get", str(digest)) not in upstream.calls
+
+
+def test_a_manifest_a_source_sends_untyped_gets_its_media_type(proxy: ProxyStore, upstream: FakeUpstream) -> None:
+    manifest = build_image([10], seed="untyped", oci=True).manifest
+    digest = upstream.set_tag("app", "v1", manifest)
+    upstream.media_type = "application/octet-stream"
+    for attempt in ("fetched", "from memory"):
+        assert proxy.manifest("app", digest).media_type == MEDIA, attempt
+    assert proxy.local.read(parse_digest(digest)) == (manifest, MEDIA)
+
+
+def test_a_layer_asked_for_as_a_manifest_is_not_read_into_memory(proxy: ProxyStore, upstream: FakeUpstream) -> None:
+    data = os.urandom(4 * 1024 * 1024 + 1)
+    digest = digest_of(data)
+    proxy.local.put(digest, data)
+    with pytest.raises(ManifestUnknown):
+        proxy.manifest("app", str(digest))
+    assert ("get", str(digest)) in upstream.calls
+
+
 def test_blob_miss_fills_then_hits(proxy: ProxyStore, upstream: FakeUpstream) -> None:
     data = os.urandom(100)
     digest = digest_of(data)
@@ -241,7 +277,7 @@ def test_tag_list_falls_back_to_known_tags(proxy: ProxyStore, upstream: FakeUpst
     upstream.down = True
     page = proxy.tags("app", 2, "a")
     assert page.tags == ["b", "c"]
-    assert page.link == '</v2/app/tags/list?n=2&last=c>; rel="next"'
+    assert page.next == {"n": "2", "last": "c"}
     assert proxy.tags("app", None, "c").tags == ["d"]
 
 

@@ -152,13 +152,29 @@ def test_tags_page(connect: Callable[..., Upstream]) -> None:
         200, json={"name": "library/alpine", "tags": ["3.19", "latest"]}, headers={"Link": link}
     )
     page = connect(fake).tags("library/alpine", n=2, last="3.18")
-    assert page == TagPage(tags=["3.19", "latest"], link=link)
+    assert page == TagPage(tags=["3.19", "latest"], next={"n": "2", "last": "latest"})
     assert dict(fake.requests[0].url.params) == {"n": "2", "last": "3.18"}
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        pytest.param('<https://elsewhere.test/v2/x/tags/list?n=2>; rel="next"', id="no last"),
+        pytest.param('</v2/library/alpine/tags/list?last=latest>; rel="prev"', id="not next"),
+        pytest.param("garbage", id="garbage"),
+    ],
+)
+def test_a_next_page_needs_a_last(connect: Callable[..., Upstream], link: str) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", TAGS_PATH] = lambda request: httpx.Response(
+        200, json={"name": "library/alpine", "tags": ["3.19"]}, headers={"Link": link}
+    )
+    assert connect(fake).tags("library/alpine", n=1).next is None
 
 
 def test_tags_without_paging(connect: Callable[..., Upstream]) -> None:
     fake = FakeRegistry()
-    assert connect(fake).tags("library/alpine") == TagPage(tags=["3.19", "latest"], link=None)
+    assert connect(fake).tags("library/alpine") == TagPage(tags=["3.19", "latest"])
     assert fake.requests[0].url.query == b""
 
 
