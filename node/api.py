@@ -160,7 +160,7 @@ def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
 
 
 def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
-    with store.blob(name, digest) as blob:
+    with store.blob(name, digest, head=request.method == "HEAD") as blob:
         size = blob.size
         headers = {
             "Docker-Content-Digest": str(digest),

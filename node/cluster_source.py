@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from node.budget import Budget
 from node.config import UpstreamConfig
-from node.coordinator_client import Coordinator
+from node.coordinator_client import Coordinator, CoordinatorError
 from node.errors import BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.flight import Flight, Outcome, Turn
 from node.peers import PeerClient
@@ -130,6 +130,16 @@ class ClusterSource:
                 manifest = fetches.enter_context(self.upstream.open_manifest(name, digest))
             yield manifest
             self.flight.committed(turn, self.local.content(digest), self._ttl_ms)
+
+    def stat_blob(self, name: str, digest: Digest) -> int | None:
+        """The size the cluster knows from a node that holds the blob, else the upstream's HEAD."""
+        try:
+            location = self.coordinator.locate(str(digest))
+        except CoordinatorError:
+            location = None
+        if location is not None and location.content is not None and location.holders:
+            return location.content.size
+        return self.upstream.stat_blob(name, digest)
 
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
         return self.upstream.tags(name, n, last)
