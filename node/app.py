@@ -178,7 +178,7 @@ class Node:
 
     def _sweep(self) -> None:
         try:
-            removed = self.local.sweep(reserved=self.fills.reserved())
+            removed = self.local.sweep(reserved=self.fills.reserved(), wanted=self.fills.take_wanted())
         except OSError:
             log.exception("sweeping the cache failed")
             return

@@ -131,6 +131,7 @@ class Fills:
         # Told when a fill starts or is refused for room: the sweep should run now.
         self._needs_room = needs_room
         self.slots = Slots([self.layout.fill_slot(number) for number in range(max_fills)])
+        self._wanted = 0
         self._running: set[Fill] = set()
         self._running_lock = threading.Lock()
         self._watch = PartialWatch()
@@ -207,6 +208,8 @@ class Fills:
         """Let a fill of ``size`` bytes write, or raise ``NoRoom``; either way the sweep is woken."""
         try:
             if not self.store.has_room(size or 0):
+                # The sweep makes room for it too, not just for min_free.
+                self._wanted = max(self._wanted, size or 0)
                 raise NoRoom("the cache's disk is too full to store this blob now; try again shortly")
             slot.reserve(size or 0)
         finally:
@@ -216,6 +219,11 @@ class Fills:
     def reserved(self) -> int:
         """Bytes the fills running on the node now (any worker) will write, as their sources announced."""
         return self.slots.reserved()
+
+    def take_wanted(self) -> int:
+        """The size of the largest fill of this worker refused for room since the last call."""
+        wanted, self._wanted = self._wanted, 0
+        return wanted
 
     def _lead(self, fill: Fill) -> Following:
         """Run ``fill`` in a thread; return once its partial file exists (or it failed before)."""

@@ -219,13 +219,14 @@ class LocalStore:
         """Whether ``size`` more bytes leave at least ``min_free`` free on the filesystem."""
         return self.free_bytes() - size >= self.min_free
 
-    def sweep(self, reserved: int = 0) -> list[tuple[Digest, str]]:
+    def sweep(self, reserved: int = 0, wanted: int = 0) -> list[tuple[Digest, str]]:
         """Remove expired content, then least recently used content over the limits.
 
         ``reserved`` is what fills in flight will write; it counts against
-        ``max_size`` as stored content does. Content goes, oldest access
-        first, while the two exceed ``max_size`` or the filesystem has less
-        than ``min_free`` free. Returns what was removed, each with its
+        ``max_size`` as stored content does; ``wanted`` is the size of a
+        fill refused for room, which is made on top of ``min_free``. Content
+        goes, oldest access first, while the two exceed ``max_size`` or the
+        filesystem has less than ``min_free`` (and ``wanted``) free. Returns what was removed, each with its
         reason: ``ttl`` or ``size``. Runs under a lock file so that the
         workers of one node never sweep at once: a worker that finds another
         sweeping leaves it to that one. Content served right now stays
@@ -244,7 +245,7 @@ class LocalStore:
             remove_stale(self.layout, older_than=STALE_AGE, everywhere=everywhere)
             entries = sorted(self._entries(), key=lambda entry: entry.accessed)
             total = sum(entry.size for entry in entries) + reserved
-            short = self.min_free - self.free_bytes()
+            short = self.min_free + wanted - self.free_bytes()
             expired_before = self._clock() - self.ttl if self.ttl > 0 else None
             for entry in entries:
                 digest, size = entry.digest, entry.size
