@@ -127,16 +127,18 @@ def test_a_thousand_heads_of_uncached_blobs_stay_within_the_fill_cap_and_the_dis
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs where the node's cache goes (``tmp_path/cache``); the test runs as root."""
+    """An 8 MiB tmpfs where the node's cache goes (``tmp_path/cache``): as root, or through sudo."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(cache)], capture_output=True)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    options = f"size=8m,uid={os.getuid()},gid={os.getgid()}"
+    mounted = subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(cache)], capture_output=True)
     if mounted.returncode != 0:
-        raise RuntimeError(f"cannot mount a tmpfs (the disk-full tests need root): {mounted.stderr.decode()}")
+        raise RuntimeError(f"cannot mount a tmpfs (the disk-full tests need root or sudo): {mounted.stderr.decode()}")
     try:
         yield cache
     finally:
-        subprocess.run(["umount", "-l", str(cache)], check=True)
+        subprocess.run([*sudo, "umount", "-l", str(cache)], check=True)
 
 
 def fill_disk(folder: Path, leave: int = 0) -> Path:
