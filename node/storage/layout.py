@@ -28,7 +28,9 @@
       metrics.json, metrics.json.lock            a node on its own: its workers' counters
 
 Files written atomically (``files.write_atomic``) pass through a hidden
-``.<random>.tmp`` in the folder of their destination. Nothing is written
+``.<random>.tmp`` in the folder of their destination; what a crashed writer
+leaves of these, of ``.put`` files and of fills is removed at start and by
+the sweep (``node.storage.stale``). Nothing is written
 outside these paths: names and digests are validated before they get here
 (``node.reference``), and every component below is one of theirs.
 """
