@@ -185,7 +185,7 @@ def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
 
 
 def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
-    with store.blob(name, digest) as blob:
+    with store.blob(name, digest, head=request.method == "HEAD") as blob:
         size = blob.size
         headers = {
             "Docker-Content-Digest": str(digest),
@@ -226,7 +226,7 @@ def _blob_body(
         raise
     if end is None:
         _count(store, "blob", outcome, 0, joined=joined)
-        return Response(_pushed(followed), status=status, headers=headers, direct_passthrough=True)
+        return Response(_pushed(followed, _metrics()), status=status, headers=headers, direct_passthrough=True)
     _count(store, "blob", outcome, end - start, joined=joined)
     return Response(growing_body(followed), status=status, headers=headers, direct_passthrough=True)
 
@@ -243,9 +243,12 @@ def _count(store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: b
         metrics.count(kind, "follower_joins")
 
 
-def _pushed(body: Followed) -> Iterator[bytes]:
-    """Count the bytes of a followed fill of unknown size as they go out."""
-    metrics = _metrics()
+def _pushed(body: Followed, metrics: Metrics) -> Iterator[bytes]:
+    """Count the bytes of a followed fill of unknown size as they go out.
+
+    ``metrics`` is taken before: the body is sent after the request's
+    application context has ended, where ``services()`` is not available.
+    """
     try:
         for chunk in body:
             metrics.count("blob", "bytes_pushed", len(chunk))

@@ -8,7 +8,7 @@ after the fork, so the threads made here belong to that worker.
 from __future__ import annotations
 
 import logging
-import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +61,7 @@ class Node:
             local_ttl,
             clock,
             extend_ttl_on_hit=config.cache.extend_ttl_on_hit,
+            min_free=min_free_bytes(config),
         )
         # The client reports its breakers into the node's Prometheus
         # registry, and the metrics send their deltas through the client.
@@ -78,7 +79,8 @@ class Node:
             self.local,
             timeout=config.upstream.timeout,
             on_commit=lambda _: self._sweep_soon.set(),
-            max_fills=fills_per_worker(config),
+            max_fills=config.cache.max_fills,
+            needs_room=lambda: self._sweep_soon.set(),
         )
         # One upstream client and one proxy store per registry; the local
         # store, the fills and the cluster are shared (content by digest is
@@ -141,7 +143,7 @@ class Node:
         # The pause of tag checks is shared by the node's workers through a file.
         budget = Budget(settings, self.local.layout.budget(settings.name), clock=clock, observer=self.metrics)
         return Upstream(
-            settings, clock=clock, observer=self.metrics, blob_connections=fills_per_worker(self.config), budget=budget
+            settings, clock=clock, observer=self.metrics, blob_connections=self.config.cache.max_fills, budget=budget
         )
 
     def _cluster_source(self, settings: UpstreamConfig, flight: Flight, clock: Callable[[], float]) -> ClusterSource:
@@ -184,7 +186,7 @@ class Node:
 
     def _sweep(self) -> None:
         try:
-            removed = self.local.sweep()
+            removed = self.local.sweep(reserved=self.fills.reserved(), wanted=self.fills.take_wanted())
         except OSError:
             log.exception("sweeping the cache failed")
             return
@@ -213,9 +215,11 @@ class Node:
         self.local.close()
 
 
-def fills_per_worker(config: NodeConfig) -> int:
-    """A worker's share of ``cache.max_fills``, at least one."""
-    return max(1, math.ceil(config.cache.max_fills / config.server.workers))
+def min_free_bytes(config: NodeConfig) -> int:
+    """``cache.min_free`` in bytes, for the filesystem that holds ``cache.dir``."""
+    os.makedirs(config.cache.dir, exist_ok=True)
+    info = os.statvfs(config.cache.dir)
+    return config.cache.min_free.of(info.f_blocks * info.f_frsize)
 
 
 def memory_per_worker(config: NodeConfig) -> int:

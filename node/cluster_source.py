@@ -160,6 +160,16 @@ class ClusterSource:
             yield manifest
             self.flight.committed(turn, self.local.content(digest), self._ttl_ms)
 
+    def stat_blob(self, name: str, digest: Digest) -> int | None:
+        """The size the cluster knows from a node that holds the blob, else the upstream's HEAD."""
+        try:
+            location = self.coordinator.locate(str(digest))
+        except CoordinatorError:
+            location = None
+        if location is not None and location.content is not None and location.holders:
+            return location.content.size
+        return self.upstream.stat_blob(name, digest)
+
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
         return self.upstream.tags(name, n, last)
 

@@ -23,7 +23,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from protos.config_file import read_config_file
@@ -75,6 +75,52 @@ def parse_size(value: object) -> int:
         base = 1024 if unit.endswith("I") else 1000
         scale = base ** ("KMGT".index(unit[0]) + 1)
     return int(float(number) * scale)
+
+
+class FreeSpace(NamedTuple):
+    """Space to keep free on a filesystem: ``size`` bytes, ``percent`` of it, or the smaller of both.
+
+    A value, not a section: ``_build`` takes every dataclass default for one.
+    """
+
+    size: int | None = None
+    percent: float | None = None
+
+    def of(self, total: int) -> int:
+        """The bytes to keep free on a filesystem of ``total`` bytes."""
+        limits = [self.size] if self.size is not None else []
+        if self.percent is not None:
+            limits.append(int(total * self.percent / 100))
+        return min(limits) if limits else 0
+
+    def __str__(self) -> str:
+        parts = ([f"{self.size} bytes"] if self.size is not None else []) + (
+            [f"{self.percent:g}%"] if self.percent is not None else []
+        )
+        return " or ".join(parts) + (", whichever is smaller" if len(parts) == 2 else "") if parts else "0"
+
+
+def parse_free_space(value: object) -> FreeSpace:
+    """A size (``5GiB``), a percentage of the filesystem (``5%``), or both as ``5GiB|5%`` (the smaller)."""
+    if isinstance(value, FreeSpace):
+        return value
+    size: int | None = None
+    percent: float | None = None
+    for part in str(value).split("|") if isinstance(value, str) else [value]:
+        text = str(part).strip()
+        if isinstance(part, str) and text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise ValueError("expected a size such as 5GiB, a percentage such as 5%, or both as 5GiB|5%") from None
+            if not 0 <= percent < 100:
+                raise ValueError("a percentage must be from 0 to below 100")
+        else:
+            try:
+                size = parse_size(part)
+            except ValueError:
+                raise ValueError("expected a size such as 5GiB, a percentage such as 5%, or both as 5GiB|5%") from None
+    return FreeSpace(size, percent)
 
 
 def parse_url(value: object) -> str:
@@ -170,17 +216,25 @@ class CacheConfig:
     """The node's local content-addressed store."""
 
     dir: str = _parsed(str, default="./shoal-cache")
-    # Above this many bytes of complete content the least recently used
-    # content is evicted.
+    # Above this many bytes of complete content, plus what fills in flight
+    # will write, the least recently used content is evicted.
     max_size: int = _parsed(parse_size, default=20 * 1024**3)
+    # Kept free on the cache's filesystem by evicting; a fill that would
+    # leave less does not start (503 with Retry-After). A size, a percentage
+    # of the filesystem, or both (the smaller): by default 2 GiB or 5%.
+    # (FreeSpace is an immutable NamedTuple, which ruff cannot tell.)
+    min_free: FreeSpace = _parsed(parse_free_space, default=FreeSpace(2 * 1024**3, 5.0))  # noqa: RUF009
     # A hit pushes the content's expiry (upstream.ttl) forward, so content in
     # use never expires. False counts the TTL from the fetch, as distribution's
     # proxy does (which evicts popular layers a week after they were fetched).
     extend_ttl_on_hit: bool = _parsed(_bool, default=True)
-    # Fills (upstream or peer transfers) one node runs at once, shared evenly
-    # by its workers. A miss beyond it waits for a free one (or follows a
-    # fill of the same blob); the upstream's blob connections are capped
-    # by it too, so manifests and tag checks always find a connection.
+    # Fills (upstream or peer transfers) one node runs at once, whichever
+    # workers run them, HEAD-started and abandoned ones included. A GET
+    # beyond it waits for a free one (or follows a fill of the same blob)
+    # for up to upstream.timeout, then gets 503 with Retry-After; a HEAD
+    # beyond it is answered by asking the source without a fill. The
+    # upstream's blob connections are capped by it too, so manifests and
+    # tag checks always find a connection.
     max_fills: int = _parsed(_positive_int, default=16)
     # Memory for manifests, tag pointers and confirmed bindings, so that a
     # warm request touches no file; shared evenly by the workers (each

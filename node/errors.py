@@ -8,6 +8,8 @@ Stores and clients raise these domain errors; one Flask handler in
 
 from __future__ import annotations
 
+import errno
+
 
 class ShoalError(Exception):
     """Base of every error the node answers a client with."""
@@ -28,6 +30,18 @@ class Busy(ShoalError):
 
     code, status = "UNAVAILABLE", 503
     retry_after = 1
+
+
+class NoRoom(Busy):
+    """The cache's disk is full, or a write would leave less than ``cache.min_free`` free.
+
+    The sweep is woken to evict; the client should try again shortly.
+    """
+
+
+def is_disk_full(error: OSError) -> bool:
+    """The filesystem (or the user's quota, or RLIMIT_FSIZE) has no room for the write."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class NameInvalid(ShoalError):

@@ -39,6 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from node.coordinator_client import CoordinatorClient, CoordinatorError
+from node.storage.files import write_atomic
 from protos.metrics import NodeCounts, families, key, upstream_key
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,8 @@ class LocalSink:
             state["counters"] = dict(totals)
             cutoff = self._clock() - self.RETENTION
             state["workers"] = {w: seen for w, seen in state["workers"].items() if seen[1] >= cutoff}
-            tmp = f"{self._path}.{secrets.token_hex(4)}.tmp"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(state, handle)
-            os.replace(tmp, self._path)
+            # Atomic, and leaves no temporary file behind when the disk is full.
+            write_atomic(self._path, json.dumps(state).encode())
 
     def snapshot(self) -> tuple[list[NodeCounts], dict[str, int]]:
         counters = self._read()["counters"]

@@ -138,6 +138,14 @@ class Source(Protocol):
 
     def open_manifest(self, name: str, digest: Digest) -> AbstractContextManager[FetchedManifest]: ...
 
+    def stat_blob(self, name: str, digest: Digest) -> int | None:
+        """The blob's size without its bytes, for a HEAD the node answers without a fill.
+
+        None when the source does not say; ``BlobUnknown`` when it does not
+        have it; errors as for entering ``open_blob``.
+        """
+        ...
+
     def tags(self, name: str, n: int | None = None, last: str | None = None) -> TagPage:
         """A page of the repository's tag list, always from the upstream (lists are not shared)."""
         ...

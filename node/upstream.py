@@ -256,6 +256,9 @@ class Upstream:
         with self._open(request, f"blob {name}@{digest}", BlobUnknown, "blob") as response:
             return _content_length(response)
 
+    def stat_blob(self, name: str, digest: Digest) -> int | None:
+        return self.head_blob(name, digest)
+
     def confirm(self, name: str, digest: Digest, kind: str) -> None:
         """One HEAD: return when the repository ``name`` holds ``digest`` (``node.bindings.Confirmer``).
 

@@ -168,6 +168,14 @@ def run_node(args: argparse.Namespace) -> int:
         Gate(config)
     except ValueError as exc:
         raise SystemExit(f"shoal node: {exc}") from None
+    # Nothing of this node runs yet: whatever a crashed run left half
+    # written (fills, .put and .tmp files, lock files) goes now.
+    from node.storage.layout import Layout
+    from node.storage.stale import remove_stale
+
+    layout = Layout(config.cache.dir)
+    layout.create()
+    remove_stale(layout, older_than=0)
     # The workers keep their histograms in files here (prometheus-client's
     # multiprocess mode), so that /metrics shows the whole node.
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(os.path.abspath(config.cache.dir), "prometheus"))

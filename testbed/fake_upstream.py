@@ -26,11 +26,17 @@ Range). ``bytes_sent`` counts the body bytes written per path, so a test can
 tell how much of a blob the upstream sent in all. A piece is counted before
 it is written (and taken back if the write fails), so the count is complete
 by the time the client has read the body.
+
+``add_generated_blobs`` serves many blobs made up on the fly (a test of a
+thousand misses holds their digests, not their bytes), and
+``most_blob_bodies_at_once`` says how many blob bodies were being sent at
+the same time at most, so a test can check a client's cap on its fetches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import socket
@@ -38,6 +44,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -66,7 +73,9 @@ class Fault:
     sent as the ``Content-Encoding`` header (a wrong one: the body is the
     content as it is). ``redirect`` answers a GET with a 307 to
     ``/cdn/<digest>``, which serves the content as a CDN would. ``rate``
-    paces the body at that many bytes a second.
+    paces the body at that many bytes a second. ``no_length`` leaves
+    ``Content-Length`` out and ends the body by closing the connection, as
+    an upstream that does not know the size would.
     """
 
     corrupt: bool = False
@@ -77,6 +86,7 @@ class Fault:
     content_encoding: str | None = None
     redirect: bool = False
     rate: float | None = None
+    no_length: bool = False
     # A gate never opened must not keep a handler thread forever.
     gate_timeout: float = 60.0
     reached: threading.Event = field(default_factory=threading.Event)
@@ -125,6 +135,10 @@ class FakeUpstream:
         # Content by repository: manifests and blobs by digest, tags to digests.
         self._manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._blobs: dict[tuple[str, str], bytes] = {}
+        # Blobs made on request from (seed, size): see add_generated_blobs.
+        self._generated: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self._bodies_now = 0
+        self._bodies_most = 0
         self._tags: dict[str, dict[str, str]] = {}
         self._faults: dict[str, Fault] = {}
         self._rate_limit = RateLimit()
@@ -160,6 +174,27 @@ class FakeUpstream:
             self._blobs[(name, digest)] = data
         return digest
 
+    def add_generated_blobs(self, name: str, count: int, size: int, seed: str = "") -> list[str]:
+        """Serve ``count`` distinct blobs of ``size`` bytes as blobs of ``name``; return their digests.
+
+        Their bytes are made again for each request (``generated_blob``), so
+        a thousand of them cost the test their digests only.
+        """
+        digests = []
+        for number in range(count):
+            key = f"{seed}/{number}".encode()
+            digest = sha256_digest(generated_blob(key, size))
+            with self._lock:
+                self._generated[(name, digest)] = (key, size)
+            digests.append(digest)
+        return digests
+
+    @property
+    def most_blob_bodies_at_once(self) -> int:
+        """The most blob bodies (GETs of blobs) that were being sent at the same time."""
+        with self._lock:
+            return self._bodies_most
+
     def remove_tag(self, name: str, tag: str) -> None:
         with self._lock:
             self._tags.get(name, {}).pop(tag, None)
@@ -178,6 +213,7 @@ class FakeUpstream:
         content_encoding: str | None = None,
         redirect: bool = False,
         rate: float | None = None,
+        no_length: bool = False,
     ) -> Fault:
         """Make every later GET of the content with ``digest`` misbehave; replaces an earlier fault."""
         fault = Fault(
@@ -189,6 +225,7 @@ class FakeUpstream:
             content_encoding=content_encoding,
             redirect=redirect,
             rate=rate,
+            no_length=no_length,
         )
         with self._lock:
             self._faults[digest] = fault
@@ -330,7 +367,22 @@ class FakeUpstream:
 
     def _lookup_blob(self, name: str, digest: str) -> bytes | None:
         with self._lock:
-            return self._blobs.get((name, digest))
+            found = self._blobs.get((name, digest))
+            generated = self._generated.get((name, digest))
+        if found is None and generated is not None:
+            found = generated_blob(*generated)
+        return found
+
+    @contextlib.contextmanager
+    def _sending_blob(self) -> Iterator[None]:
+        with self._lock:
+            self._bodies_now += 1
+            self._bodies_most = max(self._bodies_most, self._bodies_now)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bodies_now -= 1
 
     def _lookup_any_blob(self, digest: str) -> bytes | None:
         with self._lock:
@@ -363,6 +415,12 @@ def _page(name: str, tags: list[str], query: dict[str, list[str]]) -> tuple[list
         return page, None
     next_query = urllib.parse.urlencode({"last": page[-1], "n": n_text})
     return page, f'</v2/{name}/tags/list?{next_query}>; rel="next"'
+
+
+def generated_blob(key: bytes, size: int) -> bytes:
+    """The bytes of a blob of ``add_generated_blobs``: ``size`` bytes that only ``key`` makes."""
+    block = hashlib.sha256(key).digest() * 2048
+    return (block * (size // len(block) + 1))[:size]
 
 
 class _Server(ThreadingHTTPServer):
@@ -462,16 +520,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.command == "GET":
                     self.upstream._record_blob_get(self.path, self.headers.get("Range"))
                 first = self._range_start(len(blob))
-                if first is not None:
+                with self.upstream._sending_blob() if send_body else contextlib.nullcontext():
                     self._send(
-                        206,
+                        200 if first is None else 206,
                         media_type,
                         data,
                         digest=sha256_digest(data),
                         send_body=send_body,
-                        first=first,
+                        first=first or 0,
                     )
-                    return
+                return
             self._send(200, media_type, data, digest=sha256_digest(data), send_body=send_body)
             return
         self._send_error(404, "NOT_FOUND", "no such endpoint", send_body=send_body)
@@ -509,7 +567,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = body[first:]
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if fault is not None and fault.no_length and send_body:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
         if status == 206:
             self.send_header("Content-Range", f"bytes {first}-{total - 1}/{total}")
         self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
@@ -559,8 +621,9 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(offset + fault.chunk_size, limit)
             self._write_counted(body[offset:end])
             self.wfile.flush()
-            if fault.rate:
+            if fault.rate and end < limit:
                 # The pace is the behaviour under test: an upstream of that bandwidth.
+                # (Not after the last piece: the client has the whole body then.)
                 time.sleep(max(0.0, started + end / fault.rate - time.monotonic()))
             if offset == 0 and fault.gate is not None and not self._wait_at_gate(fault):
                 self.close_connection = True

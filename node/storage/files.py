@@ -7,6 +7,19 @@ wait forever on a lock held by another greenlet of the same worker.
 ``exclusive`` therefore tries without blocking and sleeps (cooperatively)
 between tries, up to a deadline.
 
+Lock files of one digest or tag would pile up, one per thing ever asked
+for, so their holder removes them: ``unlock`` unlinks the path *while still
+holding the lock*, then closes it. A lock counts only while its file is
+still the one at the path, which ``try_lock`` checks after every ``flock``::
+
+    A holds /l (inode 1)      B opens /l (inode 1), tries: taken
+    A unlinks /l, closes      B's flock on inode 1 succeeds, but /l is gone
+                              (or is inode 2, made by C): B closes and tries again
+
+So two holders never both believe they hold the lock of one path. Files
+whose holder died (the kernel released the lock, nobody unlinked) are
+removed by whoever takes them next, and by ``node.storage.stale``.
+
 An atomic write goes to a hidden temporary file in the destination's folder
 and is renamed over it, so a reader sees the old bytes or the new ones,
 never a part; a failed write leaves no temporary file behind.
@@ -21,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
-from node.errors import UpstreamUnavailable
+from node.errors import NoRoom, UpstreamUnavailable, is_disk_full
 
 # Between tries, the wait doubles from the first to the last value.
 RETRY_FIRST, RETRY_LAST = 0.001, 0.02
@@ -30,19 +43,62 @@ RETRY_FIRST, RETRY_LAST = 0.001, 0.02
 class LockTimeout(UpstreamUnavailable):
     """The lock was not free within the timeout: whoever holds it waits on the upstream too."""
 
+    retry_after = 1
+
 
 def try_lock(path: str, mode: int = fcntl.LOCK_EX) -> int | None:
     """The open descriptor holding ``flock(mode)`` on ``path``, or None when it is taken.
 
-    The caller owns the descriptor: closing it releases the lock.
+    The caller owns the descriptor: closing it releases the lock, and
+    ``unlock`` releases it and removes the file.
     """
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            if _still_linked(fd, path):
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before removed the file as this one took it: try the new one.
         os.close(fd)
-        return None
-    return fd
+
+
+def _still_linked(fd: int, path: str) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
+def unlock(fd: int, path: str) -> None:
+    """Release an exclusive lock from ``try_lock`` and remove its file (unlinked first, then closed)."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def held(path: str) -> bool:
+    """Whether someone holds an exclusive lock on ``path``; creates nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @contextlib.contextmanager
@@ -53,9 +109,10 @@ def exclusive(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` for the block.
+    """Hold an exclusive lock on ``path`` for the block; leaving it removes the file.
 
-    Raises ``LockTimeout`` (a 503) when the lock is not free within ``timeout``.
+    Raises ``LockTimeout`` (a 503 with Retry-After) when the lock is not
+    free within ``timeout``.
     """
     deadline = clock() + timeout
     wait = RETRY_FIRST
@@ -67,7 +124,18 @@ def exclusive(
     try:
         yield
     finally:
-        os.close(fd)
+        unlock(fd, path)
+
+
+@contextlib.contextmanager
+def disk_full_is_busy() -> Iterator[None]:
+    """Raise ``NoRoom`` (a 503 with Retry-After) for a write the disk had no room for."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise NoRoom("the cache's disk is full; try again shortly") from exc
+        raise
 
 
 def write_atomic(path: str, data: bytes) -> None:

@@ -3,10 +3,18 @@
 A fill copies one blob from a source (the upstream, later a peer) into the
 store. Only one fill per digest runs on a node at a time, whichever of the
 node's gunicorn workers asked first: the leader holds an exclusive ``flock``
-on ``fills/<digest>.lock``, which the kernel releases if the process dies.
-At most ``max_fills`` fills run in a worker at once; a miss beyond that
-waits for a free slot, or follows a fill of the same blob that another
-worker started meanwhile.
+on ``fills/<digest>.lock``, which the kernel releases if the process dies,
+and removes the file when it lets go (``files.unlock``). At most
+``max_fills`` fills run on the node at once, whichever workers run them
+(``slots.py``); a miss beyond that waits for a free slot, or follows a fill
+of the same blob that another worker started meanwhile. A caller that must
+not wait (a HEAD) is told ``Busy`` at once instead.
+
+A fill needs room: before it writes, it records the size the source
+announced in its slot, so the sweep counts it against ``cache.max_size``,
+and wakes the sweep (``needs_room``); it does not start (``NoRoom``, a 503)
+when the cache's filesystem would be left with less than ``cache.min_free``
+free.
 
 Every client, the leader's own included, reads the growing partial file
 (``Fills.follow``): sent with sendfile as it grows, woken by the kernel when
@@ -16,7 +24,9 @@ disconnects does not abort it, and the next request is a hit.
 
 A fill's files (``layout.py`` draws them): the leader's lock, its state
 (``{"size": N | null, "partial": NAME, "origin": ...}``) and the partial
-file, the bytes so far, read-only once verified.
+file, the bytes so far, read-only once verified. Every descriptor a fill
+opens (the lock, the slot, the partial file, the leader's own copy of it)
+is closed on every way out, failures before the first byte included.
 
 How a follower tells the outcome from the partial file it has open:
 
@@ -58,12 +68,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from node.errors import BadCopy, Busy, ShoalError, UpstreamInvalid, UpstreamUnavailable
+from node.errors import BadCopy, Busy, NoRoom, ShoalError, UpstreamInvalid, UpstreamUnavailable, is_disk_full
 from node.offload import run_blocking, start_blocking
 from node.reference import Digest
 from node.sources import BlobStream, Origin, Source
-from node.storage.files import RETRY_FIRST, RETRY_LAST, try_lock, write_atomic
+from node.storage.files import RETRY_FIRST, RETRY_LAST, held, try_lock, unlock, write_atomic
 from node.storage.local import LocalStore
+from node.storage.slots import Slot, Slots
 from node.storage.watch import PartialWatch
 
 log = logging.getLogger(__name__)
@@ -121,6 +132,7 @@ class Fills:
         timeout: float = 30.0,
         on_commit: Callable[[Digest], None] | None = None,
         max_fills: int = 16,
+        needs_room: Callable[[], None] | None = None,
     ):
         self.store = store
         self.layout = store.layout
@@ -128,46 +140,59 @@ class Fills:
         # and a miss for a free fill slot.
         self.timeout = timeout
         self._on_commit = on_commit
-        self._slots = threading.BoundedSemaphore(max_fills)
+        # Told when a fill starts or is refused for room: the sweep should run now.
+        self._needs_room = needs_room
+        self.slots = Slots([self.layout.fill_slot(number) for number in range(max_fills)])
+        self._wanted = 0
         self._running: set[Fill] = set()
         self._running_lock = threading.Lock()
         self._watch = PartialWatch()
 
-    def join(self, source: Source, name: str, digest: Digest) -> Following | None:
+    def join(self, source: Source, name: str, digest: Digest, *, wait: bool = True) -> Following | None:
         """Start or join the fill of ``digest`` from ``source``.
 
         Returns None when the content turned out to be complete in the store
         already (the caller serves it as a hit). Raises the source's error
         when this call led the fill and the source failed before any byte,
-        and ``Busy`` when no fill slot came free within ``timeout``.
+        ``NoRoom`` when the disk has no room for it, and ``Busy`` when no
+        fill slot came free within ``timeout`` (at once without ``wait``:
+        then a fill that is verified and about to be committed is returned
+        too, for its size).
         """
-        deadline = time.monotonic() + self.timeout
-        wait = RETRY_FIRST
+        deadline = time.monotonic() + (self.timeout if wait else 0.0)
+        pause = RETRY_FIRST
         while True:
             if self.store.has(digest):
                 return None
             following = self._open_partial(digest)
             if following is not None:
-                if not _verified(following.file):
+                verified = _verified(following.file)
+                if not verified and not held(following.lock_path):
+                    # Its leader died: lead instead (removing what it left).
+                    following.close()
+                    following = None
+                elif not wait or not verified:
                     return following
-                # Verified and about to be committed: wait a moment and
-                # serve it as the hit it is about to become.
-                following.close()
-            elif self._slots.acquire(timeout=wait):
-                lock = try_lock(self.layout.fill_lock(digest), fcntl.LOCK_EX)
+                else:
+                    # Verified and about to be committed: wait a moment and
+                    # serve it as the hit it is about to become.
+                    following.close()
+            if following is None and (slot := self.slots.take()) is not None:
+                lock_path = self.layout.fill_lock(digest)
+                lock = try_lock(lock_path, fcntl.LOCK_EX)
                 if lock is not None:
                     if self.store.has(digest):
-                        os.close(lock)
-                        self._slots.release()
+                        unlock(lock, lock_path)
+                        slot.close()
                         return None
-                    return self._lead(Fill(self, source, name, digest, lock))
-                self._slots.release()
-            if time.monotonic() > deadline:
+                    return self._lead(Fill(self, source, name, digest, lock, slot))
+                slot.close()
+            if time.monotonic() >= deadline:
                 if following is None and not os.path.exists(self.layout.fill_state(digest)):
                     raise Busy("this node is running as many fills as it may; try again", {"digest": str(digest)})
                 raise UpstreamUnavailable("timed out waiting for another fill of this blob", {"digest": str(digest)})
-            time.sleep(wait)
-            wait = min(wait * 2, RETRY_LAST)
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_LAST)
 
     def in_progress(self, digest: Digest) -> Following | None:
         """Follow a fill that is running on this node, without starting one."""
@@ -200,12 +225,36 @@ class Fills:
         try:
             with open(self.layout.fill_state(digest), encoding="utf-8") as handle:
                 info = json.load(handle)
-            partial = os.path.join(self.layout.fills, info["partial"])
+            partial = os.path.join(self.layout.fills, os.path.basename(info["partial"]))
+            size, origin = info["size"], Origin(info.get("origin", Origin.UPSTREAM.value))
+            if size is not None and not isinstance(size, int):
+                return None
+            # Opened last: nothing after it can fail and leave it open.
             fd = os.open(partial, os.O_RDONLY)
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-        origin = Origin(info.get("origin", Origin.UPSTREAM.value))
-        return Following(fd, info["size"], digest, self.layout.fill_lock(digest), partial, origin, joined=True)
+        return Following(fd, size, digest, self.layout.fill_lock(digest), partial, origin, joined=True)
+
+    def make_room(self, slot: Slot, size: int | None) -> None:
+        """Let a fill of ``size`` bytes write, or raise ``NoRoom``; either way the sweep is woken."""
+        try:
+            if not self.store.has_room(size or 0):
+                # The sweep makes room for it too, not just for min_free.
+                self._wanted = max(self._wanted, size or 0)
+                raise NoRoom("the cache's disk is too full to store this blob now; try again shortly")
+            slot.reserve(size or 0)
+        finally:
+            if self._needs_room is not None:
+                self._needs_room()
+
+    def reserved(self) -> int:
+        """Bytes the fills running on the node now (any worker) will write, as their sources announced."""
+        return self.slots.reserved()
+
+    def take_wanted(self) -> int:
+        """The size of the largest fill of this worker refused for room since the last call."""
+        wanted, self._wanted = self._wanted, 0
+        return wanted
 
     def _lead(self, fill: Fill) -> Following:
         """Run ``fill`` in a thread; return once its partial file exists (or it failed before)."""
@@ -215,7 +264,6 @@ class Fills:
         return fill.started.result()
 
     def _ended(self, fill: Fill) -> None:
-        self._slots.release()
         with self._running_lock:
             self._running.discard(fill)
         fill.ended.set()
@@ -236,16 +284,17 @@ class Fill:
     file of the first attempt exists, or to the source's error when it
     failed before that. The fill holds the digest's lock (``lock``, an open
     descriptor) and a fill slot until it ends, whatever happens, and then
-    releases both.
+    releases both (the lock file removed).
     """
 
-    def __init__(self, fills: Fills, source: Source, name: str, digest: Digest, lock: int) -> None:
+    def __init__(self, fills: Fills, source: Source, name: str, digest: Digest, lock: int, slot: Slot) -> None:
         self._fills = fills
         self._layout = fills.layout
         self._source = source
         self._name = name
         self.digest = digest
         self._lock = lock
+        self._slot = slot
         self.started: Future[Following] = Future()
         self.ended = threading.Event()
 
@@ -257,6 +306,8 @@ class Fill:
         partial = ""
         try:
             self._remove_stale()
+            # No source is asked for bytes there is no room for.
+            self._fills.make_room(self._slot, 0)
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 partial = self._layout.fill_partial(digest, secrets.token_hex(8))
                 try:
@@ -282,15 +333,19 @@ class Fill:
             else:
                 self.started.set_exception(_as_shoal_error(exc, digest))
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._layout.fill_state(digest))
-            os.close(self._lock)
-            self._fills._ended(self)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._layout.fill_state(digest))
+                unlock(self._lock, self._layout.fill_lock(digest))
+            finally:
+                self._slot.close()
+                self._fills._ended(self)
 
     def _attempt(self, partial: str, previous: str | None) -> None:
         """Copy the source's bytes into ``partial``, verify them and commit; unlink ``previous`` once announced."""
         digest = self.digest
         with self._source.open_blob(self._name, digest) as stream:
+            self._fills.make_room(self._slot, stream.size)
             out = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             try:
                 self._announce(stream, partial)
@@ -332,17 +387,35 @@ class Fill:
         self.started.set_result(following)
 
     def _remove_stale(self) -> None:
-        """Unlink what a leader that died left behind, so its followers fail."""
-        prefix = os.path.basename(self._layout.fill_base(self.digest)) + "."
-        for name in os.listdir(self._layout.fills):
-            if name.startswith(prefix) and name.endswith((".partial", ".json")):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self._layout.fills, name))
+        """Unlink what a leader that died left behind, so its followers fail.
+
+        Its followers found its partial file through its state file, which
+        names it; a partial file it made before writing its state has no
+        followers, and ``node.storage.stale`` removes it. No listing of
+        ``fills/``: a miss costs the same however many fills ran before.
+        """
+        state = self._layout.fill_state(self.digest)
+        try:
+            with open(state, encoding="utf-8") as handle:
+                partial: str | None = os.path.basename(str(json.load(handle)["partial"]))
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError):
+            partial = None
+        if partial and partial.startswith(os.path.basename(self._layout.fill_base(self.digest)) + "."):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._layout.fills, partial))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state)
 
 
 def _as_shoal_error(exc: BaseException, digest: Digest) -> BaseException:
     if isinstance(exc, ShoalError):
         return exc
+    if isinstance(exc, OSError) and is_disk_full(exc):
+        error: ShoalError = NoRoom("the cache's disk is full; try again shortly", {"digest": str(digest)})
+        error.__cause__ = exc
+        return error
     error = UpstreamUnavailable("the upstream fetch failed", {"digest": str(digest)})
     error.__cause__ = exc
     return error
@@ -434,10 +507,8 @@ class Followed:
         if info.st_nlink == 0:
             return True
         # The partial is still linked: failed only if its leader is gone.
-        lock = try_lock(self.fill.lock_path, fcntl.LOCK_SH)
-        if lock is None:
+        if held(self.fill.lock_path):
             return False
-        os.close(lock)
         return bool(os.fstat(self.fill.file).st_mode & _WRITABLE)
 
     def read(self, size: int = CHUNK) -> bytes:

@@ -11,10 +11,13 @@
       repos/<registry>/<name>/_bound/<algorithm>-<hex>   a node on its own: the digest is
                                                  confirmed for the repository until the
                                                  time it holds (``node.storage.ledger``)
-      fills/<algorithm>-<hex>.lock               flock: the one fill (or manifest fetch) of a digest
+      fills/<algorithm>-<hex>.lock               flock: the one fill (or manifest fetch) of a digest;
+                                                 removed by its holder when it lets go
       fills/<algorithm>-<hex>.json               a fill's state: size, partial file, origin
       fills/<algorithm>-<hex>.<token>.partial    a fill's bytes so far; read-only once verified
-      fills/tag-<sha256(name:tag)>.lock          flock: the one check of a tag
+      fills/tag-<sha256(name:tag)>.lock          flock: the one check of a tag; removed likewise
+      fills/slot-<n>.lock                        flock: fill slot n of cache.max_fills, and the
+                                                 bytes its fill will write (``slots.py``)
       fills/<hex>.<random>.put                   a small verified file on its way into blobs/
       fills/cluster.lock                         flock: the worker on heartbeat duty
       fills/unannounced                          content arrived that the coordinator has not heard of
@@ -25,7 +28,9 @@
       metrics.json, metrics.json.lock            a node on its own: its workers' counters
 
 Files written atomically (``files.write_atomic``) pass through a hidden
-``.<random>.tmp`` in the folder of their destination. Nothing is written
+``.<random>.tmp`` in the folder of their destination; what a crashed writer
+leaves of these, of ``.put`` files and of fills is removed at start and by
+the sweep (``node.storage.stale``). Nothing is written
 outside these paths: names and digests are validated before they get here
 (``node.reference``), and every component below is one of theirs.
 """
@@ -97,6 +102,9 @@ class Layout:
 
     def fill_partial(self, digest: Digest, token: str) -> str:
         return f"{self.fill_base(digest)}.{token}.partial"
+
+    def fill_slot(self, number: int) -> str:
+        return os.path.join(self.fills, f"slot-{number}.lock")
 
     def manifest_lock(self, digest: Digest) -> str:
         return self.fill_lock(digest)

@@ -21,7 +21,7 @@ import math
 import os
 
 from node.reference import Digest
-from node.storage.files import write_atomic
+from node.storage.files import disk_full_is_busy, write_atomic
 from node.storage.layout import Layout
 
 
@@ -46,8 +46,9 @@ class LocalLedger:
             known = self._read(name, digest)
             if known is not None and known >= expires_at:
                 continue
-            os.makedirs(self._layout.bindings(name), exist_ok=True)
-            write_atomic(self._layout.binding(name, digest), repr(expires_at).encode())
+            with disk_full_is_busy():
+                os.makedirs(self._layout.bindings(name), exist_ok=True)
+                write_atomic(self._layout.binding(name, digest), repr(expires_at).encode())
 
     def _read(self, name: str, digest: Digest) -> float | None:
         with contextlib.suppress(FileNotFoundError, ValueError), open(self._layout.binding(name, digest)) as handle:

@@ -14,6 +14,14 @@ path is an open, a stat and sendfile); they record the digest with
 The TTL counts from the last access (``extend_ttl_on_hit``, the default)
 or from when the content was stored, as distribution's proxy does.
 
+Two bounds on the disk, both kept by the sweep evicting least recently used
+content: the bytes of complete content plus the bytes fills in flight said
+they will write stay under ``max_size``, and the cache's filesystem keeps
+``min_free`` bytes free (``os.statvfs``; other files on it count too). A
+fill does not start when it would leave less than ``min_free`` free
+(``has_room``). The sweep also removes what crashed writers left behind
+(``node.storage.stale``).
+
 Every removal is recorded in the node's removal table (``removals.py``),
 which tells the workers' memory copies of manifests that they are gone.
 The store owns the table's mapping: ``close`` unmaps it.
@@ -34,10 +42,15 @@ from dataclasses import dataclass
 from node.media_types import OCTET_STREAM, manifest_media_type
 from node.offload import run_blocking
 from node.reference import Digest
-from node.storage.files import try_lock, write_atomic
+from node.storage.files import disk_full_is_busy, try_lock, write_atomic
 from node.storage.layout import TYPE_SUFFIX, Layout
 from node.storage.removals import Removals
+from node.storage.stale import STALE_AGE, remove_stale
 from protos.values import Content, TagPointer
+
+# The sweep looks for stale temporary files outside fills/ this often
+# (they only come from a crash; walking repos/ every sweep would cost more).
+STALE_SCAN_INTERVAL = 600.0
 
 
 class Stored:
@@ -90,10 +103,12 @@ class LocalStore:
         clock: Callable[[], float] = time.time,
         *,
         extend_ttl_on_hit: bool = True,
+        min_free: int = 0,
     ) -> None:
         self.layout = Layout(root)
         self.root = self.layout.root
         self.max_size = max_size
+        self.min_free = min_free
         self.ttl = ttl
         self.extend_ttl_on_hit = extend_ttl_on_hit
         self._clock = clock
@@ -101,6 +116,7 @@ class LocalStore:
         self._touched_lock = threading.Lock()
         self.layout.create()
         self.removals = Removals(self.layout.removals())
+        self._stale_scanned_at = float("-inf")
 
     # Content.
 
@@ -147,29 +163,31 @@ class LocalStore:
 
     def commit(self, digest: Digest, verified_path: str, media_type: str | None = None) -> None:
         """Move a file whose bytes were verified against ``digest`` into place."""
-        path = self.layout.content(digest)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if media_type and media_type != OCTET_STREAM:
-            write_atomic(self.layout.media_type(digest), media_type.encode())
-        os.replace(verified_path, path)
+        with disk_full_is_busy():
+            path = self.layout.content(digest)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if media_type and media_type != OCTET_STREAM:
+                write_atomic(self.layout.media_type(digest), media_type.encode())
+            os.replace(verified_path, path)
 
     def put(self, digest: Digest, data: bytes, media_type: str | None = None) -> None:
         """Store bytes already verified against ``digest``."""
-        folder = os.path.dirname(self.layout.content(digest))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.layout.fills, prefix=self.layout.put_prefix(digest), suffix=".put")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                # As durable as a blob, which a fill syncs before its rename:
-                # after a crash the path holds the whole manifest or nothing.
-                run_blocking(os.fdatasync, handle.fileno())
-            self.commit(digest, tmp, media_type)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with disk_full_is_busy():
+            folder = os.path.dirname(self.layout.content(digest))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.layout.fills, prefix=self.layout.put_prefix(digest), suffix=".put")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    # As durable as a blob, which a fill syncs before its rename:
+                    # after a crash the path holds the whole manifest or nothing.
+                    run_blocking(os.fdatasync, handle.fileno())
+                self.commit(digest, tmp, media_type)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
 
     def remove(self, digest: Digest) -> bool:
         """Unlink the content, then record the removal for every worker's memory; True if it was there."""
@@ -209,26 +227,46 @@ class LocalStore:
                 os.utime(path, (now, os.stat(path).st_mtime))
         return sorted(touched, key=str)
 
-    def sweep(self) -> list[tuple[Digest, str]]:
-        """Remove expired content, then least recently used content over the limit.
+    def free_bytes(self) -> int:
+        """Bytes free for the node on the cache's filesystem."""
+        info = os.statvfs(self.root)
+        return info.f_bavail * info.f_frsize
 
-        Returns what was removed, each with its reason: ``ttl`` or ``size``.
-        Runs under a lock file so that the workers of one node never sweep
-        at once: a worker that finds another sweeping leaves it to that one.
-        Content served right now stays readable: unlinking an open file does
-        not disturb its readers.
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes leave at least ``min_free`` free on the filesystem."""
+        return self.free_bytes() - size >= self.min_free
+
+    def sweep(self, reserved: int = 0, wanted: int = 0) -> list[tuple[Digest, str]]:
+        """Remove expired content, then least recently used content over the limits.
+
+        ``reserved`` is what fills in flight will write; it counts against
+        ``max_size`` as stored content does; ``wanted`` is the size of a
+        fill refused for room, which is made on top of ``min_free``. Content
+        goes, oldest access first, while the two exceed ``max_size`` or the
+        filesystem has less than ``min_free`` (and ``wanted``) free. Returns what was removed, each with its
+        reason: ``ttl`` or ``size``. Runs under a lock file so that the
+        workers of one node never sweep at once: a worker that finds another
+        sweeping leaves it to that one. Content served right now stays
+        readable: unlinking an open file does not disturb its readers (nor
+        gives its space back before they finish).
         """
         removed: list[tuple[Digest, str]] = []
         lock = try_lock(self.layout.sweep_lock())
         if lock is None:
             return removed
         with os.fdopen(lock):
+            now = time.monotonic()
+            everywhere = now - self._stale_scanned_at > STALE_SCAN_INTERVAL
+            if everywhere:
+                self._stale_scanned_at = now
+            remove_stale(self.layout, older_than=STALE_AGE, everywhere=everywhere)
             entries = sorted(self._entries(), key=lambda entry: entry.accessed)
-            total = sum(entry.size for entry in entries)
+            total = sum(entry.size for entry in entries) + reserved
+            short = self.min_free + wanted - self.free_bytes()
             expired_before = self._clock() - self.ttl if self.ttl > 0 else None
             for entry in entries:
                 digest, size = entry.digest, entry.size
-                over = total > self.max_size
+                over = total > self.max_size or short > 0
                 since = entry.accessed if self.extend_ttl_on_hit else entry.stored
                 expired = expired_before is not None and since < expired_before
                 if not (over or expired):
@@ -236,6 +274,7 @@ class LocalStore:
                 if self.remove(digest):
                     removed.append((digest, "ttl" if expired else "size"))
                     total -= size
+                    short -= size
         return removed
 
     def used_bytes(self) -> int:
@@ -252,7 +291,8 @@ class LocalStore:
                 folder = os.path.join(blobs, algorithm, prefix)
                 with os.scandir(folder) as scan:
                     for entry in scan:
-                        if entry.name.endswith(TYPE_SUFFIX):
+                        # Media types, and a media type's atomic write on its way.
+                        if entry.name.endswith(TYPE_SUFFIX) or entry.name.startswith("."):
                             continue
                         with contextlib.suppress(FileNotFoundError):
                             info = entry.stat()
@@ -269,15 +309,17 @@ class LocalStore:
             return None
 
     def write_tag(self, name: str, tag: str, pointer: TagPointer) -> None:
-        self.remember_repository(name)
-        os.makedirs(self.layout.tag_pointers(name), exist_ok=True)
-        write_atomic(self.layout.tag_pointer(name, tag), json.dumps(dataclasses.asdict(pointer)).encode())
+        with disk_full_is_busy():
+            self.remember_repository(name)
+            os.makedirs(self.layout.tag_pointers(name), exist_ok=True)
+            write_atomic(self.layout.tag_pointer(name, tag), json.dumps(dataclasses.asdict(pointer)).encode())
 
     def remember_repository(self, name: str) -> None:
-        marker = self.layout.repository_marker(name)
-        if not os.path.exists(marker):
-            os.makedirs(self.layout.repository(name), exist_ok=True)
-            open(marker, "a").close()
+        with disk_full_is_busy():
+            marker = self.layout.repository_marker(name)
+            if not os.path.exists(marker):
+                os.makedirs(self.layout.repository(name), exist_ok=True)
+                open(marker, "a").close()
 
     def known_tags(self, name: str) -> list[str]:
         """Tags from pointers and from the last tag list the upstream sent."""
@@ -291,8 +333,9 @@ class LocalStore:
         return sorted(tags)
 
     def write_tag_list(self, name: str, tags: list[str]) -> None:
-        os.makedirs(self.layout.repository(name), exist_ok=True)
-        write_atomic(self.layout.tag_list(name), json.dumps(sorted(tags)).encode())
+        with disk_full_is_busy():
+            os.makedirs(self.layout.repository(name), exist_ok=True)
+            write_atomic(self.layout.tag_list(name), json.dumps(sorted(tags)).encode())
 
     def repositories(self, registry: str) -> list[str]:
         """Names of the repositories of ``registry`` the cache has served a manifest of."""

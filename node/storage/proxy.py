@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from node.bindings import Bindings
 from node.budget import Budget
 from node.config import CacheConfig, UpstreamConfig
-from node.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
+from node.errors import Busy, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.media_types import manifest_media_type
 from node.reference import Digest, digest_of, parse_digest
 from node.sources import FetchedManifest, Origin, Source
@@ -71,18 +71,21 @@ class Blob:
     """A blob to serve: complete on disk (``stored``) or being filled (``following``).
 
     It owns the open file of either until a response body takes it over;
-    ``close`` (or leaving a ``with`` block) closes what is still owned.
+    ``close`` (or leaving a ``with`` block) closes what is still owned. A
+    blob for a HEAD may have neither: then only ``stat_size``, the size the
+    source said (None when it did not), is known.
     """
 
     digest: Digest
     stored: Stored | None = None
     following: Following | None = None
+    stat_size: int | None = None
 
     @property
     def size(self) -> int | None:
         if self.stored is not None:
             return self.stored.size
-        return self.following.size if self.following is not None else None
+        return self.following.size if self.following is not None else self.stat_size
 
     @property
     def outcome(self) -> str:
@@ -136,14 +139,26 @@ class ProxyStore:
 
     # Blobs.
 
-    def blob(self, name: str, digest: Digest) -> Blob:
-        """The blob from the store, or its fill from the source (started, or joined), if bound to ``name``."""
+    def blob(self, name: str, digest: Digest, *, head: bool = False) -> Blob:
+        """The blob from the store, or its fill from the source (started, or joined), if bound to ``name``.
+
+        For a ``head`` request the fill starts only when a fill slot (and
+        room on the disk) is free at once: a client that asks whether a
+        blob exists is likely to pull it next. Otherwise the source is asked
+        for the size, and nothing is stored: a flood of HEADs costs the
+        upstream one HEAD each, never a fill slot or disk it has to wait for.
+        """
         self.bindings.bind_blob(name, digest)
         stored = self.local.open(digest)
         if stored is not None:
             self.local.touch(digest)
             return Blob(digest, stored=stored)
-        following = self.fills.join(self.source, name, digest)
+        try:
+            following = self.fills.join(self.source, name, digest, wait=not head)
+        except Busy:
+            if not head:
+                raise
+            return Blob(digest, stat_size=self.source.stat_blob(name, digest))
         if following is not None:
             return Blob(digest, following=following)
         stored = self.local.open(digest)

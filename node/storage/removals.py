@@ -50,9 +50,10 @@ class Removals:
         size = SLOTS * STAMP_SIZE
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            # Every worker may create it; growing it to its size is idempotent.
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
+            # Every worker may create it; allocating it is idempotent. Its
+            # blocks are allocated, not just its size set: writing to a hole
+            # of a mapped file on a full disk kills the process (SIGBUS).
+            os.posix_fallocate(fd, 0, size)
             self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)

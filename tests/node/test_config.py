@@ -90,3 +90,16 @@ def test_units() -> None:
     assert parse_size("3KB") == 3000
     with pytest.raises(ValueError):
         parse_duration("-5s")
+
+
+def test_min_free_is_a_size_a_percentage_or_the_smaller_of_both() -> None:
+    gib = 1024**3
+    default = config_from_dict({}).cache.min_free
+    assert default.of(1000 * gib) == 2 * gib and default.of(10 * gib) == gib // 2
+    assert config_from_dict({"cache": {"min_free": "5GiB"}}).cache.min_free.of(gib) == 5 * gib
+    assert config_from_dict({"cache": {"min_free": "10%"}}).cache.min_free.of(100 * gib) == 10 * gib
+    assert config_from_dict({"cache": {"min_free": 0}}).cache.min_free.of(gib) == 0
+    assert config_from_dict({}, {"SHOAL_CACHE__MIN_FREE": "1GiB|1%"}).cache.min_free.of(1000 * gib) == gib
+    for bad in ("lots", "150%", "-3%"):
+        with pytest.raises(ConfigError, match=r"cache\.min_free"):
+            config_from_dict({"cache": {"min_free": bad}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -185,6 +186,9 @@ def test_leftovers_of_a_dead_leader_are_removed_by_the_next(fills: Fills, store:
     stale = store.layout.fill_partial(DIGEST, "deadbeef")
     with open(stale, "wb") as handle:
         handle.write(b"half")
+    # Its followers found the partial file through its state, which names it.
+    with open(store.layout.fill_state(DIGEST), "w") as handle:
+        json.dump({"size": len(DATA), "partial": os.path.basename(stale), "origin": "upstream"}, handle)
     following = fills.join(Source(), "app", DIGEST)
     assert following is not None
     following.close()
