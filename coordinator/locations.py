@@ -166,6 +166,8 @@ class Location:
     fetcher: Holder | None
     fetching: bool
     content: ContentInfo | None
+    # Why the latest fetch under the lease key was given up, if it was (``Leases.release``).
+    failure: str = ""
 
 
 def to_ms(seconds: float) -> int:
@@ -255,13 +257,21 @@ class Locations:
             evict += texts(self._announce(keys=keys, args=args))
         return evict
 
+    def discard_pending(self, node_id: str) -> None:
+        """Forget the evictions pending for ``node_id`` (an announcement that replaced its entries ended)."""
+        check_name(node_id, "node_id")
+        self._take_pending(keys=[self._keys.evict(node_id)])
+
     def drop(self, node_id: str, digests: Iterable[str]) -> None:
         """The node no longer holds ``digests``; content nobody holds any more is forgotten."""
         check_name(node_id, "node_id")
         self._drop_chunks(node_id, check_digests(digests))
 
     def locate(self, digest: str, lease_key: str = "") -> Location:
-        """Live holders of ``digest``, the live holder of ``lease_key``'s lease, and the content's meta."""
+        """Live holders of ``digest``, the live holder of ``lease_key``'s lease, and the content's meta.
+
+        Also, when nobody holds that lease, the failure its latest holder gave it up with.
+        """
         check_digest(digest)
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._keys.loc(digest))
@@ -277,6 +287,7 @@ class Locations:
             fetcher=fetcher,
             fetching=lease is not None,
             content=_content(digest, meta) if meta else None,
+            failure=self._leases.failure(lease_key) if lease_key and lease is None else "",
         )
 
     def holders(self, digest: str) -> set[str]:

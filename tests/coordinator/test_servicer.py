@@ -400,3 +400,23 @@ def test_a_bad_config_exits_with_a_message_naming_the_key(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "coordinator.membership_ttl: expected a duration such as 30s" in result.stderr
+
+
+def test_an_inventory_of_100000_digests_is_announced_complete(
+    node_a: CoordinatorClient, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """One message of them all would pass gRPC's 4 MiB at about 38,000 digests; batches carry any number."""
+    stale = [Content(digest(f"stale-{i}"), 1) for i in range(3)]
+    node_a.announce_inventory(stale)
+    inventory = [Content(digest(i), 1000 + i, LAYER_TYPE, accessed_at=0.0) for i in range(100_000)]
+
+    assert node_a.announce_inventory(inventory) == []
+
+    held = redis_client.smembers(keys.held("node-a"))
+    assert len(held) == 100_000
+    assert held == {item.digest for item in inventory}
+    assert redis_client.smembers(keys.loc(inventory[-1].digest)) == {"node-a"}
+    assert redis_client.smembers(keys.loc(stale[0].digest)) == set()
+    # Of the announcements, only the small markers that they ended are left in Redis (they expire).
+    left = list(redis_client.scan_iter(match=f"{keys.prefix}announc*"))
+    assert left and all(key.startswith(f"{keys.prefix}announced:node-a:") for key in left)
