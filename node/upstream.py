@@ -51,12 +51,14 @@ from node.errors import (
     TooManyRequests,
     UpstreamDenied,
     UpstreamInvalid,
+    UpstreamTooSlow,
     UpstreamUnavailable,
 )
 from node.media_types import ACCEPT_MANIFESTS
+from node.min_rate import MinRate
 from node.reference import Digest, digest_of, is_digest, parse_digest
 from node.sources import FetchedManifest, Origin, TagAnswer
-from node.transport import Urllib3Transport, read1
+from node.transport import Urllib3Transport, abandon, read1
 from node.upstream_auth import TOKEN_MAX, Challenge, Credentials, RegistryAuth, parse_token
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,8 @@ class BlobStream:
     It yields the blob's bytes from ``start`` on, and ``size`` is the size
     of the whole blob (None when unknown). ``skip`` bytes of the body come
     before ``start`` and are read and dropped: an upstream that ignored a
-    Range request sends the whole blob.
+    Range request sends the whole blob. A body that comes slower than
+    ``min_rate`` allows raises ``UpstreamTooSlow`` from ``read``.
     """
 
     origin = Origin.UPSTREAM
@@ -147,10 +150,12 @@ class BlobStream:
         start: int = 0,
         size: int | None = None,
         skip: int = 0,
+        min_rate: MinRate | None = None,
     ) -> None:
         self._response = response
         self._on_error = on_error
         self._observer = observer
+        self._min_rate = min_rate
         self.start = start
         self.size = _content_length(response) if size is None else size
         self._skip = skip
@@ -173,6 +178,13 @@ class BlobStream:
         except httpx.HTTPError as exc:
             raise self._on_error(exc) from None
         self._observer.count("blob", "bytes_pulled", len(data))
+        if data and self._min_rate is not None:
+            try:
+                self._min_rate.add(len(data))
+            except UpstreamTooSlow:
+                # Closing it as usual would read the rest of a short body at the upstream's pace.
+                abandon(self._response)
+                raise
         return data
 
 
@@ -188,9 +200,12 @@ class Upstream:
         observer: Observer | None = None,
         blob_connections: int = 16,
         budget: Budget | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = config.url
         self.name = config.name
+        self._min_rate, self._min_rate_window = config.min_rate, config.min_rate_window
+        self._monotonic = monotonic
         self._observer: Observer = observer or _Unobserved()
         # Without one from the node, the pause is this client's own.
         self.budget = budget or Budget(config, clock=clock)
@@ -316,8 +331,21 @@ class Upstream:
     def _blob_stream(
         self, response: httpx.Response, what: str, *, start: int, size: int | None = None, skip: int = 0
     ) -> BlobStream:
+        floor = MinRate(
+            self._min_rate,
+            self._min_rate_window,
+            f"upstream {self.url}: {what}",
+            {"upstream": self.url},
+            self._monotonic,
+        )
         return BlobStream(
-            response, lambda exc: self._unavailable(what, exc), self._observer, start=start, size=size, skip=skip
+            response,
+            lambda exc: self._unavailable(what, exc),
+            self._observer,
+            start=start,
+            size=size,
+            skip=skip,
+            min_rate=floor,
         )
 
     @contextlib.contextmanager
