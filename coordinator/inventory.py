@@ -24,6 +24,11 @@ As a timeline::
                         register 1              ┊    (copy - named)
     other worker of the node:         CompleteFetch X (not in the copy: kept)
 
+Each batch also counts as a heartbeat of the node (``Membership.keep_alive``):
+the node heartbeats from the loop that announces, so without it an
+announcement longer than the membership's lifetime would see the node
+dropped, with everything registered so far, and announce again for ever.
+
 Every call may be retried (the node's client fails over on a deadline): a
 batch registers the same content again, and the last batch of an
 announcement that ended already changes nothing. A batch with a new id
@@ -42,6 +47,7 @@ from coordinator.digests import check_name
 from coordinator.keys import Keys
 from coordinator.leases import check_token
 from coordinator.locations import CHUNK, ContentInfo, Locations, chunked
+from coordinator.membership import Membership
 from coordinator.redis_client import texts
 
 # An announcement without a batch for this long is forgotten.
@@ -78,10 +84,13 @@ return 0
 class BatchedInventory:
     """Applies the batches of inventory announcements (the module docstring says how)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, locations: Locations, idle_ms: int = IDLE_MS) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, locations: Locations, membership: Membership, idle_ms: int = IDLE_MS
+    ) -> None:
         self._redis = client
         self._keys = keys
         self._locations = locations
+        self._membership = membership
         self._idle_ms = idle_ms
         self._stage = client.register_script(_STAGE)
 
@@ -95,6 +104,8 @@ class BatchedInventory:
         """
         check_name(node_id, "node_id")
         check_token(batch_id, "batch_id")
+        # The node's heartbeats wait for its announcement to end.
+        self._membership.keep_alive(node_id)
         evict = self._locations.add(node_id, content, ttl_ms)
         held = self._keys.held(node_id)
         before = self._keys.announced_before(node_id, batch_id)

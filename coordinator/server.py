@@ -85,7 +85,7 @@ class CoordinatorServer:
         self.servicer = CoordinatorServicer(
             membership=membership,
             locations=locations,
-            inventory=BatchedInventory(self.redis, keys, locations),
+            inventory=BatchedInventory(self.redis, keys, locations, membership),
             leases=leases,
             fetches=Fetches(self.redis, keys, clock),
             schedule=schedule,

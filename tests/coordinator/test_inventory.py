@@ -21,7 +21,7 @@ def directory(redis_client: redis.Redis, keys: Keys, clock: FakeClock) -> Direct
 
 @pytest.fixture
 def inventory(redis_client: redis.Redis, keys: Keys, directory: Directory) -> BatchedInventory:
-    return BatchedInventory(redis_client, keys, directory.locations)
+    return BatchedInventory(redis_client, keys, directory.locations, directory.membership)
 
 
 def items(*names: str) -> list[ContentInfo]:
@@ -84,3 +84,16 @@ def test_pending_evictions_are_answered_by_their_batch_and_done_with_at_the_end(
 def test_a_malformed_batch_id_is_rejected(inventory: BatchedInventory) -> None:
     with pytest.raises(InvalidArgument, match="batch_id"):
         inventory.announce("node-a", "no spaces", items("a"), None, last=True)
+
+
+def test_every_batch_keeps_the_node_a_member(
+    redis_client: redis.Redis, keys: Keys, directory: Directory, inventory: BatchedInventory
+) -> None:
+    # The node's heartbeats wait while it announces: its membership is about to run out.
+    redis_client.pexpire(keys.node("node-a"), 50)
+    inventory.announce("node-a", "batch-0006", items("one"), None, last=False)
+    assert redis_client.pttl(keys.node("node-a")) > 1000
+    # An expired membership is not brought back: the node registers again, as after a missed heartbeat.
+    redis_client.delete(keys.node("node-a"))
+    inventory.announce("node-a", "batch-0006", items("two"), None, last=True)
+    assert not redis_client.exists(keys.node("node-a"))
