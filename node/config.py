@@ -216,9 +216,10 @@ class UpstreamConfig:
     token_realms: tuple[str, ...] = _parsed(_string_list, default=())
     # Seconds to wait for the upstream to connect or send the next bytes.
     timeout: float = _parsed(parse_duration, default=30.0)
-    # The slowest a blob may come (bytes a second, averaged over each
-    # min_rate_window of the transfer): a slower transfer is aborted, its
-    # lease given back and the clients following it fail (node.min_rate).
+    # The slowest a body may come from the upstream (bytes a second,
+    # averaged over each min_rate_window of the transfer): a slower one is
+    # aborted; for a blob its lease is given back and the clients following
+    # it fail (node.min_rate).
     # 0 turns the floor off.
     min_rate: int = _parsed(parse_size, default=10 * 1024)
     min_rate_window: float = _parsed(lambda v: _positive_duration(v), default=30.0)

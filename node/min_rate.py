@@ -1,4 +1,4 @@
-"""The slowest an upstream may send a blob: ``upstream.min_rate`` over ``upstream.min_rate_window``.
+"""The slowest an upstream may send a body: ``upstream.min_rate`` over ``upstream.min_rate_window``.
 
 A per-read timeout (``upstream.timeout``) ends a transfer that stops, but
 not one that drips: an upstream sending a byte every 25 s answers every
@@ -14,6 +14,9 @@ The check runs as bytes arrive, so the transfer ends at the first read
 that returns after its window closed: at most ``window`` plus one read
 (``upstream.timeout``) after the slow stretch began. The end of the body
 is never checked (a last window is as short as it happens to be).
+
+``node.upstream`` puts one under every body it reads: blobs (``BlobStream``),
+manifests, tag lists and tokens.
 """
 
 from __future__ import annotations

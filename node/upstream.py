@@ -263,7 +263,7 @@ class Upstream:
             length = _content_length(response)
             if length is not None and length > MANIFEST_MAX:
                 raise self._too_large(what, MANIFEST_MAX)
-            data = _read_limited(response, MANIFEST_MAX)
+            data = _read_limited(response, MANIFEST_MAX, self._floor(what))
             if len(data) > MANIFEST_MAX:
                 raise self._too_large(what, MANIFEST_MAX)
             self._observer.count("manifest", "bytes_pulled", len(data))
@@ -331,13 +331,6 @@ class Upstream:
     def _blob_stream(
         self, response: httpx.Response, what: str, *, start: int, size: int | None = None, skip: int = 0
     ) -> BlobStream:
-        floor = MinRate(
-            self._min_rate,
-            self._min_rate_window,
-            f"upstream {self.url}: {what}",
-            {"upstream": self.url},
-            self._monotonic,
-        )
         return BlobStream(
             response,
             lambda exc: self._unavailable(what, exc),
@@ -345,7 +338,17 @@ class Upstream:
             start=start,
             size=size,
             skip=skip,
-            min_rate=floor,
+            min_rate=self._floor(what),
+        )
+
+    def _floor(self, what: str) -> MinRate:
+        """The minimum rate of one body from this upstream (``upstream.min_rate``), from now on."""
+        return MinRate(
+            self._min_rate,
+            self._min_rate_window,
+            f"upstream {self.url}: {what}",
+            {"upstream": self.url},
+            self._monotonic,
         )
 
     @contextlib.contextmanager
@@ -379,7 +382,7 @@ class Upstream:
             params["last"] = last
         request = self._client.build_request("GET", f"/v2/{name}/tags/list", params=params)
         with self._open(request, what, NameUnknown, "tags") as response:
-            body = _read_limited(response, _TAGS_MAX)
+            body = _read_limited(response, _TAGS_MAX, self._floor(what))
             if len(body) > _TAGS_MAX:
                 raise self._too_large(what, _TAGS_MAX)
             document = _json_object(body)
@@ -467,7 +470,7 @@ class Upstream:
         # own bearer token, so the client's auth is switched off for it.
         request = self._client.build_request("GET", asked.url, headers=asked.headers)
         with self._open(request, asked.what, None, "token", use_auth=False) as response:
-            body = _read_limited(response, TOKEN_MAX)
+            body = _read_limited(response, TOKEN_MAX, self._floor(asked.what))
         if len(body) > TOKEN_MAX:
             raise self._too_large(asked.what, TOKEN_MAX)
         token = parse_token(body)
@@ -544,15 +547,17 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _read_limited(response: httpx.Response, limit: int) -> bytes:
+def _read_limited(response: httpx.Response, limit: int, floor: MinRate) -> bytes:
     """At most ``limit + 1`` bytes of the body: enough to tell it is too large.
 
     Memory stays within the limit plus one network chunk, whatever the
-    upstream sends or claims in Content-Length.
+    upstream sends or claims in Content-Length, and a body slower than
+    ``floor`` raises ``UpstreamTooSlow``.
     """
     chunks: list[bytes] = []
     total = 0
     for chunk in response.iter_bytes():
+        floor.add(len(chunk))
         chunks.append(chunk)
         total += len(chunk)
         if total > limit:
