@@ -167,6 +167,20 @@ def test_renew_and_abort(node_a: CoordinatorClient, node_b: CoordinatorClient) -
     assert node_b.acquire_lease(LAYER_KEY, 30_000).granted
 
 
+def test_a_fetch_given_up_with_a_failure_is_reported_to_its_followers_until_the_next_grant(
+    node_a: CoordinatorClient, node_b: CoordinatorClient
+) -> None:
+    lease = node_a.acquire_lease(LAYER_KEY, 30_000)
+    assert node_b.locate(LAYER, LAYER_KEY).failure == ""
+    node_a.abort_fetch(LAYER_KEY, lease.token, "upstream http://registry.test: below upstream.min_rate")
+
+    following = node_b.locate(LAYER, LAYER_KEY)
+    assert not following.fetching and following.failure == "upstream http://registry.test: below upstream.min_rate"
+    # The lease is free at once; taking it means a new fetch, whose followers hear of no failure.
+    assert node_b.acquire_lease(LAYER_KEY, 30_000).granted
+    assert node_a.locate(LAYER, LAYER_KEY).failure == ""
+
+
 def test_announce_drop_and_touch(
     server: CoordinatorServer, node_a: CoordinatorClient, node_b: CoordinatorClient, clock: FakeClock
 ) -> None:

@@ -31,6 +31,7 @@ import pytest
 
 from node.breaker import Marks
 from node.coordinator_client import (
+    INVENTORY_BATCH,
     PROBE_DIGEST,
     ClusterMetrics,
     CoordinatorClient,
@@ -268,6 +269,28 @@ def test_announce_inventory_sends_the_content_and_a_ttl_only_when_given(
     # Absent and 0 differ: absent is the coordinator's default TTL, 0 never expires.
     assert request.HasField("ttl_ms") == (ttl_ms is not None)
     assert request.ttl_ms == (ttl_ms or 0)
+
+
+def test_a_large_inventory_goes_in_batches_under_one_id_and_the_last_says_so(
+    coordinator: FakeCoordinator, client: CoordinatorClient
+) -> None:
+    coordinator.answers["AnnounceInventory"] = pb.AnnounceInventoryResponse(evict=[LAYER])
+    inventory = (Content(f"sha256:{i:064x}", i) for i in range(2 * INVENTORY_BATCH + 1))
+
+    # Each batch's evictions come back together.
+    assert client.announce_inventory(inventory, ttl_ms=0) == [LAYER] * 3
+    requests = [call.request for call in coordinator.received if call.method == "AnnounceInventory"]
+    assert [len(request.content) for request in requests] == [INVENTORY_BATCH, INVENTORY_BATCH, 1]
+    assert [request.last for request in requests] == [False, False, True]
+    assert len({request.batch_id for request in requests}) == 1 and requests[0].batch_id
+    assert [item.digest for request in requests for item in request.content] == [
+        f"sha256:{i:064x}" for i in range(2 * INVENTORY_BATCH + 1)
+    ]
+    assert all(request.HasField("ttl_ms") and request.ttl_ms == 0 for request in requests)
+    # The next announcement is a new one.
+    client.announce_inventory([])
+    assert coordinator.last("AnnounceInventory").request.batch_id != requests[0].batch_id
+    assert coordinator.last("AnnounceInventory").request.last
 
 
 @pytest.mark.parametrize("ttl_ms", [None, 0, 3600000], ids=["default-ttl", "never-expires", "one-hour"])
