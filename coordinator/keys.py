@@ -13,10 +13,10 @@ key                                type    holds
 ``node:<id>``                      hash    membership (url, capacity, used); has PX
 ``held:<id>``                      set     digests the node holds (reverse of loc)
 ``evict:<id>``                     list    digests the node must delete
-``announcing:<id>:<batch id>``     set     digests a batched announcement named so
-                                           far; has PX
-``announced-before:<id>:<bid>``    set     held:<id> when that announcement began;
-                                           has PX
+``announcing:<id>``                set     digests registered for the node since its
+                                           batched announcement began, and ''; has PX
+``announcing-id:<id>``             string  the batch id of that announcement; has PX
+``announcing-cursor:<id>``         string  where its end has got to in held:<id>; has PX
 ``announced:<id>:<batch id>``      string  "1": that announcement ended; has PX
 ``loc:<digest>``                   set     ids of nodes holding the complete content
 ``meta:<digest>``                  hash    size, media type, first cached, ttl_ms
@@ -61,11 +61,14 @@ class Keys:
     def evict(self, node_id: str) -> str:
         return f"{self.prefix}evict:{node_id}"
 
-    def announcing(self, node_id: str, batch_id: str) -> str:
-        return f"{self.prefix}announcing:{node_id}:{batch_id}"
+    def announcing(self, node_id: str) -> str:
+        return f"{self.prefix}announcing:{node_id}"
 
-    def announced_before(self, node_id: str, batch_id: str) -> str:
-        return f"{self.prefix}announced-before:{node_id}:{batch_id}"
+    def announcing_id(self, node_id: str) -> str:
+        return f"{self.prefix}announcing-id:{node_id}"
+
+    def announcing_cursor(self, node_id: str) -> str:
+        return f"{self.prefix}announcing-cursor:{node_id}"
 
     def announced(self, node_id: str, batch_id: str) -> str:
         return f"{self.prefix}announced:{node_id}:{batch_id}"

@@ -134,10 +134,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
         content = _contents(request.content)
         if request.batch_id:
-            evict = self._inventory.announce(request.node_id, request.batch_id, content, ttl_ms, request.last)
-        else:
-            evict = self._locations.announce(request.node_id, content, ttl_ms)
-        return pb.AnnounceInventoryResponse(evict=evict)
+            answer = self._inventory.announce(request.node_id, request.batch_id, content, ttl_ms, request.last)
+            return pb.AnnounceInventoryResponse(evict=answer.evict, more=answer.more)
+        return pb.AnnounceInventoryResponse(evict=self._locations.announce(request.node_id, content, ttl_ms))
 
     @_rpc
     def AddContent(self, request: pb.AddContentRequest) -> pb.AddContentResponse:

@@ -264,10 +264,19 @@ class CoordinatorClient:
             )
             if ttl_ms is not None:
                 request.ttl_ms = ttl_ms
-            evict += self._call("AnnounceInventory", request).evict
+            response = self._call("AnnounceInventory", request)
+            evict += response.evict
             if not following:
-                return evict
+                break
             batch = following
+        # The coordinator compares the node's entries a bounded piece per call.
+        while response.more:
+            request = pb.AnnounceInventoryRequest(node_id=self.node_id, batch_id=batch_id, last=True)
+            if ttl_ms is not None:
+                request.ttl_ms = ttl_ms
+            response = self._call("AnnounceInventory", request)
+            evict += response.evict
+        return evict
 
     def add_content(self, content: Iterable[Content], *, ttl_ms: int | None = None) -> list[str]:
         """Register content this node got besides its inventory (from a peer, or while degraded).

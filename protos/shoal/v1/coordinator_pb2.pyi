@@ -71,10 +71,12 @@ class AnnounceInventoryRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., content: _Optional[_Iterable[_Union[Content, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., batch_id: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class AnnounceInventoryResponse(_message.Message):
-    __slots__ = ("evict",)
+    __slots__ = ("evict", "more")
     EVICT_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     evict: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, evict: _Optional[_Iterable[str]] = ...) -> None: ...
+    more: bool
+    def __init__(self, evict: _Optional[_Iterable[str]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class AddContentRequest(_message.Message):
     __slots__ = ("node_id", "content", "ttl_ms")
