@@ -68,9 +68,13 @@ def test_a_dripping_upstream_is_aborted_with_its_followers_and_the_lease_is_free
 
         for seconds, response in answers:
             assert response.status_code == 503, response.text
-            assert response.json()["errors"][0]["code"] == "UPSTREAM_UNAVAILABLE"
+            error = response.json()["errors"][0]
+            assert error["code"] == "UPSTREAM_UNAVAILABLE"
+            # Every client is told why, on either node.
+            assert "below upstream.min_rate (65536 bytes/s)" in error["message"], error["message"]
             # The window, a read, and the followers noticing; generous for a busy machine.
             assert seconds < WINDOW + 8, f"a client waited {seconds:.1f}s"
+        assert "the cluster's fetch failed" in answers[2][1].json()["errors"][0]["message"]
         # Released by node-1, not left to run out, and not taken by node-2 to ask the upstream again.
         with cluster.client() as observer:
             lease = observer.acquire_lease(blob_lease(digest), 1000)
