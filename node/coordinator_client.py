@@ -249,9 +249,12 @@ class CoordinatorClient:
         (None: its default_ttl; 0: never expires). The content goes in
         batches of ``INVENTORY_BATCH``, one call each under one batch id, so
         that any number of digests gets through (one message of them all
-        would stop at gRPC's 4 MiB, about 38,000 digests). A failure part
-        way leaves what the sent batches registered, and the next
-        announcement starts afresh.
+        would stop at gRPC's 4 MiB, about 38,000 digests); ``content`` is
+        read one batch at a time. After the last batch the coordinator may
+        answer ``more`` (it compares a large inventory a bounded piece per
+        call), and the last batch is sent again, without content, until it
+        has done. A failure part way leaves what the sent batches
+        registered, and the next announcement starts afresh.
         """
         batch_id = secrets.token_hex(16)
         evict: list[str] = []
