@@ -81,7 +81,8 @@ class Received:
 class FakeCoordinator(pb_grpc.CoordinatorServicer):
     """Answers every method from a script and records what it received.
 
-    ``answers[method]`` is the response (default: the empty response).
+    ``answers[method]`` is the response (default: the empty response), or
+    a function of the request that returns it.
     ``failures`` holds status codes the next calls abort with, one per call.
     While ``hang`` is set, calls set ``entered`` and wait for ``release``
     (at most ``HANG_LIMIT``) before they answer. The client's breaker
@@ -127,7 +128,8 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             self.entered.set()
             self.release.wait(HANG_LIMIT)
         if method in self.answers:
-            return self.answers[method]
+            answer = self.answers[method]
+            return answer(request) if callable(answer) else answer
         return getattr(pb, SERVICE.methods_by_name[method].output_type.name)()
 
 
@@ -291,6 +293,23 @@ def test_a_large_inventory_goes_in_batches_under_one_id_and_the_last_says_so(
     client.announce_inventory([])
     assert coordinator.last("AnnounceInventory").request.batch_id != requests[0].batch_id
     assert coordinator.last("AnnounceInventory").request.last
+
+
+def test_the_end_of_an_announcement_is_asked_for_again_while_the_coordinator_says_more(
+    coordinator: FakeCoordinator, client: CoordinatorClient
+) -> None:
+    ends = 0
+
+    def answer(request: pb.AnnounceInventoryRequest) -> pb.AnnounceInventoryResponse:
+        nonlocal ends
+        ends += request.last
+        return pb.AnnounceInventoryResponse(evict=[LAYER] if request.content else [], more=request.last and ends < 3)
+
+    coordinator.answers["AnnounceInventory"] = answer
+    assert client.announce_inventory(ANNOUNCED) == [LAYER]
+    requests = [call.request for call in coordinator.received if call.method == "AnnounceInventory"]
+    assert [(len(request.content), request.last) for request in requests] == [(2, True), (0, True), (0, True)]
+    assert len({request.batch_id for request in requests}) == 1
 
 
 @pytest.mark.parametrize("ttl_ms", [None, 0, 3600000], ids=["default-ttl", "never-expires", "one-hour"])
