@@ -24,7 +24,7 @@ from coordinator.locations import ContentInfo, to_ms
 
 # KEYS[1] lock:<lease key>, KEYS[2] the nodes set, KEYS[3] held:<node>,
 # KEYS[4] the ttl schedule, KEYS[5] loc:<digest>, KEYS[6] meta:<digest>,
-# KEYS[7] metrics:cluster
+# KEYS[7] metrics:cluster, KEYS[8] announcing:<node>
 # ARGV[1] token, ARGV[2] node id, ARGV[3] digest, ARGV[4] size, ARGV[5] media type,
 # ARGV[6] now (Unix ms), ARGV[7] TTL (ms; 0 = never)
 # Registers the node as a holder, records the meta, schedules the expiry and
@@ -32,7 +32,9 @@ from coordinator.locations import ContentInfo, to_ms
 # again under different TTLs (two upstreams sharing a blob), the longest
 # wins and "never" beats everything; a new expiry never shortens the
 # scheduled one. Content new to the cluster adds its size to the distinct
-# bytes cached (see distinct_bytes). Returns 1 when registered, 2 when the
+# bytes cached (see distinct_bytes). While the node announces its inventory
+# in batches (KEYS[8] exists), the digest is noted there, so that the end of
+# the announcement keeps it (see inventory). Returns 1 when registered, 2 when the
 # lease is gone but the node is a holder already (a retry of a call that
 # succeeded), 0 when the lease was lost.
 _COMPLETE = (
@@ -48,6 +50,9 @@ if not owns(redis.call('GET', KEYS[1]), ARGV[1]) then
 end
 redis.call('SADD', KEYS[2], node)
 redis.call('SADD', KEYS[3], digest)
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  redis.call('SADD', KEYS[8], digest)
+end
 redis.call('SADD', KEYS[5], node)
 meta_set_size(KEYS[6], KEYS[7], ARGV[4])
 if ARGV[5] ~= '' then
@@ -101,6 +106,7 @@ class Fetches:
             self._keys.loc(digest),
             self._keys.meta(digest),
             self._keys.metrics_cluster(),
+            self._keys.announcing(node_id),
         ]
         args: list[EncodableT] = [
             token,

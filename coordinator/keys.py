@@ -13,10 +13,17 @@ key                                type    holds
 ``node:<id>``                      hash    membership (url, capacity, used); has PX
 ``held:<id>``                      set     digests the node holds (reverse of loc)
 ``evict:<id>``                     list    digests the node must delete
+``announcing:<id>``                set     digests registered for the node since its
+                                           batched announcement began, and ''; has PX
+``announcing-id:<id>``             string  the batch id of that announcement; has PX
+``announcing-cursor:<id>``         string  where its end has got to in held:<id>; has PX
+``announced:<id>:<batch id>``      string  "1": that announcement ended; has PX
 ``loc:<digest>``                   set     ids of nodes holding the complete content
 ``meta:<digest>``                  hash    size, media type, first cached, ttl_ms
 ``ttl``                            zset    member = digest, score = expiry (Unix ms)
 ``lock:<lease key>``               string  "<token> <fence> <node id>"; has PX
+``failed:<lease key>``             string  the failure the latest fetch under the key
+                                           was given up with; has PX; deleted by a grant
 ``fence``                          string  fencing counter, grows with every grant
 ``leader``                         string  id of the coordinator running the sweep
 ``tag:<upstream>/<repo>:<tag>``    hash    digest, media type, size, checked_at
@@ -54,6 +61,18 @@ class Keys:
     def evict(self, node_id: str) -> str:
         return f"{self.prefix}evict:{node_id}"
 
+    def announcing(self, node_id: str) -> str:
+        return f"{self.prefix}announcing:{node_id}"
+
+    def announcing_id(self, node_id: str) -> str:
+        return f"{self.prefix}announcing-id:{node_id}"
+
+    def announcing_cursor(self, node_id: str) -> str:
+        return f"{self.prefix}announcing-cursor:{node_id}"
+
+    def announced(self, node_id: str, batch_id: str) -> str:
+        return f"{self.prefix}announced:{node_id}:{batch_id}"
+
     def loc(self, digest: str) -> str:
         return f"{self.prefix}loc:{digest}"
 
@@ -65,6 +84,9 @@ class Keys:
 
     def lock(self, lease_key: str) -> str:
         return f"{self.prefix}lock:{lease_key}"
+
+    def failed(self, lease_key: str) -> str:
+        return f"{self.prefix}failed:{lease_key}"
 
     def fence(self) -> str:
         return f"{self.prefix}fence"

@@ -31,6 +31,12 @@ from coordinator.redis_client import text
 
 # The longest lease a caller may ask for; a holder renews long fetches.
 MAX_TTL_MS = 10 * 60 * 1000
+# How long the failure a fetch was given up with is kept (unless the key is
+# granted again first): the followers of that fetch read it as soon as their
+# transfer breaks off, within a second or two.
+FAILURE_TTL_MS = 60 * 1000
+# A failure is a short sentence; a longer one is cut to this many characters.
+FAILURE_MAX = 500
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{8,128}")
 
@@ -43,12 +49,14 @@ local function owns(value, token)
 end
 """
 
-# KEYS[1] lock:<key>, KEYS[2] the fence counter
+# KEYS[1] lock:<key>, KEYS[2] the fence counter, KEYS[3] failed:<key>
 # ARGV[1] token, ARGV[2] node id, ARGV[3] TTL (ms)
-# Grants the lease when nobody holds it. A call presenting the token that
-# already holds it is a retry of the same grant: it is granted again, with
-# the same fence and a fresh TTL. Returns {1, fence} when granted and
-# {0, current value} when someone else holds the lease.
+# Grants the lease when nobody holds it; a new grant forgets the failure
+# the last fetch of the key was given up with (a new fetch is under way). A
+# call presenting the token that already holds it is a retry of the same
+# grant: it is granted again, with the same fence and a fresh TTL. Returns
+# {1, fence} when granted and {0, current value} when someone else holds
+# the lease.
 _ACQUIRE = (
     OWNS_LEASE
     + """
@@ -61,6 +69,7 @@ if current then
   return {0, current}
 end
 local fence = redis.call('INCR', KEYS[2])
+redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'NX', 'PX', ARGV[3])
 return {1, tostring(fence)}
 """
@@ -79,13 +88,19 @@ return 0
 """
 )
 
-# KEYS[1] lock:<key>
-# ARGV[1] token
-# Deletes the lease when it is still held under the token; returns 1 or 0.
+# KEYS[1] lock:<key>, KEYS[2] failed:<key>
+# ARGV[1] token, ARGV[2] failure ('' for none), ARGV[3] how long the failure
+# is kept (ms)
+# Deletes the lease when it is still held under the token, and keeps the
+# failure the fetch was given up with, if any, for the followers of the
+# fetch to read (Locate). Returns 1 or 0.
 _RELEASE = (
     OWNS_LEASE
     + """
 if owns(redis.call('GET', KEYS[1]), ARGV[1]) then
+  if ARGV[2] ~= '' then
+    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  end
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -145,7 +160,9 @@ class Leases:
         check_name(node_id, "node_id")
         check_ttl_ms(ttl_ms)
         token = check_token(token) if token else secrets.token_hex(16)
-        granted, detail = self._acquire(keys=[self._keys.lock(key), self._keys.fence()], args=[token, node_id, ttl_ms])
+        granted, detail = self._acquire(
+            keys=[self._keys.lock(key), self._keys.fence(), self._keys.failed(key)], args=[token, node_id, ttl_ms]
+        )
         if int(granted):
             return Lease(granted=True, token=token, fence=int(detail), holder=node_id)
         _, fence, holder = parse_value(text(detail))
@@ -159,12 +176,24 @@ class Leases:
             return False
         return bool(self._renew(keys=[self._keys.lock(key)], args=[token, ttl_ms]))
 
-    def release(self, key: str, token: str) -> bool:
-        """Give the lease up; False (and no change) when it is no longer held under ``token``."""
+    def release(self, key: str, token: str, failure: str = "") -> bool:
+        """Give the lease up; False (and no change) when it is no longer held under ``token``.
+
+        ``failure``, when given, says why the fetch was given up for the
+        whole cluster; ``failure`` reports it until the key is granted
+        again, for ``FAILURE_TTL_MS`` at most.
+        """
         check_name(key, "key")
         if not token:
             return False
-        return bool(self._release(keys=[self._keys.lock(key)], args=[token]))
+        keys = [self._keys.lock(key), self._keys.failed(key)]
+        return bool(self._release(keys=keys, args=[token, failure[:FAILURE_MAX], FAILURE_TTL_MS]))
+
+    def failure(self, key: str) -> str:
+        """Why the latest fetch under ``key`` was given up (``release``), or empty."""
+        check_name(key, "key")
+        value = self._redis.get(self._keys.failed(key))
+        return "" if value is None else text(value)
 
     def current(self, key: str) -> Lease | None:
         """The grant that holds ``key`` now, or None when nobody holds it."""

@@ -31,8 +31,8 @@ from protos.values import Holder
 CHUNK = 500
 
 # KEYS[1] the nodes set, KEYS[2] held:<node>, KEYS[3] the ttl schedule,
-# KEYS[4] metrics:cluster,
-# then for each digest i: KEYS[3 + 2i] loc:<digest>, KEYS[4 + 2i] meta:<digest>
+# KEYS[4] metrics:cluster, KEYS[5] announcing:<node>,
+# then for each digest i: KEYS[4 + 2i] loc:<digest>, KEYS[5 + 2i] meta:<digest>
 # ARGV[1] node id, ARGV[2] now (Unix ms), ARGV[3] TTL (ms) for content not
 # scheduled yet, 0 = never; then five per digest i, from ARGV[4 + 5(i-1)]:
 # digest, size, media type, accessed at (Unix ms; 0 or a future time = now),
@@ -45,16 +45,19 @@ CHUNK = 500
 # pushes its expiry as a touch at that time would, and an announcement
 # without one leaves the expiry alone. Content new to the cluster adds its
 # size to the distinct bytes cached, content forgotten here subtracts it (see
-# distinct_bytes). Returns the expired digests.
+# distinct_bytes). While the node announces its inventory in batches
+# (KEYS[5] exists), registered digests are noted there (see inventory).
+# Returns the expired digests.
 _ANNOUNCE = (
     META_FUNCTIONS
     + """
 local node, now, default_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local held, schedule, cluster = KEYS[2], KEYS[3], KEYS[4]
+local announcing = redis.call('EXISTS', KEYS[5]) == 1
 local evict = {}
 redis.call('SADD', KEYS[1], node)
-for i = 1, (#KEYS - 4) / 2 do
-  local loc, meta = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+for i = 1, (#KEYS - 5) / 2 do
+  local loc, meta = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
   local base = 3 + 5 * (i - 1)
   local digest, size, media_type = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local accessed = math.min(tonumber(ARGV[base + 4]), now)
@@ -96,6 +99,9 @@ for i = 1, (#KEYS - 4) / 2 do
   else
     redis.call('SADD', loc, node)
     redis.call('SADD', held, digest)
+    if announcing then
+      redis.call('SADD', KEYS[5], digest)
+    end
     if size ~= '0' and redis.call('HEXISTS', meta, 'size') == 0 then
       meta_set_size(meta, cluster, size)
     end
@@ -110,25 +116,28 @@ return evict
 )
 
 # KEYS[1] held:<node>, KEYS[2] the ttl schedule, KEYS[3] metrics:cluster,
-# then for each digest i: KEYS[2 + 2i] loc:<digest>, KEYS[3 + 2i] meta:<digest>
-# ARGV[1] node id, ARGV[1 + i] digest i
+# KEYS[4] announcing:<node>,
+# then for each digest i: KEYS[3 + 2i] loc:<digest>, KEYS[4 + 2i] meta:<digest>
+# ARGV[1] node id, ARGV[2] '1' to keep the digests noted in KEYS[4] (the end
+# of a batched announcement), '0' to drop them all; ARGV[2 + i] digest i
 # Removes the node from the digests' locations. Content whose last holder
 # dropped it is gone from the cluster: its meta and schedule entry go too,
 # and its size leaves the distinct bytes cached. Returns how many of the
-# digests the node was registered for.
+# digests the node was registered for (and is no longer).
 _DROP = (
     META_FUNCTIONS
     + """
-local node = ARGV[1]
-local removed = 0
-for i = 1, (#KEYS - 3) / 2 do
-  local loc, meta, digest = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[1 + i]
-  redis.call('SREM', KEYS[1], digest)
-  if redis.call('SREM', loc, node) == 1 then
-    removed = removed + 1
-    if redis.call('SCARD', loc) == 0 then
-      meta_delete(meta, KEYS[3])
-      redis.call('ZREM', KEYS[2], digest)
+local node, keep_noted, removed = ARGV[1], ARGV[2] == '1', 0
+for i = 1, (#KEYS - 4) / 2 do
+  local loc, meta, digest = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[2 + i]
+  if not (keep_noted and redis.call('SISMEMBER', KEYS[4], digest) == 1) then
+    redis.call('SREM', KEYS[1], digest)
+    if redis.call('SREM', loc, node) == 1 then
+      removed = removed + 1
+      if redis.call('SCARD', loc) == 0 then
+        meta_delete(meta, KEYS[3])
+        redis.call('ZREM', KEYS[2], digest)
+      end
     end
   end
 end
@@ -171,6 +180,8 @@ class Location:
     fetcher: Holder | None
     fetching: bool
     content: ContentInfo | None
+    # Why the latest fetch under the lease key was given up, if it was (``Leases.release``).
+    failure: str = ""
 
 
 def to_ms(seconds: float) -> int:
@@ -251,7 +262,13 @@ class Locations:
         now_ms = to_ms(self._clock())
         evict: list[str] = []
         for chunk in chunked(list(announced)):
-            keys = [self._keys.nodes(), self._keys.held(node_id), self._keys.ttl(), self._keys.metrics_cluster()]
+            keys = [
+                self._keys.nodes(),
+                self._keys.held(node_id),
+                self._keys.ttl(),
+                self._keys.metrics_cluster(),
+                self._keys.announcing(node_id),
+            ]
             args: list[EncodableT] = [node_id, now_ms, default_ms]
             for digest in chunk:
                 item = announced[digest]
@@ -259,6 +276,11 @@ class Locations:
                 args += [digest, item.size, item.media_type, to_ms(item.accessed_at), int(digest in pending)]
             evict += texts(self._announce(keys=keys, args=args))
         return evict
+
+    def discard_pending(self, node_id: str) -> None:
+        """Forget the evictions pending for ``node_id`` (an announcement that replaced its entries ended)."""
+        check_name(node_id, "node_id")
+        self._take_pending(keys=[self._keys.evict(node_id)])
 
     def drop(self, node_id: str, digests: Iterable[str]) -> None:
         """The node no longer holds ``digests``; content nobody holds any more is forgotten."""
@@ -284,7 +306,10 @@ class Locations:
         return self._drop_chunks(holder_id, [digest]) == 1
 
     def locate(self, digest: str, lease_key: str = "") -> Location:
-        """Live holders of ``digest``, the live holder of ``lease_key``'s lease, and the content's meta."""
+        """Live holders of ``digest``, the live holder of ``lease_key``'s lease, and the content's meta.
+
+        Also, when nobody holds that lease, the failure its latest holder gave it up with.
+        """
         check_digest(digest)
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._keys.loc(digest))
@@ -300,6 +325,7 @@ class Locations:
             fetcher=fetcher,
             fetching=lease is not None,
             content=_content(digest, meta) if meta else None,
+            failure=self._leases.failure(lease_key) if lease_key and lease is None else "",
         )
 
     def holders(self, digest: str) -> set[str]:
@@ -315,14 +341,27 @@ class Locations:
         meta = text_map(self._redis.hgetall(self._keys.meta(check_digest(digest))))
         return _content(digest, meta) if meta else None
 
-    def _drop_chunks(self, node_id: str, digests: Sequence[str]) -> int:
+    def drop_unnoted(self, node_id: str, digests: Sequence[str]) -> int:
+        """Drop those of ``digests`` not registered since the node's batched announcement began.
+
+        For the end of that announcement (``coordinator.inventory``); returns how many it was registered for.
+        """
+        check_name(node_id, "node_id")
+        return self._drop_chunks(node_id, digests, keep_noted=True)
+
+    def _drop_chunks(self, node_id: str, digests: Sequence[str], keep_noted: bool = False) -> int:
         """Drop ``digests`` from ``node_id``'s registrations; return how many it was registered for."""
         removed = 0
         for chunk in chunked(digests):
-            keys = [self._keys.held(node_id), self._keys.ttl(), self._keys.metrics_cluster()]
+            keys = [
+                self._keys.held(node_id),
+                self._keys.ttl(),
+                self._keys.metrics_cluster(),
+                self._keys.announcing(node_id),
+            ]
             for digest in chunk:
                 keys += [self._keys.loc(digest), self._keys.meta(digest)]
-            removed += int(self._drop(keys=keys, args=[node_id, *chunk]))
+            removed += int(self._drop(keys=keys, args=[node_id, int(keep_noted), *chunk]))
         return removed
 
 

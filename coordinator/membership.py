@@ -122,6 +122,14 @@ class Membership:
         args = [fields["url"], fields["capacity_bytes"], fields["used_bytes"], fields["seen_at"], self._ttl_ms]
         return bool(self._heartbeat(keys=[self._keys.node(node.id)], args=args))
 
+    def keep_alive(self, node_id: str) -> bool:
+        """Refresh a membership that still exists, as a heartbeat does; False when it expired.
+
+        For calls that prove the node alive while they keep it from its
+        heartbeats: the batches of a long inventory announcement.
+        """
+        return bool(self._redis.pexpire(self._keys.node(check_name(node_id, "node_id")), self._ttl_ms))
+
     def get(self, node_id: str) -> NodeInfo | None:
         """The live node's registration, or None when it is not a member."""
         fields = text_map(self._redis.hgetall(self._keys.node(node_id)))

@@ -35,6 +35,7 @@ from coordinator.config import CONFIG_ENV, CoordinatorConfig, describe_keys, loa
 from coordinator.election import LeaderElection
 from coordinator.errors import ConfigError
 from coordinator.fetches import Fetches
+from coordinator.inventory import BatchedInventory
 from coordinator.keys import Keys
 from coordinator.leases import Leases
 from coordinator.locations import Locations
@@ -80,9 +81,11 @@ class CoordinatorServer:
             config.scheduler_interval,
         )
         metrics = Metrics(self.redis, keys, membership)
+        locations = Locations(self.redis, keys, membership, leases, config.default_ttl, clock)
         self.servicer = CoordinatorServicer(
             membership=membership,
-            locations=Locations(self.redis, keys, membership, leases, config.default_ttl, clock),
+            locations=locations,
+            inventory=BatchedInventory(self.redis, keys, locations, membership),
             leases=leases,
             fetches=Fetches(self.redis, keys, clock),
             schedule=schedule,

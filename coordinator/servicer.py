@@ -27,6 +27,7 @@ import redis
 from coordinator.bindings import Bindings
 from coordinator.errors import CoordinatorError, InvalidArgument, LeaseLost
 from coordinator.fetches import Fetches
+from coordinator.inventory import BatchedInventory
 from coordinator.leases import Leases
 from coordinator.locations import ContentInfo, Locations
 from coordinator.membership import Membership, NodeInfo
@@ -95,6 +96,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         *,
         membership: Membership,
         locations: Locations,
+        inventory: BatchedInventory,
         leases: Leases,
         fetches: Fetches,
         schedule: Schedule,
@@ -105,6 +107,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> None:
         self._membership = membership
         self._locations = locations
+        self._inventory = inventory
         self._leases = leases
         self._fetches = fetches
         self._schedule = schedule
@@ -129,8 +132,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @_rpc
     def AnnounceInventory(self, request: pb.AnnounceInventoryRequest) -> pb.AnnounceInventoryResponse:
         ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
-        evict = self._locations.announce(request.node_id, _contents(request.content), ttl_ms)
-        return pb.AnnounceInventoryResponse(evict=evict)
+        content = _contents(request.content)
+        if request.batch_id:
+            answer = self._inventory.announce(request.node_id, request.batch_id, content, ttl_ms, request.last)
+            return pb.AnnounceInventoryResponse(evict=answer.evict, more=answer.more)
+        return pb.AnnounceInventoryResponse(evict=self._locations.announce(request.node_id, content, ttl_ms))
 
     @_rpc
     def AddContent(self, request: pb.AddContentRequest) -> pb.AddContentResponse:
@@ -158,7 +164,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @_rpc
     def Locate(self, request: pb.LocateRequest) -> pb.LocateResponse:
         found = self._locations.locate(request.digest, request.lease_key)
-        response = pb.LocateResponse(holders=[_holder(holder) for holder in found.holders], fetching=found.fetching)
+        response = pb.LocateResponse(
+            holders=[_holder(holder) for holder in found.holders], fetching=found.fetching, failure=found.failure
+        )
         if found.fetcher is not None:
             response.fetcher.CopyFrom(_holder(found.fetcher))
         if found.content is not None:
@@ -191,7 +199,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @_rpc
     def AbortFetch(self, request: pb.AbortFetchRequest) -> pb.AbortFetchResponse:
-        self._leases.release(request.key, request.token)
+        self._leases.release(request.key, request.token, request.failure)
         return pb.AbortFetchResponse()
 
     @_rpc

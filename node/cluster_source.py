@@ -27,7 +27,10 @@ read and dropped), or, once the dead holder's lease ran out and this node
 took it over, the upstream with a Range request (``Upstream.open_blob``).
 The fill on the other side sees one stream of the whole blob and hashes it
 as always, so the content is verified whichever sources its bytes came
-from.
+from. A fetch given up for a reason that holds for the whole cluster (the
+upstream sent too slowly, ``node.min_rate``) is not carried on: its
+fetcher gives the reason with its lease (``Flight.coordinate``), and the
+relay fails with it instead.
 """
 
 from __future__ import annotations
@@ -335,6 +338,12 @@ class _Relay:
         """
         if self._stream.origin is not Origin.PEER:
             raise error
+        failure = self._source.flight.failure(blob_lease(str(self._digest)), str(self._digest))
+        if failure:
+            # The fetch this transfer came from was given up for a reason
+            # that holds here too (the upstream too slow): fail with it
+            # rather than ask the same upstream again.
+            raise UpstreamUnavailable(f"the cluster's fetch failed: {failure}", {"digest": str(self._digest)})
         if self._takeovers >= MAX_TAKEOVERS:
             raise UpstreamUnavailable(
                 f"the transfer broke off {self._takeovers + 1} times: {error.message}", {"digest": str(self._digest)}

@@ -181,6 +181,13 @@ def _string_list(value: object) -> tuple[str, ...]:
     raise ValueError("expected a list of strings")
 
 
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a duration above 0, such as 30s")
+    return seconds
+
+
 def _optional_string(value: object) -> str | None:
     return None if value is None or value == "" else str(value)
 
@@ -263,6 +270,13 @@ class UpstreamConfig:
     token_realms: tuple[str, ...] = _parsed(_string_list, default=())
     # Seconds to wait for the upstream to connect or send the next bytes.
     timeout: float = _parsed(parse_duration, default=30.0)
+    # The slowest a body may come from the upstream (bytes a second,
+    # averaged over each min_rate_window of the transfer): a slower one is
+    # aborted; for a blob its lease is given back and the clients following
+    # it fail (node.min_rate).
+    # 0 turns the floor off.
+    min_rate: int = _parsed(parse_size, default=10 * 1024)
+    min_rate_window: float = _parsed(lambda v: _positive_duration(v), default=30.0)
     # When the upstream's ratelimit-remaining falls below this, tag checks
     # pause and cached tags are served stale, keeping what is left of the
     # budget for content the node does not hold (node.budget). 0 turns the

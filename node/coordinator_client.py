@@ -35,6 +35,7 @@ an exception message or a log line.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -52,6 +53,11 @@ from protos.shoal.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.values import Content, Holder, TagPointer
 
 log = logging.getLogger(__name__)
+
+# Digests per AnnounceInventory batch: about 150 KiB of message, and two
+# steps of the coordinator's scripts (coordinator/locations.py, CHUNK), so
+# that a call is answered well within its deadline even on a busy Redis.
+INVENTORY_BATCH = 1000
 
 # A coordinator that is restarted comes back within seconds; without these,
 # a channel would wait up to gRPC's default two minutes before it tries to
@@ -94,6 +100,9 @@ class Location:
     fetcher: Holder | None
     fetching: bool
     content: Content | None
+    # Why the latest fetch under the lease key was given up, when it was
+    # given up for the whole cluster (``abort_fetch``) and no fetch began since.
+    failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class Coordinator(Protocol):
 
     def complete_fetch(self, key: str, token: str, digest: str, size: int, media_type: str, ttl_ms: int) -> None: ...
 
-    def abort_fetch(self, key: str, token: str) -> None: ...
+    def abort_fetch(self, key: str, token: str, failure: str = "") -> None: ...
 
     def touch(self, digests: Iterable[str]) -> None: ...
 
@@ -239,12 +248,40 @@ class CoordinatorClient:
         """Replace this node's entries with ``content``; returns the digests to delete (expired).
 
         ``ttl_ms`` is the TTL of content the coordinator has not scheduled
-        (None: its default_ttl; 0: never expires).
+        (None: its default_ttl; 0: never expires). The content goes in
+        batches of ``INVENTORY_BATCH``, one call each under one batch id, so
+        that any number of digests gets through (one message of them all
+        would stop at gRPC's 4 MiB, about 38,000 digests); ``content`` is
+        read one batch at a time. After the last batch the coordinator may
+        answer ``more`` (it compares a large inventory a bounded piece per
+        call), and the last batch is sent again, without content, until it
+        has done. A failure part way leaves what the sent batches
+        registered, and the next announcement starts afresh.
         """
-        request = pb.AnnounceInventoryRequest(node_id=self.node_id, content=_contents(content))
-        if ttl_ms is not None:
-            request.ttl_ms = ttl_ms
-        return list(self._call("AnnounceInventory", request).evict)
+        batch_id = secrets.token_hex(16)
+        evict: list[str] = []
+        items = iter(content)
+        batch = list(itertools.islice(items, INVENTORY_BATCH))
+        while True:
+            following = list(itertools.islice(items, INVENTORY_BATCH))
+            request = pb.AnnounceInventoryRequest(
+                node_id=self.node_id, content=_contents(batch), batch_id=batch_id, last=not following
+            )
+            if ttl_ms is not None:
+                request.ttl_ms = ttl_ms
+            response = self._call("AnnounceInventory", request)
+            evict += response.evict
+            if not following:
+                break
+            batch = following
+        # The coordinator compares the node's entries a bounded piece per call.
+        while response.more:
+            request = pb.AnnounceInventoryRequest(node_id=self.node_id, batch_id=batch_id, last=True)
+            if ttl_ms is not None:
+                request.ttl_ms = ttl_ms
+            response = self._call("AnnounceInventory", request)
+            evict += response.evict
+        return evict
 
     def add_content(self, content: Iterable[Content], *, ttl_ms: int | None = None) -> list[str]:
         """Register content this node got besides its inventory (from a peer, or while degraded).
@@ -284,6 +321,7 @@ class CoordinatorClient:
             fetcher=_holder(response.fetcher) if response.HasField("fetcher") else None,
             fetching=bool(response.fetching),
             content=content,
+            failure=response.failure,
         )
 
     def acquire_lease(self, key: str, ttl_ms: int) -> Lease:
@@ -319,9 +357,13 @@ class CoordinatorClient:
         )
         self._call("CompleteFetch", request)
 
-    def abort_fetch(self, key: str, token: str) -> None:
-        """Release the lease (a no-op when it is no longer held under ``token``); also ends a tag lease."""
-        self._call("AbortFetch", pb.AbortFetchRequest(key=key, token=token))
+    def abort_fetch(self, key: str, token: str, failure: str = "") -> None:
+        """Release the lease (a no-op when it is no longer held under ``token``); also ends a tag lease.
+
+        ``failure`` says why the fetch was given up when the reason holds for
+        the whole cluster; ``locate`` reports it to the fetch's followers.
+        """
+        self._call("AbortFetch", pb.AbortFetchRequest(key=key, token=token, failure=failure))
 
     def touch(self, digests: Iterable[str]) -> None:
         """Push the TTL of ``digests`` forward; send hits batched, not one call per hit."""

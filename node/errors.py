@@ -18,6 +18,9 @@ class ShoalError(Exception):
     status = 500
     # Seconds a client should wait before trying again (a Retry-After header).
     retry_after: int | None = None
+    # True when the failure holds for the whole cluster: a fetch given up
+    # with it tells its followers on other nodes to fail too (``node.flight``).
+    for_the_cluster = False
 
     def __init__(self, message: str, detail: object | None = None) -> None:
         super().__init__(message)
@@ -109,6 +112,18 @@ class UpstreamUnavailable(ShoalError):
     """
 
     code, status = "UPSTREAM_UNAVAILABLE", 503
+
+
+class UpstreamTooSlow(UpstreamUnavailable):
+    """The upstream sent a blob slower than ``upstream.min_rate`` (``node.min_rate``).
+
+    The transfer was aborted; a fill that was carrying it on from a peer
+    gives up too (``for_the_cluster``) instead of asking the same upstream
+    again.
+    """
+
+    # The reason holds for every node of the cluster, not just this one.
+    for_the_cluster = True
 
 
 class UpstreamDenied(ShoalError):

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from node.coordinator_client import Coordinator, CoordinatorError, LeaseLost
+from node.errors import ShoalError
 from protos.metrics import DEGRADED
 from protos.values import Content, Holder, TagPointer
 
@@ -158,7 +159,10 @@ class Flight:
 
         While the turn is GRANTED the lease is renewed; leaving the block
         releases it unless ``committed`` completed it, so an error in the
-        block lets another node fetch at once.
+        block lets another node fetch at once. An error that holds for the
+        whole cluster (``ShoalError.for_the_cluster``: the upstream too
+        slow) is given with the release, so that the nodes following this
+        fetch fail too rather than fetch again (``failure``).
         """
         turn = self._take_turn(key, look, follow, kind)
         if turn.outcome is not Outcome.GRANTED:
@@ -166,12 +170,28 @@ class Flight:
             return
         renewer = _LeaseRenewer(self.coordinator, key, turn.token, self._lease_ttl_ms, self._clock)
         renewer.start()
+        failure = ""
         try:
             yield turn
+        except ShoalError as exc:
+            if exc.for_the_cluster:
+                failure = exc.message
+            raise
         finally:
             renewer.stop()
             if not turn.settled:
-                self._release(turn)
+                self._release(turn, failure)
+
+    def failure(self, key: str, digest: str) -> str:
+        """Why the latest fetch under ``key`` was given up for the whole cluster, or empty.
+
+        Asked by a node whose transfer from that fetch broke off, before it
+        carries the transfer on. Empty when no coordinator answers.
+        """
+        try:
+            return self.coordinator.locate(digest, key).failure
+        except CoordinatorError:
+            return ""
 
     def _take_turn(
         self,
@@ -219,10 +239,10 @@ class Flight:
         except CoordinatorError:
             return None
 
-    def _release(self, turn: Turn[T]) -> None:
+    def _release(self, turn: Turn[T], failure: str = "") -> None:
         turn.settled = True
         with contextlib.suppress(CoordinatorError):
-            self.coordinator.abort_fetch(turn.key, turn.token)
+            self.coordinator.abort_fetch(turn.key, turn.token, failure)
 
     # After the caller's commit.
 

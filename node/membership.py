@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from node.config import NodeConfig
 from node.coordinator_client import Coordinator, CoordinatorError, CoordinatorUnavailable
@@ -104,8 +104,12 @@ class Membership:
             self.announcements.mark()
         return True
 
-    def _inventory(self) -> list[Content]:
-        return [content for digest in self.local.digests() if (content := self.local.content(digest)) is not None]
+    def _inventory(self) -> Iterator[Content]:
+        """What the store holds, read as it is announced: one batch in memory at a time, however large."""
+        for digest in self.local.digests():
+            content = self.local.content(digest)
+            if content is not None:
+                yield content
 
     def _evict(self, digests: list[str]) -> None:
         for text in digests:

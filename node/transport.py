@@ -35,6 +35,8 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 # The response extension that holds the body's ``read1``.
 READ1 = "shoal.read1"
+# The response extension that closes the connection without reading on.
+ABANDON = "shoal.abandon"
 # A body this close to its end is read off before the connection goes back
 # to the pool; a longer one closes the connection instead.
 _DRAIN_MAX = 64 * 1024
@@ -54,6 +56,19 @@ def read1(response: httpx.Response, size: int) -> bytes:
         reader = response.extensions[READ1] = _PieceReader(pieces)
     data: bytes = reader(size)
     return data
+
+
+def abandon(response: httpx.Response) -> None:
+    """Close ``response``'s connection at once, never reading the rest of its body first.
+
+    For a body given up because it comes too slowly: closing a response
+    otherwise reads off a short rest (``_DRAIN_MAX``) to keep the
+    connection, which at the pace of a dripping upstream takes minutes.
+    """
+    closer = response.extensions.get(ABANDON)
+    if closer is not None:
+        closer()
+    response.close()
 
 
 class _PieceReader:
@@ -109,7 +124,7 @@ class Urllib3Transport(httpx.BaseTransport):
             answer.status,
             headers=list(answer.headers.items()),
             stream=body,
-            extensions={READ1: body.read1, "http_version": b"HTTP/1.1"},
+            extensions={READ1: body.read1, ABANDON: body.abandon, "http_version": b"HTTP/1.1"},
         )
 
     def close(self) -> None:
@@ -127,6 +142,10 @@ class _Body(httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         while data := self.read1(_DRAIN_MAX):
             yield data
+
+    def abandon(self) -> None:
+        """Close the connection without reading on; ``close`` then only gives it back."""
+        self._answer.close()
 
     def close(self) -> None:
         """Give the connection back to the pool, or close it if the body was not read to its end."""

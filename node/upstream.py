@@ -52,12 +52,14 @@ from node.errors import (
     TooManyRequests,
     UpstreamDenied,
     UpstreamInvalid,
+    UpstreamTooSlow,
     UpstreamUnavailable,
 )
 from node.media_types import ACCEPT_MANIFESTS
+from node.min_rate import MinRate
 from node.reference import Digest, digest_of, is_digest, parse_digest
 from node.sources import FetchedManifest, Origin, Skip, TagAnswer
-from node.transport import Urllib3Transport, read1
+from node.transport import Urllib3Transport, abandon, read1
 from node.upstream_auth import TOKEN_MAX, Challenge, Credentials, RegistryAuth, parse_token
 
 logger = logging.getLogger(__name__)
@@ -133,7 +135,8 @@ class BlobStream:
     It yields the blob's bytes from ``start`` on, and ``size`` is the size
     of the whole blob (None when unknown). ``skip`` bytes of the body come
     before ``start`` and are read and dropped: an upstream that ignored a
-    Range request sends the whole blob.
+    Range request sends the whole blob. A body that comes slower than
+    ``min_rate`` allows raises ``UpstreamTooSlow`` from ``read``.
     """
 
     origin = Origin.UPSTREAM
@@ -148,10 +151,12 @@ class BlobStream:
         start: int = 0,
         size: int | None = None,
         skip: int = 0,
+        min_rate: MinRate | None = None,
     ) -> None:
         self._response = response
         self._on_error = on_error
         self._observer = observer
+        self._min_rate = min_rate
         self.start = start
         self.size = _content_length(response) if size is None else size
         self._skip = Skip(skip)
@@ -166,6 +171,13 @@ class BlobStream:
         except httpx.HTTPError as exc:
             raise self._on_error(exc) from None
         self._observer.count("blob", "bytes_pulled", len(data))
+        if data and self._min_rate is not None:
+            try:
+                self._min_rate.add(len(data))
+            except UpstreamTooSlow:
+                # Closing it as usual would read the rest of a short body at the upstream's pace.
+                abandon(self._response)
+                raise
         return data
 
 
@@ -181,9 +193,12 @@ class Upstream:
         observer: Observer | None = None,
         blob_connections: int = 16,
         budget: Budget | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = config.url
         self.name = config.name
+        self._min_rate, self._min_rate_window = config.min_rate, config.min_rate_window
+        self._monotonic = monotonic
         self._observer: Observer = observer or _Unobserved()
         # Without one from the node, the pause is this client's own.
         self.budget = budget or Budget(config, clock=clock)
@@ -241,7 +256,7 @@ class Upstream:
             length = _content_length(response)
             if length is not None and length > MANIFEST_MAX:
                 raise self._too_large(what, MANIFEST_MAX)
-            data = _read_limited(response, MANIFEST_MAX)
+            data = _read_limited(response, MANIFEST_MAX, self._floor(what))
             if len(data) > MANIFEST_MAX:
                 raise self._too_large(what, MANIFEST_MAX)
             self._observer.count("manifest", "bytes_pulled", len(data))
@@ -313,7 +328,23 @@ class Upstream:
         self, response: httpx.Response, what: str, *, start: int, size: int | None = None, skip: int = 0
     ) -> BlobStream:
         return BlobStream(
-            response, lambda exc: self._unavailable(what, exc), self._observer, start=start, size=size, skip=skip
+            response,
+            lambda exc: self._unavailable(what, exc),
+            self._observer,
+            start=start,
+            size=size,
+            skip=skip,
+            min_rate=self._floor(what),
+        )
+
+    def _floor(self, what: str) -> MinRate:
+        """The minimum rate of one body from this upstream (``upstream.min_rate``), from now on."""
+        return MinRate(
+            self._min_rate,
+            self._min_rate_window,
+            f"upstream {self.url}: {what}",
+            {"upstream": self.url},
+            self._monotonic,
         )
 
     @contextlib.contextmanager
@@ -347,7 +378,7 @@ class Upstream:
             params["last"] = last
         request = self._client.build_request("GET", f"/v2/{name}/tags/list", params=params)
         with self._open(request, what, NameUnknown, "tags") as response:
-            body = _read_limited(response, _TAGS_MAX)
+            body = _read_limited(response, _TAGS_MAX, self._floor(what))
             if len(body) > _TAGS_MAX:
                 raise self._too_large(what, _TAGS_MAX)
             document = _json_object(body)
@@ -435,7 +466,7 @@ class Upstream:
         # own bearer token, so the client's auth is switched off for it.
         request = self._client.build_request("GET", asked.url, headers=asked.headers)
         with self._open(request, asked.what, None, "token", use_auth=False) as response:
-            body = _read_limited(response, TOKEN_MAX)
+            body = _read_limited(response, TOKEN_MAX, self._floor(asked.what))
         if len(body) > TOKEN_MAX:
             raise self._too_large(asked.what, TOKEN_MAX)
         token = parse_token(body)
@@ -529,15 +560,17 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _read_limited(response: httpx.Response, limit: int) -> bytes:
+def _read_limited(response: httpx.Response, limit: int, floor: MinRate) -> bytes:
     """At most ``limit + 1`` bytes of the body: enough to tell it is too large.
 
     Memory stays within the limit plus one network chunk, whatever the
-    upstream sends or claims in Content-Length.
+    upstream sends or claims in Content-Length, and a body slower than
+    ``floor`` raises ``UpstreamTooSlow``.
     """
     chunks: list[bytes] = []
     total = 0
     for chunk in response.iter_bytes():
+        floor.add(len(chunk))
         chunks.append(chunk)
         total += len(chunk)
         if total > limit:

@@ -36,6 +36,8 @@ class FakeDirectory:
     holders: dict[str, set[str]] = field(default_factory=dict)
     content: dict[str, Content] = field(default_factory=dict)
     leases: dict[str, _Lease] = field(default_factory=dict)
+    # The failure each lease key's latest fetch was given up with, until the key is granted again.
+    failures: dict[str, str] = field(default_factory=dict)
     tags: dict[tuple[str, str, str], TagPointer] = field(default_factory=dict)
     # Confirmed (upstream, repository, digest) pairs and their TTL in ms (0: never expires); no expiry here.
     bindings: dict[tuple[str, str, str], int] = field(default_factory=dict)
@@ -59,6 +61,7 @@ class FakeDirectory:
         fence = next(self._fences)
         token = f"{node_id}-{fence}"
         self.leases[key] = _Lease(node_id, token, fence)
+        self.failures.pop(key, None)
         return token
 
 
@@ -128,7 +131,8 @@ class FakeCoordinator:
         holders = [directory.holder(node) for node in sorted(directory.holders.get(digest, set()))]
         lease = directory.leases.get(lease_key)
         fetcher = directory.holder(lease.node_id) if lease is not None else None
-        return Location(holders, fetcher, lease is not None, directory.content.get(digest))
+        failure = directory.failures.get(lease_key, "") if lease is None else ""
+        return Location(holders, fetcher, lease is not None, directory.content.get(digest), failure)
 
     def acquire_lease(self, key: str, ttl_ms: int) -> Lease:
         self._call("acquire_lease", key)
@@ -151,11 +155,13 @@ class FakeCoordinator:
         del self.directory.leases[key]
         self.directory.hold(self.node_id, Content(digest, size, media_type))
 
-    def abort_fetch(self, key: str, token: str) -> None:
+    def abort_fetch(self, key: str, token: str, failure: str = "") -> None:
         self._call("abort_fetch", key)
         lease = self.directory.leases.get(key)
         if lease is not None and lease.token == token:
             del self.directory.leases[key]
+            if failure:
+                self.directory.failures[key] = failure
 
     def touch(self, digests: Iterable[str]) -> None:
         self._call("touch", ",".join(digests))

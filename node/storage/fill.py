@@ -34,8 +34,9 @@ How a follower tells the outcome from the partial file it has open:
   matched, before the file is synced to disk and renamed into place, so
   clients do not wait for the disk; the rename keeps the mode;
 - failed: the leader unlinks the partial on every failure, so its link
-  count drops to 0; a leader that died without cleaning up is seen by its
-  lock being free while the file is still writable.
+  count drops to 0, after writing why on the file (an extended attribute,
+  which the follower's error quotes); a leader that died without cleaning
+  up is seen by its lock being free while the file is still writable.
 
 A follower holds back the last byte of its response until the fill is
 verified, so a failed or corrupt fill always cuts the response short and
@@ -90,6 +91,9 @@ _LIVENESS = 1.0
 MAX_ATTEMPTS = 3
 # Mode bits: a partial file without any write bit is verified.
 _WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+# The extended attribute of a failed fill's partial file that says why, and its longest value.
+_FAILURE_ATTRIBUTE = "user.shoal.failure"
+_FAILURE_MAX = 1024
 
 
 class FillFailed(ShoalError):
@@ -326,6 +330,7 @@ class Fill:
                 self._fills._on_commit(digest)
         except BaseException as exc:
             for path in filter(None, (partial, previous)):
+                _leave_failure(path, exc)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             if self.started.done():
@@ -468,7 +473,8 @@ class Followed:
                     return end
                 if not verified and self._failed(info):
                     raise FillFailed(
-                        "the upstream fetch failed before the blob was complete", {"digest": str(fill.digest)}
+                        f"the upstream fetch failed before the blob was complete{_failure_of(fill.file)}",
+                        {"digest": str(fill.digest)},
                     )
                 if info.st_size != last_size:
                     last_size, stalled_since = info.st_size, time.monotonic()
@@ -528,6 +534,27 @@ class Followed:
 
     def close(self) -> None:
         self.fill.close()
+
+
+def _leave_failure(partial: str, exc: BaseException) -> None:
+    """Write why the fill failed on its partial file, for its followers in any worker to read.
+
+    An extended attribute lives on the file itself, so a follower reads it
+    through the descriptor it holds after the file was unlinked. Only a
+    domain error's message is written (it names no secret); nothing is
+    lost but the reason where the filesystem keeps no user attributes.
+    """
+    if isinstance(exc, ShoalError):
+        with contextlib.suppress(OSError):
+            os.setxattr(partial, _FAILURE_ATTRIBUTE, exc.message.encode()[:_FAILURE_MAX])
+
+
+def _failure_of(fd: int) -> str:
+    """``": <why>"`` when the fill's leader left the reason it failed (``_leave_failure``), else empty."""
+    try:
+        return ": " + os.getxattr(fd, _FAILURE_ATTRIBUTE).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _verified(fd: int) -> bool:

@@ -86,3 +86,22 @@ def test_malformed_tokens_and_names_are_rejected(leases: Leases) -> None:
         leases.acquire("", "node-a", 1_000)
     with pytest.raises(InvalidArgument, match="node_id"):
         leases.acquire("blob:x", "", 1_000)
+
+
+def test_a_release_with_a_failure_reports_it_until_the_next_grant(leases: Leases) -> None:
+    first = leases.acquire("blob:x", "node-a", 10_000)
+    assert leases.failure("blob:x") == ""
+
+    assert leases.release("blob:x", first.token, "the upstream sent too slowly")
+    assert leases.failure("blob:x") == "the upstream sent too slowly"
+    # The lease itself is free at once, and a new grant means a new fetch: the failure is forgotten.
+    assert leases.acquire("blob:x", "node-b", 10_000).granted
+    assert leases.failure("blob:x") == ""
+
+
+def test_a_release_without_a_failure_or_with_a_stale_token_leaves_none(leases: Leases) -> None:
+    first = leases.acquire("blob:x", "node-a", 10_000)
+    assert not leases.release("blob:x", "stale-token-1", "too slow")
+    assert leases.failure("blob:x") == ""
+    assert leases.release("blob:x", first.token)
+    assert leases.failure("blob:x") == ""

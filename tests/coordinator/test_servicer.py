@@ -167,6 +167,20 @@ def test_renew_and_abort(node_a: CoordinatorClient, node_b: CoordinatorClient) -
     assert node_b.acquire_lease(LAYER_KEY, 30_000).granted
 
 
+def test_a_fetch_given_up_with_a_failure_is_reported_to_its_followers_until_the_next_grant(
+    node_a: CoordinatorClient, node_b: CoordinatorClient
+) -> None:
+    lease = node_a.acquire_lease(LAYER_KEY, 30_000)
+    assert node_b.locate(LAYER, LAYER_KEY).failure == ""
+    node_a.abort_fetch(LAYER_KEY, lease.token, "upstream http://registry.test: below upstream.min_rate")
+
+    following = node_b.locate(LAYER, LAYER_KEY)
+    assert not following.fetching and following.failure == "upstream http://registry.test: below upstream.min_rate"
+    # The lease is free at once; taking it means a new fetch, whose followers hear of no failure.
+    assert node_b.acquire_lease(LAYER_KEY, 30_000).granted
+    assert node_a.locate(LAYER, LAYER_KEY).failure == ""
+
+
 def test_announce_drop_and_touch(
     server: CoordinatorServer, node_a: CoordinatorClient, node_b: CoordinatorClient, clock: FakeClock
 ) -> None:
@@ -408,3 +422,25 @@ def test_a_bad_config_exits_with_a_message_naming_the_key(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "coordinator.membership_ttl: expected a duration such as 30s" in result.stderr
+
+
+def test_an_inventory_of_100000_digests_is_announced_complete(
+    node_a: CoordinatorClient, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """One message of them all would pass gRPC's 4 MiB at about 38,000 digests; batches carry any number."""
+    stale = [Content(digest(f"stale-{i}"), 1) for i in range(3)]
+    node_a.announce_inventory(stale)
+    inventory = [Content(digest(i), 1000 + i, LAYER_TYPE, accessed_at=0.0) for i in range(100_000)]
+
+    assert node_a.announce_inventory(inventory) == []
+
+    held = redis_client.smembers(keys.held("node-a"))
+    assert len(held) == 100_000
+    assert held == {item.digest for item in inventory}
+    # Live holders only: the batches kept the node a member however long they took.
+    assert [h.node_id for h in node_a.locate(inventory[-1].digest).holders] == ["node-a"]
+    assert node_a.locate(stale[0].digest).holders == []
+    # Nothing of the announcement is left in Redis but the small marker that it ended (which expires).
+    assert not redis_client.exists(
+        keys.announcing("node-a"), keys.announcing_id("node-a"), keys.announcing_cursor("node-a")
+    )

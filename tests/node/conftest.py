@@ -30,6 +30,7 @@ def connect(clock: FakeClock) -> Iterator[Callable[..., Upstream]]:
             UpstreamConfig(url=REGISTRY, **config),  # type: ignore[arg-type]
             transport=httpx.MockTransport(handler),
             clock=clock,
+            monotonic=clock,
         )
         made.append(upstream)
         return upstream

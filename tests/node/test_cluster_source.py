@@ -102,6 +102,9 @@ class Registry:
         self.honour_range = True
         # A ranged answer breaks off after its first bytes.
         self.breaks = False
+        # A ranged answer sends its first bytes, then waits this long (on ``clock``) before the next.
+        self.stalls: float = 0.0
+        self.clock: FakeClock | None = None
         self.ranges: list[str | None] = []
         self.sent = 0
 
@@ -124,6 +127,9 @@ class Registry:
         yield rest[:1000]
         if self.breaks:
             raise httpx.ReadError("connection reset")
+        if self.stalls and self.clock is not None:
+            self.clock.advance(self.stalls)
+            yield rest[1000:2000]
         yield rest[1000:]
 
 
@@ -144,7 +150,10 @@ class Node:
         self.taken_over_at: float | None = None
         self.peers = Peers()
         self.registry = Registry()
-        self.upstream = Upstream(CONFIG, transport=httpx.MockTransport(self.registry), clock=self.clock)
+        self.registry.clock = self.clock
+        self.upstream = Upstream(
+            CONFIG, transport=httpx.MockTransport(self.registry), clock=self.clock, monotonic=self.clock
+        )
         self.store = LocalStore(str(root), 1 << 30)
         self.fills = Fills(self.store, timeout=5)
         flight = Flight(
@@ -334,3 +343,32 @@ def test_a_manifest_copy_that_does_not_match_is_reported_and_the_next_holder_ask
     assert node.peers.opened == [node.url("node-b"), node.url("node-c")]
     assert node.coordinator.calls("report_bad_copy") == [f"node-b {digest}"]
     assert node.directory.holders[str(digest)] == {"node-c"}
+
+
+def test_a_transfer_from_a_fetch_given_up_as_too_slow_fails_instead_of_fetching_again(node: Node) -> None:
+    def gave_up() -> None:
+        # node-b's upstream was too slow: it released its lease with the failure (Flight.coordinate).
+        del node.directory.leases[KEY]
+        node.directory.failures[KEY] = "upstream http://registry.test: blob app@...: below upstream.min_rate"
+
+    node.peers.streams[node.url("node-b")] = [PeerStream(DATA[:BROKEN_AT], len(DATA), breaks=True, on_break=gave_up)]
+    with pytest.raises(FillFailed):
+        node.fetch()
+    node.fills.close()
+    assert not node.store.has(DIGEST)
+    # Neither the upstream asked again nor the lease taken: the next asker may fetch at once.
+    assert node.registry.ranges == []
+    assert node.coordinator.calls("acquire_lease") == []
+    assert KEY not in node.directory.leases
+
+
+def test_an_upstream_too_slow_after_a_takeover_gives_the_lease_back_with_the_reason(node: Node) -> None:
+    node.dies_at(BROKEN_AT)
+    node.registry.stalls = CONFIG.min_rate_window + 1
+    with pytest.raises(FillFailed):
+        node.fetch()
+    node.fills.close()
+    assert not node.store.has(DIGEST)
+    assert node.registry.ranges == [f"bytes={BROKEN_AT}-"]
+    assert KEY not in node.directory.leases
+    assert "upstream.min_rate" in node.directory.failures[KEY]

@@ -10,6 +10,13 @@ def test_defaults_follow_distribution() -> None:
     assert config.upstream.is_docker_hub
 
 
+def test_the_upstream_minimum_rate_defaults_low_and_takes_a_size_per_second() -> None:
+    assert (config_from_dict({}).upstream.min_rate, config_from_dict({}).upstream.min_rate_window) == (10 * 1024, 30.0)
+    config = config_from_dict({"upstream": {"min_rate": "1MiB", "min_rate_window": "1m"}})
+    assert (config.upstream.min_rate, config.upstream.min_rate_window) == (1024**2, 60.0)
+    assert config_from_dict({"upstream": {"min_rate": 0}}).upstream.min_rate == 0
+
+
 def test_distribution_proxy_section_carries_over(tmp_path) -> None:
     path = tmp_path / "config.yml"
     path.write_text("proxy:\n  remoteurl: https://ghcr.io/\n  username: bob\n  password: hunter2\n  ttl: 24h\n")
@@ -42,6 +49,8 @@ def test_environment_overrides_the_file(tmp_path) -> None:
         ({"upstream": {"colour": "blue"}}, "upstream.colour"),
         ({"bogus": {}}, "bogus"),
         ({"proxy": {"remoteurl": "http://x", "extra": 1}}, "proxy.extra"),
+        ({"upstream": {"min_rate": "fast"}}, "upstream.min_rate"),
+        ({"upstream": {"min_rate_window": "0s"}}, "upstream.min_rate_window"),
     ],
 )
 def test_bad_values_name_their_key(raw, key) -> None:

@@ -31,6 +31,7 @@ import pytest
 
 from node.breaker import Marks
 from node.coordinator_client import (
+    INVENTORY_BATCH,
     PROBE_DIGEST,
     ClusterMetrics,
     CoordinatorClient,
@@ -80,7 +81,8 @@ class Received:
 class FakeCoordinator(pb_grpc.CoordinatorServicer):
     """Answers every method from a script and records what it received.
 
-    ``answers[method]`` is the response (default: the empty response).
+    ``answers[method]`` is the response (default: the empty response), or
+    a function of the request that returns it.
     ``failures`` holds status codes the next calls abort with, one per call.
     While ``hang`` is set, calls set ``entered`` and wait for ``release``
     (at most ``HANG_LIMIT``) before they answer. The client's breaker
@@ -126,7 +128,8 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             self.entered.set()
             self.release.wait(HANG_LIMIT)
         if method in self.answers:
-            return self.answers[method]
+            answer = self.answers[method]
+            return answer(request) if callable(answer) else answer
         return getattr(pb, SERVICE.methods_by_name[method].output_type.name)()
 
 
@@ -268,6 +271,45 @@ def test_announce_inventory_sends_the_content_and_a_ttl_only_when_given(
     # Absent and 0 differ: absent is the coordinator's default TTL, 0 never expires.
     assert request.HasField("ttl_ms") == (ttl_ms is not None)
     assert request.ttl_ms == (ttl_ms or 0)
+
+
+def test_a_large_inventory_goes_in_batches_under_one_id_and_the_last_says_so(
+    coordinator: FakeCoordinator, client: CoordinatorClient
+) -> None:
+    coordinator.answers["AnnounceInventory"] = pb.AnnounceInventoryResponse(evict=[LAYER])
+    inventory = (Content(f"sha256:{i:064x}", i) for i in range(2 * INVENTORY_BATCH + 1))
+
+    # Each batch's evictions come back together.
+    assert client.announce_inventory(inventory, ttl_ms=0) == [LAYER] * 3
+    requests = [call.request for call in coordinator.received if call.method == "AnnounceInventory"]
+    assert [len(request.content) for request in requests] == [INVENTORY_BATCH, INVENTORY_BATCH, 1]
+    assert [request.last for request in requests] == [False, False, True]
+    assert len({request.batch_id for request in requests}) == 1 and requests[0].batch_id
+    assert [item.digest for request in requests for item in request.content] == [
+        f"sha256:{i:064x}" for i in range(2 * INVENTORY_BATCH + 1)
+    ]
+    assert all(request.HasField("ttl_ms") and request.ttl_ms == 0 for request in requests)
+    # The next announcement is a new one.
+    client.announce_inventory([])
+    assert coordinator.last("AnnounceInventory").request.batch_id != requests[0].batch_id
+    assert coordinator.last("AnnounceInventory").request.last
+
+
+def test_the_end_of_an_announcement_is_asked_for_again_while_the_coordinator_says_more(
+    coordinator: FakeCoordinator, client: CoordinatorClient
+) -> None:
+    ends = 0
+
+    def answer(request: pb.AnnounceInventoryRequest) -> pb.AnnounceInventoryResponse:
+        nonlocal ends
+        ends += request.last
+        return pb.AnnounceInventoryResponse(evict=[LAYER] if request.content else [], more=request.last and ends < 3)
+
+    coordinator.answers["AnnounceInventory"] = answer
+    assert client.announce_inventory(ANNOUNCED) == [LAYER]
+    requests = [call.request for call in coordinator.received if call.method == "AnnounceInventory"]
+    assert [(len(request.content), request.last) for request in requests] == [(2, True), (0, True), (0, True)]
+    assert len({request.batch_id for request in requests}) == 1
 
 
 @pytest.mark.parametrize("ttl_ms", [None, 0, 3600000], ids=["default-ttl", "never-expires", "one-hour"])

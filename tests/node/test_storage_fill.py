@@ -162,8 +162,13 @@ def test_a_small_body_is_answered_only_once_verified(fills: Fills) -> None:
     body.close()
     corrupt = fills.join(Source(os.urandom(1000)), "app", digest_of(b"other"))
     assert corrupt is not None
-    with pytest.raises(FillFailed), contextlib.closing(fills.follow(corrupt, 0, 1000)) as failing:
+    with pytest.raises(FillFailed) as failed, contextlib.closing(fills.follow(corrupt, 0, 1000)) as failing:
         failing.begin()
+    # The follower is told why the leader failed (written on the partial file, read through its descriptor).
+    assert failed.value.message == (
+        "the upstream fetch failed before the blob was complete:"
+        " the upstream sent a blob that does not match its digest"
+    )
 
 
 def test_a_miss_beyond_the_fill_slots_is_busy(store: LocalStore) -> None:

@@ -16,6 +16,7 @@ from node.errors import (
     TooManyRequests,
     UpstreamDenied,
     UpstreamInvalid,
+    UpstreamTooSlow,
     UpstreamUnavailable,
 )
 from node.media_types import ACCEPT_MANIFESTS
@@ -26,6 +27,7 @@ from node.upstream import (
     TagPage,
     Upstream,
 )
+from testbed.clock import FakeClock
 from tests.node.fake_registry import (
     BLOB,
     BLOB_DIGEST,
@@ -341,6 +343,56 @@ def test_manifest_at_the_limit_is_accepted(connect: Callable[..., Upstream]) -> 
     body = b" " * MANIFEST_MAX
     fake.routes["registry.test", MANIFEST_PATH] = static(200, body, {"Content-Type": OCI_MANIFEST})
     assert connect(fake).get_manifest("library/alpine", "latest").data == body
+
+
+# The minimum rate (node/min_rate.py): a body that drips is aborted.
+
+
+def _dripping(clock: FakeClock, piece: bytes, pause: float) -> Iterator[bytes]:
+    """``piece``, then nothing for ``pause`` seconds of the fake clock, then ``piece`` again."""
+    yield piece
+    clock.advance(pause)
+    yield piece
+
+
+def test_a_blob_that_drips_below_the_minimum_rate_is_aborted(
+    connect: Callable[..., Upstream], clock: FakeClock
+) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", BLOB_PATH] = lambda request: httpx.Response(
+        200, content=_dripping(clock, b"x" * 1000, 31.0)
+    )
+    with connect(fake).open_blob("library/alpine", BLOB_DIGEST) as blob:
+        assert blob.read(1000) == b"x" * 1000
+        with pytest.raises(UpstreamTooSlow, match=r"below upstream\.min_rate \(10240 bytes/s\)"):
+            blob.read(1000)
+
+
+def test_a_blob_at_the_minimum_rate_and_one_without_a_floor_go_through(
+    connect: Callable[..., Upstream], clock: FakeClock
+) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", BLOB_PATH] = lambda request: httpx.Response(
+        200, content=_dripping(clock, b"x" * 200_000, 31.0)
+    )
+    with connect(fake, min_rate_window=30.0).open_blob("library/alpine", BLOB_DIGEST) as blob:
+        assert len(b"".join(iter(lambda: blob.read(1 << 20), b""))) == 400_000
+    fake.routes["registry.test", BLOB_PATH] = lambda request: httpx.Response(
+        200, content=_dripping(clock, b"x", 3600.0)
+    )
+    with connect(fake, min_rate=0).open_blob("library/alpine", BLOB_DIGEST) as blob:
+        assert len(b"".join(iter(lambda: blob.read(1 << 20), b""))) == 2
+
+
+def test_a_manifest_that_drips_below_the_minimum_rate_is_aborted(
+    connect: Callable[..., Upstream], clock: FakeClock
+) -> None:
+    fake = FakeRegistry()
+    fake.routes["registry.test", MANIFEST_PATH] = lambda request: httpx.Response(
+        200, content=_dripping(clock, b" " * 10, 31.0), headers={"Content-Type": OCI_MANIFEST}
+    )
+    with pytest.raises(UpstreamTooSlow):
+        connect(fake).get_manifest("library/alpine", "latest")
 
 
 def test_endless_manifest_is_read_with_a_limit(connect: Callable[..., Upstream]) -> None:

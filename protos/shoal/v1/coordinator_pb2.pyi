@@ -57,20 +57,26 @@ class Content(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., accessed_at: _Optional[float] = ...) -> None: ...
 
 class AnnounceInventoryRequest(_message.Message):
-    __slots__ = ("node_id", "content", "ttl_ms")
+    __slots__ = ("node_id", "content", "ttl_ms", "batch_id", "last")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     content: _containers.RepeatedCompositeFieldContainer[Content]
     ttl_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., content: _Optional[_Iterable[_Union[Content, _Mapping]]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    batch_id: str
+    last: bool
+    def __init__(self, node_id: _Optional[str] = ..., content: _Optional[_Iterable[_Union[Content, _Mapping]]] = ..., ttl_ms: _Optional[int] = ..., batch_id: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class AnnounceInventoryResponse(_message.Message):
-    __slots__ = ("evict",)
+    __slots__ = ("evict", "more")
     EVICT_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     evict: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, evict: _Optional[_Iterable[str]] = ...) -> None: ...
+    more: bool
+    def __init__(self, evict: _Optional[_Iterable[str]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class AddContentRequest(_message.Message):
     __slots__ = ("node_id", "content", "ttl_ms")
@@ -133,16 +139,18 @@ class Holder(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class LocateResponse(_message.Message):
-    __slots__ = ("holders", "fetcher", "fetching", "content")
+    __slots__ = ("holders", "fetcher", "fetching", "content", "failure")
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
     FETCHER_FIELD_NUMBER: _ClassVar[int]
     FETCHING_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     holders: _containers.RepeatedCompositeFieldContainer[Holder]
     fetcher: Holder
     fetching: bool
     content: Content
-    def __init__(self, holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., fetcher: _Optional[_Union[Holder, _Mapping]] = ..., fetching: _Optional[bool] = ..., content: _Optional[_Union[Content, _Mapping]] = ...) -> None: ...
+    failure: str
+    def __init__(self, holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., fetcher: _Optional[_Union[Holder, _Mapping]] = ..., fetching: _Optional[bool] = ..., content: _Optional[_Union[Content, _Mapping]] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class AcquireLeaseRequest(_message.Message):
     __slots__ = ("key", "node_id", "ttl_ms", "token")
@@ -203,12 +211,14 @@ class CompleteFetchResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AbortFetchRequest(_message.Message):
-    __slots__ = ("key", "token")
+    __slots__ = ("key", "token", "failure")
     KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     key: str
     token: str
-    def __init__(self, key: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    failure: str
+    def __init__(self, key: _Optional[str] = ..., token: _Optional[str] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class AbortFetchResponse(_message.Message):
     __slots__ = ()

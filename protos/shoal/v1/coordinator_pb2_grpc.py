@@ -146,6 +146,9 @@ class CoordinatorServicer:
 
     def AnnounceInventory(self, request, context):
         """Everything a node holds; replaces its previous entries in the directory.
+        A large inventory comes in batches (see AnnounceInventoryRequest), one
+        call each, so that no message nears gRPC's 4 MiB default and no call
+        nears its deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,7 +215,9 @@ class CoordinatorServicer:
 
     def AbortFetch(self, request, context):
         """Releases the lease when the token is still the current one (a no-op
-        otherwise). Also the way to release a tag lease after PutTag.
+        otherwise). Also the way to release a tag lease after PutTag. A fetch
+        given up with a failure leaves it for Locate to report until the key
+        is granted again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
