@@ -206,8 +206,8 @@ def test_a_removal_while_the_manifest_is_read_voids_the_copy(
     remover.manifest("app", digest)
     read = serving.local.read
 
-    def read_then_removed(wanted: Digest) -> tuple[bytes, str] | None:
-        found = read(wanted)
+    def read_then_removed(wanted: Digest, limit: int | None = None) -> tuple[bytes, str] | None:
+        found = read(wanted, limit)
         # Another worker removes it between this read and the copy being kept.
         remover.local.remove(wanted)
         return found
