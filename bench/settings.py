@@ -101,7 +101,7 @@ QUICK = Settings(
     manifest_connections=4,
     clients_counts=(20,),
     clients_rate=64 * KiB,
-    clients_seconds=3.0,
+    clients_seconds=1.0,
     verify=True,
     quick=True,
 )
