@@ -74,7 +74,7 @@ class Node:
             if self.coordinator is not None
             else LocalSink(self.local.layout.metrics(), config.node_id, clock)
         )
-        self.metrics = Metrics(sink, config.node_id, registry)
+        self.metrics = Metrics(sink, config.node_id, registry, cache=self.local)
         self.fills = Fills(
             self.local,
             timeout=config.upstream.timeout,

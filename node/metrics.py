@@ -17,7 +17,8 @@ Latency histograms, the upstream's rate-limit gauges and whether each
 coordinator address is reachable stay on the node (prometheus-client, in
 its multiprocess mode under gunicorn), so that a node whose coordinators
 are all away still answers ``/metrics`` with them (and without the shared
-counters, which are the coordinator's).
+counters, which are the coordinator's). So do the cache's size, its limit
+and the free space of its filesystem, read from the disk at each scrape.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -45,6 +46,17 @@ from protos.metrics import NodeCounts, families, key, upstream_key
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class CacheUsage(Protocol):
+    """What ``/metrics`` reports of the node's store (``node.storage.local.LocalStore``)."""
+
+    root: str
+    max_size: int
+
+    def used_bytes(self) -> int:
+        """The bytes of content the store holds now."""
+        ...
 
 
 class Sink(Protocol):
@@ -136,9 +148,12 @@ class CoordinatorReachability:
 class Metrics:
     """One worker's counters, flushed as idempotent deltas; and its histograms."""
 
-    def __init__(self, sink: Sink, node_id: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, sink: Sink, node_id: str, registry: CollectorRegistry | None = None, cache: CacheUsage | None = None
+    ) -> None:
         self.sink = sink
         self.node_id = node_id
+        self.cache = cache
         self.worker_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -214,6 +229,8 @@ class Metrics:
         """A registry for one scrape: the shared counters and this node's histograms."""
         registry = CollectorRegistry()
         registry.register(_CountersCollector(self.sink))
+        if self.cache is not None:
+            registry.register(_CacheCollector(self.cache, self.node_id))
         if os.environ.get(MULTIPROC_ENV):
             MultiProcessCollector(registry)
         else:
@@ -234,6 +251,41 @@ class _CountersCollector(Collector):
             log.info("/metrics without the shared counters: %s", exc)
             return []
         return families(nodes, cluster)
+
+
+class _CacheCollector(Collector):
+    """The store's size against its limit and its filesystem, measured when scraped.
+
+    Read in the worker that answers the scrape, from the disk every worker
+    shares, so no multiprocess bookkeeping is needed. The filesystem's free
+    space is what an unprivileged process may still write (``f_bavail``).
+    """
+
+    def __init__(self, cache: CacheUsage, node_id: str) -> None:
+        self._cache = cache
+        self._node_id = node_id
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["node"]
+        used = GaugeMetricFamily("shoal_cache_used_bytes", "Bytes of content in the node's cache", labels=labels)
+        used.add_metric([self._node_id], self._cache.used_bytes())
+        limit = GaugeMetricFamily(
+            "shoal_cache_max_bytes", "The cache's size limit (cache.max_size); above it the node evicts", labels=labels
+        )
+        limit.add_metric([self._node_id], self._cache.max_size)
+        result: list[Metric] = [used, limit]
+        try:
+            disk = os.statvfs(self._cache.root)
+        except OSError as exc:
+            log.warning("cannot measure the cache's filesystem: %s", exc)
+            return result
+        free = GaugeMetricFamily(
+            "shoal_cache_filesystem_free_bytes", "Bytes free for the node on its cache's filesystem", labels=labels
+        )
+        free.add_metric([self._node_id], disk.f_bavail * disk.f_frsize)
+        size = GaugeMetricFamily("shoal_cache_filesystem_size_bytes", "Size of the cache's filesystem", labels=labels)
+        size.add_metric([self._node_id], disk.f_blocks * disk.f_frsize)
+        return [*result, free, size]
 
 
 class _RegistryCollector(Collector):

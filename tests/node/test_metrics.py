@@ -181,3 +181,23 @@ def test_the_breaker_gauge_is_scraped_even_while_no_coordinator_answers() -> Non
     text = generate_latest(metrics.prometheus_registry()).decode()
     assert 'shoal_coordinator_reachable{address="c2:7000",node="n1"} 0.0' in text
     assert "registry_proxy_hits_total" not in text
+
+
+def test_the_cache_size_its_limit_and_its_filesystem_are_gauges(tmp_path) -> None:
+    from node.reference import digest_of
+    from node.storage.local import LocalStore
+
+    store = LocalStore(str(tmp_path / "cache"), max_size=4096)
+    data = b"x" * 1000
+    store.put(digest_of(data), data)
+    metrics = Metrics(FlakySink(), "n1", cache=store)
+
+    samples = {
+        sample.name: sample.value
+        for family in metrics.prometheus_registry().collect()
+        for sample in family.samples
+        if sample.labels == {"node": "n1"}
+    }
+    assert samples["shoal_cache_used_bytes"] == 1000
+    assert samples["shoal_cache_max_bytes"] == 4096
+    assert 0 < samples["shoal_cache_filesystem_free_bytes"] <= samples["shoal_cache_filesystem_size_bytes"]
