@@ -17,8 +17,9 @@ Latency histograms, the upstream's rate-limit gauges and whether each
 coordinator address is reachable stay on the node (prometheus-client, in
 its multiprocess mode under gunicorn), so that a node whose coordinators
 are all away still answers ``/metrics`` with them (and without the shared
-counters, which are the coordinator's). So do the cache's size, its limit
-and the free space of its filesystem, read from the disk at each scrape.
+counters, which are the coordinator's). So do the cache's size, its limit,
+the free space of its filesystem and the fills in progress, read from the
+disk at each scrape.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class CacheUsage(Protocol):
 
     def used_bytes(self) -> int:
         """The bytes of content the store holds now."""
+        ...
+
+    def fills_in_progress(self) -> int:
+        """Fills (upstream or peer transfers) whose bytes are still arriving."""
         ...
 
 
@@ -273,7 +278,11 @@ class _CacheCollector(Collector):
             "shoal_cache_max_bytes", "The cache's size limit (cache.max_size); above it the node evicts", labels=labels
         )
         limit.add_metric([self._node_id], self._cache.max_size)
-        result: list[Metric] = [used, limit]
+        fills = GaugeMetricFamily(
+            "shoal_fills_in_progress", "Fills (from the upstream or a peer) still receiving bytes", labels=labels
+        )
+        fills.add_metric([self._node_id], self._cache.fills_in_progress())
+        result: list[Metric] = [used, limit, fills]
         try:
             disk = os.statvfs(self._cache.root)
         except OSError as exc:

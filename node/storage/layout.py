@@ -43,6 +43,7 @@ import os
 from node.reference import Digest
 
 TYPE_SUFFIX = ".type"
+PARTIAL_SUFFIX = ".partial"
 
 
 class Layout:
@@ -101,7 +102,7 @@ class Layout:
         return self.fill_base(digest) + ".json"
 
     def fill_partial(self, digest: Digest, token: str) -> str:
-        return f"{self.fill_base(digest)}.{token}.partial"
+        return f"{self.fill_base(digest)}.{token}{PARTIAL_SUFFIX}"
 
     def fill_slot(self, number: int) -> str:
         return os.path.join(self.fills, f"slot-{number}.lock")

@@ -43,7 +43,7 @@ from node.media_types import OCTET_STREAM, manifest_media_type
 from node.offload import run_blocking
 from node.reference import Digest
 from node.storage.files import disk_full_is_busy, try_lock, write_atomic
-from node.storage.layout import TYPE_SUFFIX, Layout
+from node.storage.layout import PARTIAL_SUFFIX, TYPE_SUFFIX, Layout
 from node.storage.removals import Removals
 from node.storage.stale import STALE_AGE, remove_stale
 from protos.values import Content, TagPointer
@@ -279,6 +279,16 @@ class LocalStore:
 
     def used_bytes(self) -> int:
         return sum(entry.size for entry in self._entries())
+
+    def fills_in_progress(self) -> int:
+        """Fills whose bytes are still arriving: partial files that keep a write bit (a verified one has none)."""
+        count = 0
+        with os.scandir(self.layout.fills) as scan:
+            for entry in scan:
+                if entry.name.endswith(PARTIAL_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        count += bool(entry.stat().st_mode & 0o222)
+        return count
 
     def digests(self) -> Iterator[Digest]:
         for entry in self._entries():

@@ -201,3 +201,20 @@ def test_the_cache_size_its_limit_and_its_filesystem_are_gauges(tmp_path) -> Non
     assert samples["shoal_cache_used_bytes"] == 1000
     assert samples["shoal_cache_max_bytes"] == 4096
     assert 0 < samples["shoal_cache_filesystem_free_bytes"] <= samples["shoal_cache_filesystem_size_bytes"]
+    assert samples["shoal_fills_in_progress"] == 0
+
+
+def test_fills_in_progress_are_the_partial_files_still_written(tmp_path) -> None:
+    import os
+
+    from node.reference import digest_of
+    from node.storage.local import LocalStore
+
+    store = LocalStore(str(tmp_path / "cache"), max_size=4096)
+    for token, mode in (("a", 0o644), ("b", 0o444), ("c", 0o600)):
+        path = store.layout.fill_partial(digest_of(token.encode()), token)
+        with open(path, "wb"):
+            pass
+        os.chmod(path, mode)
+    # Two are still being written; the read-only one is verified.
+    assert store.fills_in_progress() == 2
