@@ -189,7 +189,7 @@ def test_the_configuration_loads_for_each_role_and_the_addresses_agree(
     objects: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     namespace = _one(objects, "Namespace", "shoal")["metadata"]["name"]
-    coordinators = _one(objects, "Deployment", "shoal-coordinator")
+    coordinators = _one(objects, "StatefulSet", "shoal-coordinator")
     container = coordinators["spec"]["template"]["spec"]["containers"][0]
     config = coordinator.config.load_config(
         str(_config_file(objects, coordinators, tmp_path)), _environment(container, namespace, "c")
@@ -201,8 +201,14 @@ def test_the_configuration_loads_for_each_role_and_the_addresses_agree(
         assert config.redis_url
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert config.bind.endswith(f":{ports['grpc']}") and (config.metrics_bind or "").endswith(f":{ports['metrics']}")
-    service = _one(objects, "Service", "shoal-coordinator")
+    service = _one(objects, "Service", coordinators["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
     grpc = next(port for port in service["spec"]["ports"] if port["targetPort"] == "grpc")
+    replicas = coordinators["spec"]["replicas"]
+    # One address per replica, by its stable name in the headless Service.
+    expected = [
+        f"{coordinators['metadata']['name']}-{i}.{service['metadata']['name']}:{grpc['port']}" for i in range(replicas)
+    ]
 
     nodes = _one(objects, "StatefulSet", "shoal-node")
     container = nodes["spec"]["template"]["spec"]["containers"][0]
@@ -211,7 +217,7 @@ def test_the_configuration_loads_for_each_role_and_the_addresses_agree(
     assert settings.cluster.secret == DUMMY["cluster-secret"]
     assert settings.cluster.node_id == "shoal-node-0"
     assert settings.cluster.advertise_url == "http://shoal-node-0.shoal-node-peers.shoal.svc:5000"
-    assert list(settings.cluster.coordinators) == [f"shoal-coordinator:{grpc['port']}"]
+    assert list(settings.cluster.coordinators) == expected
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert settings.server.bind.endswith(f":{ports['registry']}")
     assert (settings.server.metrics_bind or "").endswith(f":{ports['metrics']}")
@@ -227,7 +233,7 @@ def test_only_nodes_reach_the_coordinators_and_only_coordinators_reach_redis(bas
         return [peer for rule in rules if port in [p["port"] for p in rule["ports"]] for peer in rule.get("from", [])]
 
     node_pods = _one(base, "StatefulSet", "shoal-node")["spec"]["template"]["metadata"]["labels"]
-    coordinator_pods = _one(base, "Deployment", "shoal-coordinator")["spec"]["template"]["metadata"]["labels"]
+    coordinator_pods = _one(base, "StatefulSet", "shoal-coordinator")["spec"]["template"]["metadata"]["labels"]
     grpc = sources("shoal-coordinator", 7000)
     assert len(grpc) == 1 and _matches(grpc[0]["podSelector"]["matchLabels"], node_pods)
     assert not _matches(grpc[0]["podSelector"]["matchLabels"], coordinator_pods)
