@@ -102,12 +102,37 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, upstream_registry: Distr
                 timeout=15,
                 message=lambda: f"targets not up: {prometheus.targets()}",
             )
-            # The workload, scraped as it runs: misses on the first node,
-            # peer hits on the second, hits on the first again.
+            # The workload, scraped as it runs: misses on the first node;
+            # once Prometheus holds the per-node series (a node's appear with
+            # its first counts, and a rate needs them to grow while scraped),
+            # peer hits on the second node and hits on the first again.
+            requests = 3 * (1 + len(image.blobs))
             with httpx.Client(timeout=30) as client:
-                for url in (nodes[0], nodes[1], nodes[0]):
+                pull(client, nodes[0], repository, "v1", image)
+                wait_until(
+                    lambda: prometheus.query("registry_proxy_requests_total > 0"),
+                    timeout=30,
+                    interval=0.2,
+                    message="Prometheus never scraped the first pull's counters",
+                )
+                for url in (nodes[1], nodes[0]):
                     pull(client, url, repository, "v1", image)
-            yield Monitored(nodes, prometheus, requests=3 * (1 + len(image.blobs)))
+            # The nodes flush their counts once a second; then Prometheus
+            # scrapes them, and rates need two scrapes of a series.
+            wait_until(
+                lambda: (
+                    prometheus.query(f"sum(max by (type) (shoal_cluster_requests_total)) == {requests}")
+                    and prometheus.query("sum(max by (node, type) (rate(registry_proxy_requests_total[1m]))) > 0")
+                ),
+                timeout=30,
+                interval=0.2,
+                message=lambda: (
+                    "Prometheus never scraped the workload's counters: "
+                    f"{prometheus.query('shoal_cluster_requests_total')} "
+                    f"{prometheus.query('rate(registry_proxy_requests_total[1m])')}"
+                ),
+            )
+            yield Monitored(nodes, prometheus, requests=requests)
 
 
 def _stats(node: str) -> dict[str, Any]:
@@ -243,6 +268,10 @@ def test_the_core_panels_show_what_shoal_stats_reports(monitored: Monitored) -> 
     stats = seen["stats"]
     # The workload had every kind of answer, so the ratios are not trivial.
     assert 0 < stats["hit_ratio"] < 1 and stats["peer_hits"] > 0 and stats["upstream_amplification"] == 1.0
+    # Recording rules run once a second here: the rates show once they ran after two scrapes.
     for title in LIVE_PANELS:
         for target in panels[title]["targets"]:
-            assert prometheus.query(_grafana(target["expr"])), f"panel {title!r} {target['refId']} shows no data"
+            expr = _grafana(target["expr"])
+            wait_until(
+                lambda expr=expr: prometheus.query(expr), timeout=15, message=f"panel {title!r} shows no data: {expr}"
+            )
