@@ -42,10 +42,20 @@ DUMMY = {
 SECRET_VARIABLES = re.compile(r"SECRET|PASSWORD|REDISCLI_AUTH")
 
 
-def render(kustomization: str) -> list[dict[str, Any]]:
+def _kubectl() -> str:
+    """kubectl with kustomize 5 built in, which components and ``labels:`` need."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise RuntimeError("kubectl is not on PATH (.ci/run installs kubernetes-client where it is missing)")
+    version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"Kustomize Version: v(\d+)", version)
+    if match is None or int(match[1]) < 5:
+        raise RuntimeError(f"{kubectl} lacks kustomize 5 (kubectl 1.27 or later has it): {version.strip()!r}")
+    return kubectl
+
+
+def render(kustomization: str) -> list[dict[str, Any]]:
+    kubectl = _kubectl()
     result = subprocess.run(
         [kubectl, "kustomize", str(KUBERNETES / kustomization)], capture_output=True, text=True, timeout=60
     )
