@@ -41,6 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from node.coordinator_client import CoordinatorClient, CoordinatorError
+from node.offload import run_blocking
 from node.storage.files import write_atomic
 from protos.metrics import NodeCounts, families, key, upstream_key
 
@@ -262,8 +263,10 @@ class _CacheCollector(Collector):
     """The store's size against its limit and its filesystem, measured when scraped.
 
     Read in the worker that answers the scrape, from the disk every worker
-    shares, so no multiprocess bookkeeping is needed. The filesystem's free
-    space is what an unprivileged process may still write (``f_bavail``).
+    shares, so no multiprocess bookkeeping is needed; off the event loop,
+    since the size walks the whole store and the worker's other requests
+    must not wait for that. The filesystem's free space is what an
+    unprivileged process may still write (``f_bavail``).
     """
 
     def __init__(self, cache: CacheUsage, node_id: str) -> None:
@@ -273,7 +276,7 @@ class _CacheCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         labels = ["node"]
         used = GaugeMetricFamily("shoal_cache_used_bytes", "Bytes of content in the node's cache", labels=labels)
-        used.add_metric([self._node_id], self._cache.used_bytes())
+        used.add_metric([self._node_id], run_blocking(self._cache.used_bytes))
         limit = GaugeMetricFamily(
             "shoal_cache_max_bytes", "The cache's size limit (cache.max_size); above it the node evicts", labels=labels
         )
@@ -281,10 +284,10 @@ class _CacheCollector(Collector):
         fills = GaugeMetricFamily(
             "shoal_fills_in_progress", "Fills (from the upstream or a peer) still receiving bytes", labels=labels
         )
-        fills.add_metric([self._node_id], self._cache.fills_in_progress())
+        fills.add_metric([self._node_id], run_blocking(self._cache.fills_in_progress))
         result: list[Metric] = [used, limit, fills]
         try:
-            disk = os.statvfs(self._cache.root)
+            disk = run_blocking(os.statvfs, self._cache.root)
         except OSError as exc:
             log.warning("cannot measure the cache's filesystem: %s", exc)
             return result
