@@ -27,6 +27,7 @@ from node.coordinator_client import CoordinatorClient
 from node.flight import Announcements, Flight
 from node.membership import Membership
 from node.metrics import CoordinatorReachability, CoordinatorSink, LocalSink, Metrics, Sink
+from node.offload import run_blocking
 from node.peers import PeerClient, internal
 from node.services import Services, install
 from node.sources import Source
@@ -186,7 +187,9 @@ class Node:
 
     def _sweep(self) -> None:
         try:
-            removed = self.local.sweep(reserved=self.fills.reserved(), wanted=self.fills.take_wanted())
+            # Off the event loop: the sweep walks the whole store, and this
+            # worker's requests (health checks too) must not wait for that.
+            removed = run_blocking(self.local.sweep, self.fills.reserved(), self.fills.take_wanted())
         except OSError:
             log.exception("sweeping the cache failed")
             return

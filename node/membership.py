@@ -23,6 +23,7 @@ from node.config import NodeConfig
 from node.coordinator_client import Coordinator, CoordinatorError, CoordinatorUnavailable
 from node.flight import Announcements
 from node.metrics import Metrics
+from node.offload import run_blocking
 from node.reference import Digest, parse_digest
 from node.storage.files import try_lock
 from node.storage.local import LocalStore
@@ -64,7 +65,8 @@ class Membership:
         if not self._on_duty():
             return
         self._last_beat = now
-        capacity, used = self.local.max_size, self.local.used_bytes()
+        # The size walks the whole store: off the event loop.
+        capacity, used = self.local.max_size, run_blocking(self.local.used_bytes)
         try:
             known, evict = self.coordinator.heartbeat(self.url, capacity_bytes=capacity, used_bytes=used)
             self._evict(evict)
