@@ -20,74 +20,30 @@ and shows in errors never holds them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from coordinator.errors import ConfigError
-from protos.config_file import read_config_file
+from protos.config_file import optional_string, parse_bind, parse_duration, parsed, positive_int, read_config_file
 
 SECTION = "coordinator"
 ENV_PREFIX = "SHOAL_COORDINATOR__"
 CONFIG_ENV = "SHOAL_CONFIG"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_HINT = "expected a duration such as 30s, 5m or 168h"
 
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number of seconds or a Go-style duration (``500ms``, ``1h30m``)."""
-    if isinstance(value, bool):
-        raise ValueError(_DURATION_HINT)
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        parts = _DURATION_PART.findall(text)
-        if text == "0":
-            seconds = 0.0
-        elif parts and "".join(number + unit for number, unit in parts) == text:
-            seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
-        else:
-            try:
-                seconds = float(text)
-            except ValueError:
-                raise ValueError(_DURATION_HINT) from None
-    if seconds < 0 or not math.isfinite(seconds):
-        raise ValueError(_DURATION_HINT)
-    return seconds
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a positive whole number")
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ValueError("expected a positive whole number") from None
-    if number < 1:
-        raise ValueError("expected a positive whole number")
-    return number
-
-
-def parse_bind(value: object) -> str:
-    text = str(value).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError("expected HOST:PORT, such as 0.0.0.0:7000")
-    return text
+def parse_any_bind(value: object) -> str:
+    """``HOST:PORT`` to listen on, where port 0 picks a free port."""
+    return parse_bind(value, any_port=True)
 
 
 def _optional_bind(value: object) -> str:
     if value is None or str(value).strip() == "":
         return ""
-    return parse_bind(value)
+    return parse_any_bind(value)
 
 
 def _port(bind: str) -> int:
@@ -150,20 +106,12 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     return kept, username, password
 
 
-def _optional_string(value: object) -> str | None:
-    return None if value is None or value == "" else str(value)
-
-
 def _string(value: object) -> str:
     if value is None:
         return ""
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError("expected a string")
     return str(value)
-
-
-def _parsed(parse: Callable[[object], Any], *, help: str, **kwargs: Any) -> Any:
-    return field(metadata={"parse": parse, "help": help}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -176,89 +124,89 @@ class CoordinatorConfig:
     an operator.
     """
 
-    bind: str = _parsed(
-        parse_bind, default="0.0.0.0:7000", help="HOST:PORT the gRPC server listens on; port 0 picks a free port"
+    bind: str = parsed(
+        parse_any_bind, default="0.0.0.0:7000", help="HOST:PORT the gRPC server listens on; port 0 picks a free port"
     )
-    metrics_bind: str = _parsed(
+    metrics_bind: str = parsed(
         _optional_bind,
         default="0.0.0.0:7001",
         help="HOST:PORT serving the cluster's counters as Prometheus text at /metrics; "
         "port 0 picks a free port; empty disables it",
     )
-    redis_url: str | None = _parsed(
+    redis_url: str | None = parsed(
         _redis_url,
         default=None,
         help=f"a plain Redis, redis://HOST:PORT/DB, or rediss:// for TLS (default {DEFAULT_REDIS_URL} unless "
         "sentinels are set); a user name and password in it are taken out of it and never logged",
     )
-    redis_username: str | None = _parsed(_optional_string, default=None, help="Redis ACL user name")
-    redis_password: str | None = _parsed(
-        _optional_string,
+    redis_username: str | None = parsed(optional_string, default=None, help="Redis ACL user name")
+    redis_password: str | None = parsed(
+        optional_string,
         default=None,
         repr=False,
         help="Redis password (AUTH); may be given in redis_url instead, never both (never logged)",
     )
-    redis_tls_ca: str | None = _parsed(
-        _optional_string,
+    redis_tls_ca: str | None = parsed(
+        optional_string,
         default=None,
         help="with a rediss:// redis_url: PEM CA bundle that issued Redis's certificate "
         "(default: the system's trusted CAs); the certificate and its host name are always verified",
     )
-    redis_tls_cert: str | None = _parsed(
-        _optional_string,
+    redis_tls_cert: str | None = parsed(
+        optional_string,
         default=None,
         help="with a rediss:// redis_url: PEM client certificate, for a Redis that asks for one "
         "(tls-auth-clients); with redis_tls_key",
     )
-    redis_tls_key: str | None = _parsed(
-        _optional_string, default=None, help="PEM private key of redis_tls_cert (unencrypted)"
+    redis_tls_key: str | None = parsed(
+        optional_string, default=None, help="PEM private key of redis_tls_cert (unencrypted)"
     )
-    sentinels: tuple[str, ...] = _parsed(
+    sentinels: tuple[str, ...] = parsed(
         _sentinels,
         default=(),
         help="Sentinel addresses HOST:PORT (a list, or comma-separated); the master is asked for on every reconnect",
     )
-    sentinel_service: str | None = _parsed(
-        _optional_string, default=None, help="the service name the sentinels monitor (required with sentinels)"
+    sentinel_service: str | None = parsed(
+        optional_string, default=None, help="the service name the sentinels monitor (required with sentinels)"
     )
-    key_prefix: str = _parsed(
+    key_prefix: str = parsed(
         _string, default="shoal:", help="every Redis key lives under this prefix, so clusters can share a Redis"
     )
-    cluster_secret: str = _parsed(
+    cluster_secret: str = parsed(
         _string,
         default="",
         repr=False,
         help="required; nodes send it as 'authorization: Bearer <secret>' on every call (never logged)",
     )
-    membership_ttl: float = _parsed(
+    membership_ttl: float = parsed(
         parse_duration,
         default=10.0,
         help="a node without a heartbeat for this long is dropped, with all its locations",
     )
-    scheduler_interval: float = _parsed(
+    scheduler_interval: float = parsed(
         parse_duration, default=1.0, help="how often the scheduler renews its lead and sweeps expired content"
     )
-    leader_lease: float = _parsed(
+    leader_lease: float = parsed(
         parse_duration,
         default=5.0,
         help="how long the sweep pauses when the leading replica dies; longer than scheduler_interval",
     )
-    default_ttl: float = _parsed(
+    default_ttl: float = parsed(
         parse_duration,
         default=168 * 3600.0,
         help="TTL of announced content not scheduled yet (distribution's proxy ttl); 0 = never expires",
     )
-    max_evictions: int = _parsed(
-        _positive_int, default=1000, help="evictions handed to a node per heartbeat; the rest wait for the next"
+    max_evictions: int = parsed(
+        positive_int, default=1000, help="evictions handed to a node per heartbeat; the rest wait for the next"
     )
-    threads: int = _parsed(_positive_int, default=32, help="threads serving calls; each call in progress holds one")
-    shutdown_grace: float = _parsed(
+    threads: int = parsed(positive_int, default=32, help="threads serving calls; each call in progress holds one")
+    shutdown_grace: float = parsed(
         parse_duration, default=5.0, help="on SIGTERM or SIGINT, calls in progress get this long to finish"
     )
-    tls_cert: str | None = _parsed(
-        _optional_string, default=None, help="PEM certificate file; with tls_key the server speaks TLS only"
+    tls_cert: str | None = parsed(
+        optional_string, default=None, help="PEM certificate file; with tls_key the server speaks TLS only"
     )
-    tls_key: str | None = _parsed(_optional_string, default=None, help="PEM private key file for tls_cert")
+    tls_key: str | None = parsed(optional_string, default=None, help="PEM private key file for tls_cert")
 
     def __post_init__(self) -> None:
         self._lift_redis_credentials()

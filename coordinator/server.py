@@ -31,7 +31,7 @@ import redis
 
 from coordinator.auth import AuthInterceptor
 from coordinator.bindings import Bindings
-from coordinator.config import CONFIG_ENV, CoordinatorConfig, describe_keys, load_config, parse_bind
+from coordinator.config import CONFIG_ENV, CoordinatorConfig, describe_keys, load_config, parse_any_bind
 from coordinator.election import LeaderElection
 from coordinator.errors import ConfigError
 from coordinator.fetches import Fetches
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bind_option(value: str) -> str:
     try:
-        return parse_bind(value)
+        return parse_any_bind(value)
     except ValueError as exc:
         raise ConfigError(f"--bind: {exc}") from None
 

@@ -21,12 +21,20 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from protos.config_file import read_config_file
+from protos.config_file import (
+    non_negative_int,
+    optional_string,
+    parse_bind,
+    parse_duration,
+    parsed,
+    positive_int,
+    read_config_file,
+)
 
 ENV_PREFIX = "SHOAL_"
 CONFIG_ENV = "SHOAL_CONFIG"
@@ -36,26 +44,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed."""
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a Go-style duration (``168h``, ``1h30m``)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m or 168h")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    text = str(value).strip()
-    if text == "0":
-        return 0.0
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError("expected a duration such as 30s, 5m or 168h")
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 def parse_size(value: object) -> int:
@@ -133,35 +122,6 @@ def parse_url(value: object) -> str:
     return url
 
 
-def parse_bind(value: object) -> str:
-    text = str(value).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected HOST:PORT")
-    return text
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a positive whole number")
-    number = int(str(value))
-    if number < 1:
-        raise ValueError("expected a positive whole number")
-    return number
-
-
-def _non_negative_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number, 0 or more")
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise ValueError("expected a whole number, 0 or more") from None
-    if number < 0:
-        raise ValueError("expected a whole number, 0 or more")
-    return number
-
-
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -188,53 +148,45 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
-def _optional_string(value: object) -> str | None:
-    return None if value is None or value == "" else str(value)
-
-
-def _parsed(parse: Callable[[object], Any], **kwargs: Any) -> Any:
-    return field(metadata={"parse": parse}, **kwargs)
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """How gunicorn serves the node (gevent workers: one greenlet per connection)."""
 
-    bind: str = _parsed(parse_bind, default="0.0.0.0:5000")
+    bind: str = parsed(parse_bind, default="0.0.0.0:5000")
     # Processes; each serves any number of connections up to its share of
     # max_connections, so more workers buy CPU (hashing, parsing), not room.
-    workers: int = _parsed(_positive_int, default=2)
+    workers: int = parsed(positive_int, default=2)
     # Open client connections the node holds, shared evenly by its workers;
     # a connection beyond it is answered 503 with Retry-After at once.
-    max_connections: int = _parsed(_positive_int, default=4096)
+    max_connections: int = parsed(positive_int, default=4096)
     # A client that accepts no bytes for this long is disconnected.
-    send_timeout: float = _parsed(parse_duration, default=60.0)
+    send_timeout: float = parsed(parse_duration, default=60.0)
     # How long a connection may take to send a complete request head, idle
     # keep-alive time before it included; then it is closed.
-    header_timeout: float = _parsed(parse_duration, default=15.0)
+    header_timeout: float = parsed(parse_duration, default=15.0)
     # A listener of its own for /metrics and /debug/vars (distribution's
     # debug address), which then leave server.bind; unset, they are served
     # on server.bind, behind auth when auth is on.
-    metrics_bind: str | None = _parsed(lambda v: None if not v else parse_bind(v), default=None)
+    metrics_bind: str | None = parsed(lambda v: None if not v else parse_bind(v), default=None)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """The node's local content-addressed store."""
 
-    dir: str = _parsed(str, default="./shoal-cache")
+    dir: str = parsed(str, default="./shoal-cache")
     # Above this many bytes of complete content, plus what fills in flight
     # will write, the least recently used content is evicted.
-    max_size: int = _parsed(parse_size, default=20 * 1024**3)
+    max_size: int = parsed(parse_size, default=20 * 1024**3)
     # Kept free on the cache's filesystem by evicting; a fill that would
     # leave less does not start (503 with Retry-After). A size, a percentage
     # of the filesystem, or both (the smaller): by default 2 GiB or 5%.
     # (FreeSpace is an immutable NamedTuple, which ruff cannot tell.)
-    min_free: FreeSpace = _parsed(parse_free_space, default=FreeSpace(2 * 1024**3, 5.0))  # noqa: RUF009
+    min_free: FreeSpace = parsed(parse_free_space, default=FreeSpace(2 * 1024**3, 5.0))  # noqa: RUF009
     # A hit pushes the content's expiry (upstream.ttl) forward, so content in
     # use never expires. False counts the TTL from the fetch, as distribution's
     # proxy does (which evicts popular layers a week after they were fetched).
-    extend_ttl_on_hit: bool = _parsed(_bool, default=True)
+    extend_ttl_on_hit: bool = parsed(_bool, default=True)
     # Fills (upstream or peer transfers) one node runs at once, whichever
     # workers run them, HEAD-started and abandoned ones included. A GET
     # beyond it waits for a free one (or follows a fill of the same blob)
@@ -242,11 +194,11 @@ class CacheConfig:
     # beyond it is answered by asking the source without a fill. The
     # upstream's blob connections are capped by it too, so manifests and
     # tag checks always find a connection.
-    max_fills: int = _parsed(_positive_int, default=16)
+    max_fills: int = parsed(positive_int, default=16)
     # Memory for manifests, tag pointers and confirmed bindings, so that a
     # warm request touches no file; shared evenly by the workers (each
     # holds its own copies). 0 turns it off: every request reads the disk.
-    memory: int = _parsed(parse_size, default=32 * 1024**2)
+    memory: int = parsed(parse_size, default=32 * 1024**2)
 
 
 @dataclass(frozen=True)
@@ -255,38 +207,38 @@ class UpstreamConfig:
 
     # The registry's name as clients say it: containerd's ns parameter
     # (docker.io, ghcr.io) and the path prefix of podman mirrors.
-    name: str = _parsed(lambda value: parse_registry_name(value), default="docker.io")
-    url: str = _parsed(parse_url, default="https://registry-1.docker.io")
-    username: str | None = _parsed(_optional_string, default=None)
-    password: str | None = _parsed(_optional_string, default=None, repr=False)
+    name: str = parsed(lambda value: parse_registry_name(value), default="docker.io")
+    url: str = parsed(parse_url, default="https://registry-1.docker.io")
+    username: str | None = parsed(optional_string, default=None)
+    password: str | None = parsed(optional_string, default=None, repr=False)
     # Distribution's proxy ttl: how long fetched content is kept, and how
     # long a digest stays confirmed for a repository (node.bindings); 0
     # keeps it until it is evicted for space.
-    ttl: float = _parsed(parse_duration, default=168 * 3600.0)
+    ttl: float = parsed(parse_duration, default=168 * 3600.0)
     # How long a tag -> digest answer is reused without asking the upstream.
-    tag_ttl: float = _parsed(parse_duration, default=300.0)
+    tag_ttl: float = parsed(parse_duration, default=300.0)
     # Hosts that may receive the credentials as a token realm over plain
     # http. A realm over https, or on the upstream's own host, always may.
-    token_realms: tuple[str, ...] = _parsed(_string_list, default=())
+    token_realms: tuple[str, ...] = parsed(_string_list, default=())
     # Seconds to wait for the upstream to connect or send the next bytes.
-    timeout: float = _parsed(parse_duration, default=30.0)
+    timeout: float = parsed(parse_duration, default=30.0)
     # The slowest a body may come from the upstream (bytes a second,
     # averaged over each min_rate_window of the transfer): a slower one is
     # aborted; for a blob its lease is given back and the clients following
     # it fail (node.min_rate).
     # 0 turns the floor off.
-    min_rate: int = _parsed(parse_size, default=10 * 1024)
-    min_rate_window: float = _parsed(lambda v: _positive_duration(v), default=30.0)
+    min_rate: int = parsed(parse_size, default=10 * 1024)
+    min_rate_window: float = parsed(lambda v: _positive_duration(v), default=30.0)
     # When the upstream's ratelimit-remaining falls below this, tag checks
     # pause and cached tags are served stale, keeping what is left of the
     # budget for content the node does not hold (node.budget). 0 turns the
     # floor off; a 429 pauses tag checks whatever the floor.
-    ratelimit_floor: int = _parsed(_non_negative_int, default=10)
+    ratelimit_floor: int = parsed(non_negative_int, default=10)
     # With auth on: pulls from this registry need no credentials, from any
     # client or only from anonymous_networks (CIDRs) when given. Without
     # auth every pull is anonymous.
-    anonymous: bool = _parsed(_bool, default=False)
-    anonymous_networks: tuple[str, ...] = _parsed(lambda v: _networks(v), default=())
+    anonymous: bool = parsed(_bool, default=False)
+    anonymous_networks: tuple[str, ...] = parsed(lambda v: _networks(v), default=())
 
     @property
     def is_docker_hub(self) -> bool:
@@ -308,8 +260,8 @@ def _networks(value: object) -> tuple[str, ...]:
 class HtpasswdConfig:
     """Distribution's ``auth.htpasswd``: users with bcrypt hashes (``htpasswd -B``)."""
 
-    realm: str = _parsed(str, default="shoal")
-    path: str | None = _parsed(_optional_string, default=None)
+    realm: str = parsed(str, default="shoal")
+    path: str | None = parsed(optional_string, default=None)
 
 
 @dataclass(frozen=True)
@@ -317,13 +269,13 @@ class TokenConfig:
     """Distribution's ``auth.token``: bearer JWTs from a token server."""
 
     # Where clients get tokens (the challenge names it).
-    realm: str | None = _parsed(lambda v: None if not v else parse_url(v), default=None)
+    realm: str | None = parsed(lambda v: None if not v else parse_url(v), default=None)
     # The token's aud; the challenge names it too.
-    service: str | None = _parsed(_optional_string, default=None)
+    service: str | None = parsed(optional_string, default=None)
     # The token's iss.
-    issuer: str | None = _parsed(_optional_string, default=None)
+    issuer: str | None = parsed(optional_string, default=None)
     # PEM certificates whose keys sign tokens (or issued the token's x5c certificate).
-    rootcertbundle: str | None = _parsed(_optional_string, default=None)
+    rootcertbundle: str | None = parsed(optional_string, default=None)
 
 
 @dataclass(frozen=True)
@@ -350,22 +302,22 @@ class ClusterConfig:
     """How the node joins a cluster; without coordinators it runs alone."""
 
     # Coordinator addresses (HOST:PORT); the node fails over between them.
-    coordinators: tuple[str, ...] = _parsed(_address_list, default=())
+    coordinators: tuple[str, ...] = parsed(_address_list, default=())
     # Shared by the nodes and coordinators; guards gRPC and the peer endpoint.
-    secret: str | None = _parsed(_optional_string, default=None, repr=False)
+    secret: str | None = parsed(optional_string, default=None, repr=False)
     # Defaults to the host and port of advertise_url.
-    node_id: str | None = _parsed(_optional_string, default=None)
+    node_id: str | None = parsed(optional_string, default=None)
     # How other nodes reach this one; defaults to http://<hostname>:<port of server.bind>.
-    advertise_url: str | None = _parsed(lambda v: None if not v else parse_url(v), default=None)
-    heartbeat_interval: float = _parsed(parse_duration, default=2.0)
+    advertise_url: str | None = parsed(lambda v: None if not v else parse_url(v), default=None)
+    heartbeat_interval: float = parsed(parse_duration, default=2.0)
     # A fetch lease lives this long unless renewed; the holder renews it every
     # quarter of it, so a dead holder's fetch is taken over within this time
     # (docs/cluster.md, "A dead fetcher").
-    lease_ttl: float = _parsed(parse_duration, default=3.0)
+    lease_ttl: float = parsed(parse_duration, default=3.0)
     # Deadline of one call to one coordinator.
-    timeout: float = _parsed(parse_duration, default=2.0)
+    timeout: float = parsed(parse_duration, default=2.0)
     # CA certificate (PEM) of the coordinators' TLS certificates; plaintext without.
-    tls_ca: str | None = _parsed(_optional_string, default=None)
+    tls_ca: str | None = parsed(optional_string, default=None)
 
     @property
     def enabled(self) -> bool:
