@@ -27,3 +27,23 @@ def upstream_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dist
         yield registry
     finally:
         registry.close()
+
+
+# The test files that take longest, longest first. Under .ci/run's two
+# workers each worker takes whole files in collection order; starting with
+# these keeps either worker from being left with a long file at the end.
+SLOWEST_FIRST = (
+    "tests/bench/test_quick.py",
+    "tests/node/test_cluster.py",
+    "tests/shoal/test_up.py",
+    "tests/node/test_serving.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for path in SLOWEST_FIRST:
+        if not (config.rootpath / path).is_file():
+            raise pytest.UsageError(f"tests/conftest.py: SLOWEST_FIRST names {path}, which does not exist")
+    rank = {path: index for index, path in enumerate(SLOWEST_FIRST)}
+    # A stable sort: the other files, and the tests within every file, keep their order.
+    items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))
