@@ -7,6 +7,7 @@ OCI error body. A mirror is read-only: every write answers 405 UNSUPPORTED.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -23,7 +24,7 @@ from node.reference import Digest, is_digest, normalize_name, parse_digest, pars
 from node.responses import file_body, growing_body
 from node.services import services
 from node.storage.fill import Followed
-from node.storage.proxy import Blob, ProxyStore
+from node.storage.proxy import Blob, Manifest, ProxyStore
 from node.upstream import TagPage
 from protos.metrics import error_key, registry_key
 
@@ -43,6 +44,13 @@ api = Blueprint("registry", __name__)
 
 
 def _route(path: str) -> tuple[ProxyStore, str, bool]:
+    node = services()
+    return route(node.proxies, node.config.default_upstream, path, request.args.get("ns"))
+
+
+def route(
+    proxies: Mapping[str, ProxyStore], default: str | None, path: str, namespace: str | None
+) -> tuple[ProxyStore, str, bool]:
     """Which registry a request is for, and the path within it.
 
     In this order: containerd's ``ns`` query parameter; a first path
@@ -52,14 +60,11 @@ def _route(path: str) -> tuple[ProxyStore, str, bool]:
     default upstream. A registry that is not configured is never answered
     from another one. The flag says whether the request named the registry.
     """
-    proxies = services().proxies
-    namespace = request.args.get("ns")
     if namespace is not None:
         return _registry(proxies, namespace.strip().lower()), path, True
     first, _, rest = path.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
         return _registry(proxies, first.lower()), rest, True
-    default = services().config.default_upstream
     if default is None:
         raise RegistryUnknown("this mirror has no default registry: name one with ?ns= or a path prefix")
     return proxies[default], path, False
@@ -167,21 +172,30 @@ def _next_link(query: Mapping[str, str]) -> str:
 
 
 def _manifest(store: ProxyStore, name: str, reference: str) -> Response:
+    manifest = store.manifest(name, reference_of(reference))
+    headers = manifest_headers(manifest)
+    if _not_modified(manifest.digest):
+        return Response(status=304, headers=headers)
+    if request.method == "GET":
+        count(_metrics(), store, "manifest", manifest.outcome, len(manifest.data), joined=False)
+    # For HEAD, werkzeug sends the headers of this body and leaves the body out.
+    return Response(manifest.data, headers=headers)
+
+
+def reference_of(reference: str) -> str:
+    """A manifest reference, a digest or a tag, once it is valid."""
     if not is_digest(reference):
         parse_tag(reference)
-    manifest = store.manifest(name, reference)
-    headers = {
+    return reference
+
+
+def manifest_headers(manifest: Manifest) -> dict[str, str]:
+    return {
         "Docker-Content-Digest": str(manifest.digest),
         "ETag": f'"{manifest.digest}"',
         "Content-Type": manifest.media_type,
         "Content-Length": str(len(manifest.data)),
     }
-    if _not_modified(manifest.digest):
-        return Response(status=304, headers=headers)
-    if request.method == "GET":
-        _count(store, "manifest", manifest.outcome, len(manifest.data), joined=False)
-    # For HEAD, werkzeug sends the headers of this body and leaves the body out.
-    return Response(manifest.data, headers=headers)
 
 
 def _blob(store: ProxyStore, name: str, digest: Digest) -> Response:
@@ -213,7 +227,7 @@ def _blob_body(
 ) -> Response:
     """The response that sends the blob; it takes the blob's open file over."""
     if blob.stored is not None:
-        _count(store, "blob", blob.outcome, (end or 0) - start, joined=False)
+        count(_metrics(), store, "blob", blob.outcome, (end or 0) - start, joined=False)
         body = file_body(blob.stored.detach(), start)
         return Response(body, status=status, headers=headers, direct_passthrough=True)
     assert blob.following is not None
@@ -225,15 +239,14 @@ def _blob_body(
         followed.close()
         raise
     if end is None:
-        _count(store, "blob", outcome, 0, joined=joined)
+        count(_metrics(), store, "blob", outcome, 0, joined=joined)
         return Response(_pushed(followed, _metrics()), status=status, headers=headers, direct_passthrough=True)
-    _count(store, "blob", outcome, end - start, joined=joined)
+    count(_metrics(), store, "blob", outcome, end - start, joined=joined)
     return Response(growing_body(followed), status=status, headers=headers, direct_passthrough=True)
 
 
-def _count(store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: bool) -> None:
+def count(metrics: Metrics, store: ProxyStore, kind: str, outcome: str, pushed: int, *, joined: bool) -> None:
     """Count a GET of content: requests = hits + misses + peer_hits, in all and per registry."""
-    metrics = _metrics()
     metrics.count(kind, "requests")
     metrics.count(kind, outcome)
     metrics.add(registry_key(kind, "requests", store.config.name))
@@ -337,21 +350,32 @@ def register(app: Flask) -> None:
 
 
 def error_response(code: str, message: str, status: int, detail: object | None = None) -> Response:
-    response = jsonify({"errors": [{"code": code, "message": message, "detail": detail}]})
-    response.status_code = status
-    return response
+    return Response(error_body(code, message, detail), status=status, content_type="application/json")
+
+
+def error_body(code: str, message: str, detail: object | None = None) -> bytes:
+    """An OCI error body: ``{"errors": [{"code", "message", "detail"}]}``."""
+    # As Flask's jsonify writes it: compact, keys sorted, a newline at the end.
+    document = {"errors": [{"code": code, "message": message, "detail": detail}]}
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def shoal_error_parts(error: ShoalError, metrics: Metrics) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and body that answer ``error``, counted in ``metrics``."""
+    metrics.add(error_key(error.code))
+    headers = {}
+    if isinstance(error, RangeInvalid):
+        headers["Content-Range"] = f"bytes */{error.size}"
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = error.challenge
+    return error.status, headers, error_body(error.code, error.message, error.detail)
 
 
 def _shoal_error(error: ShoalError) -> Response:
-    _metrics().add(error_key(error.code))
-    response = error_response(error.code, error.message, error.status, error.detail)
-    if isinstance(error, RangeInvalid):
-        response.headers["Content-Range"] = f"bytes */{error.size}"
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
-    if isinstance(error, Unauthorized):
-        response.headers["WWW-Authenticate"] = error.challenge
-    return response
+    status, headers, body = shoal_error_parts(error, _metrics())
+    return Response(body, status=status, headers=headers, content_type="application/json")
 
 
 def _http_error(error: HTTPException) -> Response:
@@ -376,8 +400,6 @@ def _started_at() -> None:
 
 def _api_version(response: Response) -> Response:
     response.headers[API_VERSION[0]] = API_VERSION[1]
-    metrics = _metrics()
     endpoint = g.get("endpoint") or (request.blueprint or "other")
-    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-    metrics.request_seconds.labels(endpoint, metrics.node_id).observe(elapsed)
+    _metrics().observe_request(endpoint, time.perf_counter() - g.get("started", time.perf_counter()))
     return response

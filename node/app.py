@@ -25,6 +25,7 @@ from node.cluster_source import ClusterSource
 from node.config import NodeConfig, UpstreamConfig
 from node.coordinator_client import CoordinatorClient
 from node.flight import Announcements, Flight
+from node.manifest_route import ManifestRoute
 from node.membership import Membership
 from node.metrics import CoordinatorReachability, CoordinatorSink, LocalSink, Metrics, Sink
 from node.offload import run_blocking
@@ -256,4 +257,6 @@ def create_app(
     app.register_blueprint(internal)
     app.register_blueprint(status)
     guard_listeners(app, config)
+    # Manifest requests are answered in front of Flask (node/manifest_route.py).
+    app.wsgi_app = ManifestRoute(app.wsgi_app, node.services)  # type: ignore[method-assign]
     return app

@@ -173,6 +173,7 @@ class Metrics:
             ["endpoint", "node"],
             registry=self.registry,
         )
+        self._request_series: dict[str, Any] = {}
         self.upstream_seconds = Histogram(
             "shoal_upstream_fetch_duration_seconds",
             "Time of an upstream request, to the end of its body",
@@ -197,6 +198,14 @@ class Metrics:
 
     def count(self, kind: str, counter: str, value: int = 1) -> None:
         self.add(key(kind, counter), value)
+
+    def observe_request(self, endpoint: str, seconds: float) -> None:
+        """One client request's time, in the histogram of its endpoint."""
+        series = self._request_series.get(endpoint)
+        if series is None:
+            # labels() looks the child up under a lock: once per endpoint, not per request.
+            series = self._request_series[endpoint] = self.request_seconds.labels(endpoint, self.node_id)
+        series.observe(seconds)
 
     def upstream_request(self, registry: str, kind: str, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status is not None else "error"
