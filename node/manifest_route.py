@@ -66,7 +66,8 @@ class ManifestRoute:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
         path_info = environ.get("PATH_INFO", "")
-        matched = _PATH.fullmatch(path_info) if method in ("GET", "HEAD") else None
+        # A substring test first: every other request (blobs above all) pays only that.
+        matched = _PATH.fullmatch(path_info) if "/manifests/" in path_info and method in ("GET", "HEAD") else None
         if matched is None or "//" in path_info or not path_info.isascii() or self._on_metrics_listener(environ):
             return self._app(environ, start_response)
         node, started = self._services, time.perf_counter()
@@ -79,12 +80,12 @@ class ManifestRoute:
             status, headers, body = self._answer(environ, store, parts, named, head=method == "HEAD")
         except ShoalError as error:
             status, headers, body = shoal_error_parts(error, node.metrics)
-            headers.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+            headers.update(_json_headers(body))
         except Exception:
             log.exception("unexpected error on %s %s", method, path_info)
             node.metrics.add(error_key("UNKNOWN"))
             body = error_body("UNKNOWN", "internal error")
-            status, headers = 500, {"Content-Type": "application/json", "Content-Length": str(len(body))}
+            status, headers = 500, _json_headers(body)
         headers[API_VERSION[0]] = API_VERSION[1]
         node.metrics.observe_request("manifests", time.perf_counter() - started)
         start_response(f"{status} {HTTPStatus(status).phrase}", list(headers.items()))
@@ -114,6 +115,10 @@ class ManifestRoute:
             return sock is None or int(sock.getsockname()[1]) == self._metrics_port
         except (OSError, IndexError, TypeError, ValueError):
             return True
+
+
+def _json_headers(body: bytes) -> dict[str, str]:
+    return {"Content-Type": "application/json", "Content-Length": str(len(body))}
 
 
 def _namespace(environ: dict[str, Any]) -> str | None:

@@ -19,10 +19,12 @@ import os
 import re
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import bcrypt
 import httpx
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -81,18 +83,21 @@ def _upstream(request: httpx.Request) -> httpx.Response:
     return httpx.Response(404, json={"errors": [{"code": "NAME_UNKNOWN", "message": "unknown"}]})
 
 
+def fuzz_app(folder: Path, *, users: bool) -> Flask:
+    """The node's app over ``_upstream``: open, or with ``USER`` as its one htpasswd user (``BASIC``)."""
+    settings: dict[str, object] = {"upstream": {"url": f"https://{REGISTRY}"}, "cache": {"dir": str(folder / "cache")}}
+    if users:
+        entries = folder / "htpasswd"
+        entries.write_bytes(b"%s:%s\n" % (USER.encode(), bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))))
+        settings["auth"] = {"htpasswd": {"realm": "fuzz", "path": str(entries)}}
+    config = config_from_dict(settings)
+    return create_app(config, upstream=Upstream(config.upstream, transport=httpx.MockTransport(_upstream)))
+
+
 @pytest.fixture(scope="module", params=["open", "htpasswd"])
 def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
     """The app as anyone may pull from it, and with htpasswd users (``USER``, who pulls with ``BASIC``)."""
-    folder = tmp_path_factory.mktemp("fuzz")
-    settings: dict[str, object] = {"upstream": {"url": f"https://{REGISTRY}"}, "cache": {"dir": str(folder / "cache")}}
-    if request.param == "htpasswd":
-        users = folder / "htpasswd"
-        users.write_bytes(b"%s:%s\n" % (USER.encode(), bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))))
-        settings["auth"] = {"htpasswd": {"realm": "fuzz", "path": str(users)}}
-    config = config_from_dict(settings)
-    upstream = Upstream(config.upstream, transport=httpx.MockTransport(_upstream))
-    app = create_app(config, upstream=upstream)
+    app = fuzz_app(tmp_path_factory.mktemp("fuzz"), users=request.param == "htpasswd")
     try:
         yield app.test_client()
     finally:

@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 
-import bcrypt
-import httpx
 import pytest
 from flask import Flask
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import Client
 
-from node.app import create_app
-from node.config import config_from_dict
 from node.manifest_route import ManifestRoute
-from node.upstream import Upstream
 from tests.node.test_fuzz_api import (
     _HEADERS,
     _NAMES,
@@ -36,10 +30,8 @@ from tests.node.test_fuzz_api import (
     EXAMPLES,
     MANIFEST,
     MANIFEST_DIGEST,
-    PASSWORD,
     REGISTRY,
-    USER,
-    _upstream,
+    fuzz_app,
 )
 
 _PATHS = st.one_of(
@@ -62,21 +54,11 @@ class Counting:
         return self.inner(environ, start_response)
 
 
-def _app(folder: Path, users: bool) -> Flask:
-    config: dict[str, object] = {"upstream": {"url": f"https://{REGISTRY}"}, "cache": {"dir": str(folder / "cache")}}
-    if users:
-        entries = folder / "htpasswd"
-        entries.write_bytes(b"%s:%s\n" % (USER.encode(), bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))))
-        config["auth"] = {"htpasswd": {"realm": "fuzz", "path": str(entries)}}
-    parsed = config_from_dict(config)
-    return create_app(parsed, upstream=Upstream(parsed.upstream, transport=httpx.MockTransport(_upstream)))
-
-
 @pytest.fixture(scope="module", params=["open", "htpasswd"])
 def apps(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Client, Client, Counting]]:
-    app = _app(tmp_path_factory.mktemp("route"), request.param == "htpasswd")
+    app = fuzz_app(tmp_path_factory.mktemp("route"), users=request.param == "htpasswd")
     counting = Counting(app)
     try:
         yield Client(counting.route), Client(counting.inner), counting
