@@ -21,13 +21,14 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from coordinator.digests import check_name
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
-from coordinator.redis_client import text
+from coordinator.redis_client import text, texts
 
 # The longest lease a caller may ask for; a holder renews long fetches.
 MAX_TTL_MS = 10 * 60 * 1000
@@ -57,21 +58,39 @@ end
 # grant: it is granted again, with the same fence and a fresh TTL. Returns
 # {1, fence} when granted and {0, current value} when someone else holds
 # the lease.
-_ACQUIRE = (
+_GRANT = (
     OWNS_LEASE
     + """
-local current = redis.call('GET', KEYS[1])
-if owns(current, ARGV[1]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {1, string.match(current, '^%S+ (%d+)')}
+local function grant()
+  local current = redis.call('GET', KEYS[1])
+  if owns(current, ARGV[1]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {1, string.match(current, '^%S+ (%d+)')}
+  end
+  if current then
+    return {0, current}
+  end
+  local fence = redis.call('INCR', KEYS[2])
+  redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'NX', 'PX', ARGV[3])
+  return {1, tostring(fence)}
 end
-if current then
-  return {0, current}
+"""
+)
+_ACQUIRE = _GRANT + "return grant()\n"
+
+# As _ACQUIRE, with KEYS[4] loc:<digest>: when nodes are registered for
+# the digest, grants nothing and returns {2, their ids...}. One atomic step,
+# so a fetch completed just before (CompleteFetch registers its node and
+# releases the lease together) is found rather than granted again.
+_CLAIM = (
+    _GRANT
+    + """
+local registered = redis.call('SMEMBERS', KEYS[4])
+if #registered > 0 then
+  return {2, unpack(registered)}
 end
-local fence = redis.call('INCR', KEYS[2])
-redis.call('DEL', KEYS[3])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'NX', 'PX', ARGV[3])
-return {1, tostring(fence)}
+return grant()
 """
 )
 
@@ -147,6 +166,7 @@ class Leases:
         self._redis = client
         self._keys = keys
         self._acquire = client.register_script(_ACQUIRE)
+        self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -160,13 +180,32 @@ class Leases:
         check_name(node_id, "node_id")
         check_ttl_ms(ttl_ms)
         token = check_token(token) if token else secrets.token_hex(16)
-        granted, detail = self._acquire(
+        reply = self._acquire(
             keys=[self._keys.lock(key), self._keys.fence(), self._keys.failed(key)], args=[token, node_id, ttl_ms]
         )
+        return self._lease(reply, token, node_id)
+
+    @staticmethod
+    def _lease(reply: Any, token: str, node_id: str) -> Lease:
+        granted, detail = reply
         if int(granted):
             return Lease(granted=True, token=token, fence=int(detail), holder=node_id)
         _, fence, holder = parse_value(text(detail))
         return Lease(granted=False, token="", fence=fence, holder=holder)
+
+    def claim(self, key: str, node_id: str, ttl_ms: int, token: str, registered: str) -> Lease | list[str]:
+        """``acquire``, unless the set ``registered`` (a ``loc:<digest>``) has members: then those, in one step."""
+        check_name(key, "key")
+        check_name(node_id, "node_id")
+        check_ttl_ms(ttl_ms)
+        token = check_token(token) if token else secrets.token_hex(16)
+        reply = self._claim(
+            keys=[self._keys.lock(key), self._keys.fence(), self._keys.failed(key), registered],
+            args=[token, node_id, ttl_ms],
+        )
+        if int(reply[0]) == 2:
+            return texts(reply[1:])
+        return self._lease(reply, token, node_id)
 
     def renew(self, key: str, token: str, ttl_ms: int) -> bool:
         """Extend the lease to ``ttl_ms`` from now; False when it was lost."""

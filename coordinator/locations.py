@@ -22,9 +22,9 @@ from coordinator.digests import check_digest, check_digests, check_name
 from coordinator.distinct_bytes import META_FUNCTIONS
 from coordinator.errors import InvalidArgument
 from coordinator.keys import Keys
-from coordinator.leases import Leases
+from coordinator.leases import Lease, Leases, parse_value
 from coordinator.membership import Membership
-from coordinator.redis_client import text_map, texts
+from coordinator.redis_client import text, text_map, texts
 from protos.values import Holder
 
 # Digests handled per script; each chunk is one atomic step (see announce).
@@ -184,6 +184,16 @@ class Location:
     failure: str = ""
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A claim's answer: live holders to copy from, or the lease (granted, or held by ``fetcher``)."""
+
+    holders: list[Holder]
+    # None when holders are listed: nothing was granted.
+    lease: Lease | None
+    fetcher: Holder | None = None
+
+
 def to_ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -311,22 +321,60 @@ class Locations:
         Also, when nobody holds that lease, the failure its latest holder gave it up with.
         """
         check_digest(digest)
+        if lease_key:
+            check_name(lease_key, "key")
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._keys.loc(digest))
         pipe.hgetall(self._keys.meta(digest))
+        if lease_key:
+            pipe.get(self._keys.lock(lease_key))
+            pipe.get(self._keys.failed(lease_key))
         replies = pipe.execute()
         holder_ids, meta = texts(replies[0]), text_map(replies[1])
-        lease = self._leases.current(lease_key) if lease_key else None
-        urls = self._membership.urls([*sorted(holder_ids), *([lease.holder] if lease else [])])
+        lease = parse_value(text(replies[2])) if lease_key and replies[2] is not None else None
+        lease_holder = lease[2] if lease is not None else None
+        urls = self._membership.urls([*sorted(holder_ids), *([lease_holder] if lease_holder else [])])
         holders = [Holder(node_id, urls[node_id]) for node_id in sorted(holder_ids) if node_id in urls]
-        fetcher = Holder(lease.holder, urls[lease.holder]) if lease and lease.holder in urls else None
+        fetcher = Holder(lease_holder, urls[lease_holder]) if lease_holder and lease_holder in urls else None
         return Location(
             holders=holders,
             fetcher=fetcher,
             fetching=lease is not None,
             content=_content(digest, meta) if meta else None,
-            failure=self._leases.failure(lease_key) if lease_key and lease is None else "",
+            failure=text(replies[3]) if lease_key and lease is None and replies[3] is not None else "",
         )
+
+    def claim(self, digest: str, key: str, node_id: str, ttl_ms: int, token: str = "") -> Claimed:
+        """Live holders of ``digest`` if any; else the lease on ``key``, granted unless another node holds it.
+
+        Locating and granting are one atomic step while no node is
+        registered for the digest. When nodes are registered but none of
+        them is alive, the lease is acquired on its own, and given back if
+        a live holder turned up meanwhile.
+        """
+        check_digest(digest)
+        claimed = self._leases.claim(key, node_id, ttl_ms, token, self._keys.loc(digest))
+        if isinstance(claimed, Lease):
+            return self._claimed_lease(claimed)
+        holders = self._live_holders(claimed)
+        if holders:
+            return Claimed(holders, None)
+        lease = self._leases.acquire(key, node_id, ttl_ms, token)
+        if lease.granted:
+            holders = self._live_holders(texts(self._redis.smembers(self._keys.loc(digest))))
+            if holders:
+                self._leases.release(key, lease.token)
+                return Claimed(holders, None)
+        return self._claimed_lease(lease)
+
+    def _claimed_lease(self, lease: Lease) -> Claimed:
+        if lease.granted:
+            return Claimed([], lease)
+        url = self._membership.urls([lease.holder]).get(lease.holder, "")
+        return Claimed([], lease, Holder(lease.holder, url))
+
+    def _live_holders(self, node_ids: list[str]) -> list[Holder]:
+        return [Holder(node_id, url) for node_id, url in self._membership.urls(sorted(node_ids)).items()]
 
     def holders(self, digest: str) -> set[str]:
         """Every node registered for ``digest``, alive or not (for tests and diagnostics)."""

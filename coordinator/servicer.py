@@ -170,9 +170,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if found.fetcher is not None:
             response.fetcher.CopyFrom(_holder(found.fetcher))
         if found.content is not None:
-            response.content.CopyFrom(
-                pb.Content(digest=found.content.digest, size=found.content.size, media_type=found.content.media_type)
-            )
+            response.content.CopyFrom(_content(found.content))
+        return response
+
+    @_rpc
+    def Claim(self, request: pb.ClaimRequest) -> pb.ClaimResponse:
+        claimed = self._locations.claim(request.digest, request.key, request.node_id, request.ttl_ms, request.token)
+        response = pb.ClaimResponse(holders=[_holder(holder) for holder in claimed.holders])
+        if claimed.lease is not None and claimed.lease.granted:
+            response.granted, response.token, response.fence = True, claimed.lease.token, claimed.lease.fence
+        elif claimed.lease is not None:
+            response.fence = claimed.lease.fence
+        if claimed.fetcher is not None:
+            response.fetcher.CopyFrom(_holder(claimed.fetcher))
         return response
 
     @_rpc
@@ -272,6 +282,10 @@ def _contents(messages: Iterable[pb.Content]) -> list[ContentInfo]:
         ContentInfo(digest=item.digest, size=item.size, media_type=item.media_type, accessed_at=item.accessed_at)
         for item in messages
     ]
+
+
+def _content(content: ContentInfo) -> pb.Content:
+    return pb.Content(digest=content.digest, size=content.size, media_type=content.media_type)
 
 
 def _holder(holder: Holder) -> pb.Holder:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from node.budget import Budget
 from node.config import UpstreamConfig
-from node.coordinator_client import Coordinator, CoordinatorError
+from node.coordinator_client import Coordinator, CoordinatorError, Lease
 from node.errors import BadCopy, BlobUnknown, TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from node.flight import Counter, Flight, Outcome, Turn
 from node.peers import PeerClient
@@ -118,10 +118,14 @@ class ClusterSource:
             location = self.coordinator.locate(str(digest), key)
             return self._first_peer(streams, self._peers(location.holders, location.fetcher), digest, start)
 
+        def claim(ttl_ms: int) -> tuple[_PeerCopy | None, Lease | None]:
+            claimed = self.coordinator.claim(str(digest), key, ttl_ms)
+            return self._first_peer(streams, self._peers(claimed.holders), digest, start), claimed.lease
+
         def follow(holder: Holder) -> _PeerCopy | None:
             return self._first_peer(streams, [holder], digest, start)
 
-        turn = streams.enter_context(self.flight.coordinate(key, look, follow, kind="blob"))
+        turn = streams.enter_context(self.flight.coordinate(key, look, follow, kind="blob", claim=claim))
         if turn.found is not None:
             return turn, turn.found.stream, turn.found.holder
         return turn, streams.enter_context(self.upstream.open_blob(name, digest, start)), None
@@ -156,7 +160,12 @@ class ClusterSource:
         def look() -> FetchedManifest | None:
             return self._manifest_from_peers(self._peers(self.coordinator.locate(str(digest), key).holders), digest)
 
-        with contextlib.ExitStack() as fetches, self.flight.coordinate(key, look, kind="manifest") as turn:
+        def claim(ttl_ms: int) -> tuple[FetchedManifest | None, Lease | None]:
+            claimed = self.coordinator.claim(str(digest), key, ttl_ms)
+            return self._manifest_from_peers(self._peers(claimed.holders), digest), claimed.lease
+
+        flight = self.flight.coordinate(key, look, kind="manifest", claim=claim)
+        with contextlib.ExitStack() as fetches, flight as turn:
             manifest = turn.found
             if manifest is None:
                 manifest = fetches.enter_context(self.upstream.open_manifest(name, digest))

@@ -106,6 +106,14 @@ class Location:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A claim's answer: live holders to copy from, or the lease (``Lease``; None when holders are listed)."""
+
+    holders: list[Holder]
+    lease: Lease | None
+
+
+@dataclass(frozen=True)
 class Lease:
     """An acquire's answer: the grant (token, fence), or who holds the lease instead.
 
@@ -146,6 +154,8 @@ class Coordinator(Protocol):
     def report_bad_copy(self, holder_id: str, digest: str) -> bool: ...
 
     def locate(self, digest: str, lease_key: str = "") -> Location: ...
+
+    def claim(self, digest: str, key: str, ttl_ms: int) -> Claim: ...
 
     def acquire_lease(self, key: str, ttl_ms: int) -> Lease: ...
 
@@ -311,18 +321,31 @@ class CoordinatorClient:
     def locate(self, digest: str, lease_key: str = "") -> Location:
         """Who holds ``digest``, and who holds the lease ``lease_key`` (e.g. ``blob:<digest>``)."""
         response = self._call("Locate", pb.LocateRequest(digest=digest, lease_key=lease_key))
-        content = None
-        if response.HasField("content"):
-            content = Content(
-                digest=response.content.digest, size=response.content.size, media_type=response.content.media_type
-            )
         return Location(
             holders=[_holder(holder) for holder in response.holders],
             fetcher=_holder(response.fetcher) if response.HasField("fetcher") else None,
             fetching=bool(response.fetching),
-            content=content,
+            content=_content(response.content) if response.HasField("content") else None,
             failure=response.failure,
         )
+
+    def claim(self, digest: str, key: str, ttl_ms: int) -> Claim:
+        """Live holders of ``digest``, or else the lease on ``key`` (as ``acquire_lease``), in one call.
+
+        Nothing is granted while live nodes hold the digest: copy from them,
+        and ``acquire_lease`` only if none of them serves it.
+        """
+        request = pb.ClaimRequest(
+            digest=digest, key=key, node_id=self.node_id, ttl_ms=ttl_ms, token=secrets.token_hex(16)
+        )
+        response = self._call("Claim", request)
+        holders = [_holder(holder) for holder in response.holders]
+        if holders:
+            return Claim(holders, None)
+        if response.granted:
+            return Claim([], Lease(granted=True, token=response.token, fence=int(response.fence), holder=None))
+        holder = _holder(response.fetcher) if response.HasField("fetcher") else None
+        return Claim([], Lease(granted=False, token="", fence=int(response.fence), holder=holder))
 
     def acquire_lease(self, key: str, ttl_ms: int) -> Lease:
         """Try to become the one fetcher of ``key`` for ``ttl_ms``.
@@ -565,6 +588,10 @@ def _contents(content: Iterable[Content]) -> list[pb.Content]:
 
 def _holder(message: pb.Holder) -> Holder:
     return Holder(node_id=message.node_id, url=message.url)
+
+
+def _content(message: pb.Content) -> Content:
+    return Content(digest=message.digest, size=message.size, media_type=message.media_type)
 
 
 def _error(method: str, exc: grpc.RpcError) -> CoordinatorError:

@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from node.coordinator_client import Coordinator, CoordinatorUnavailable, Lease, LeaseLost, Location
+from node.coordinator_client import Claim, Coordinator, CoordinatorUnavailable, Lease, LeaseLost, Location
 from protos.leases import tag_lease
 from protos.values import Content, Holder, TagPointer
 
@@ -134,8 +134,17 @@ class FakeCoordinator:
         failure = directory.failures.get(lease_key, "") if lease is None else ""
         return Location(holders, fetcher, lease is not None, directory.content.get(digest), failure)
 
+    def claim(self, digest: str, key: str, ttl_ms: int) -> Claim:
+        self._call("claim", digest)
+        directory = self.directory
+        holders = [directory.holder(node) for node in sorted(directory.holders.get(digest, set()))]
+        return Claim(holders, None) if holders else Claim([], self._acquire(key))
+
     def acquire_lease(self, key: str, ttl_ms: int) -> Lease:
         self._call("acquire_lease", key)
+        return self._acquire(key)
+
+    def _acquire(self, key: str) -> Lease:
         lease = self.directory.leases.get(key)
         if lease is not None and lease.node_id != self.node_id:
             return Lease(False, "", lease.fence, self.directory.holder(lease.node_id))

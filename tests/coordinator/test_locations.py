@@ -243,3 +243,60 @@ def test_malformed_digests_are_rejected(directory: Directory) -> None:
         directory.locations.locate("not-a-digest")
     with pytest.raises(InvalidArgument, match="digests"):
         directory.locations.drop("node-a", ["sha256:" + "A" * 64])
+
+
+def test_a_claim_of_content_nobody_holds_grants_the_lease_once(directory: Directory) -> None:
+    key = f"blob:{digest(1)}"
+    first = directory.locations.claim(digest(1), key, "node-a", 10_000)
+    assert first.holders == [] and first.lease is not None and first.lease.granted
+    assert directory.leases.current(key) is not None
+
+    second = directory.locations.claim(digest(1), key, "node-b", 10_000)
+    assert second.holders == [] and second.lease is not None and not second.lease.granted
+    assert second.fetcher == Holder("node-a", "http://a:5000")
+    assert second.lease.fence == first.lease.fence
+
+
+def test_a_claim_retried_with_its_token_gets_the_same_grant(directory: Directory) -> None:
+    key = f"blob:{digest(1)}"
+    first = directory.locations.claim(digest(1), key, "node-a", 10_000, "token-of-the-claim")
+    again = directory.locations.claim(digest(1), key, "node-a", 10_000, "token-of-the-claim")
+    assert first.lease is not None and again.lease is not None and again.lease.granted
+    assert (again.lease.token, again.lease.fence) == (first.lease.token, first.lease.fence)
+
+
+def test_a_claim_of_content_a_live_node_holds_lists_it_and_grants_nothing(directory: Directory) -> None:
+    key = f"blob:{digest(1)}"
+    directory.locations.announce("node-b", [ContentInfo(digest(1), 42, "application/octet-stream")])
+
+    claimed = directory.locations.claim(digest(1), key, "node-a", 10_000)
+
+    assert claimed.holders == [Holder("node-b", "http://b:5000")] and claimed.lease is None
+    assert directory.leases.current(key) is None
+
+
+def test_a_claim_of_content_only_dead_nodes_hold_grants_the_lease(
+    directory: Directory, redis_client: redis.Redis, keys: Keys
+) -> None:
+    key = f"blob:{digest(1)}"
+    directory.locations.announce("node-b", [ContentInfo(digest(1), 1)])
+    redis_client.delete(keys.node("node-b"))  # node-b's membership expired.
+
+    claimed = directory.locations.claim(digest(1), key, "node-a", 10_000)
+
+    assert claimed.holders == [] and claimed.lease is not None and claimed.lease.granted
+    current = directory.leases.current(key)
+    assert current is not None and current.holder == "node-a"
+
+
+def test_a_malformed_claim_is_refused_and_takes_nothing(directory: Directory, redis_client: redis.Redis) -> None:
+    before = set(redis_client.keys("*"))
+    for args in (
+        ("sha256:nothex", f"blob:{digest(1)}", "node-a", 10_000),
+        (digest(1), "", "node-a", 10_000),
+        (digest(1), f"blob:{digest(1)}", "", 10_000),
+        (digest(1), f"blob:{digest(1)}", "node-a", 0),
+    ):
+        with pytest.raises(InvalidArgument):
+            directory.locations.claim(*args)
+    assert set(redis_client.keys("*")) == before

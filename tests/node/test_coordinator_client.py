@@ -33,6 +33,7 @@ from node.breaker import Marks
 from node.coordinator_client import (
     INVENTORY_BATCH,
     PROBE_DIGEST,
+    Claim,
     ClusterMetrics,
     CoordinatorClient,
     CoordinatorError,
@@ -416,6 +417,40 @@ def test_acquire_lease_held_returns_the_holder_and_no_token(
     assert client.acquire_lease(LAYER_KEY, 30000) == Lease(granted=False, token="", fence=3, holder=holder)
 
 
+def test_claim_with_holders_returns_them_and_no_lease(coordinator: FakeCoordinator, client: CoordinatorClient) -> None:
+    coordinator.answers["Claim"] = pb.ClaimResponse(holders=[pb.Holder(node_id="node-b", url="http://b:5000")])
+
+    assert client.claim(LAYER, LAYER_KEY, 30000) == Claim([Holder("node-b", "http://b:5000")], None)
+    request = coordinator.last("Claim").request
+    assert (request.digest, request.key, request.node_id, request.ttl_ms) == (LAYER, LAYER_KEY, NODE, 30000)
+    assert len(request.token) == 32 and int(request.token, 16) >= 0, "the client picks a random hex token"
+
+
+def test_claim_granted_returns_the_lease(coordinator: FakeCoordinator, client: CoordinatorClient) -> None:
+    coordinator.answers["Claim"] = pb.ClaimResponse(granted=True, token="granted-token", fence=7)
+
+    assert client.claim(LAYER, LAYER_KEY, 30000) == Claim(
+        [], Lease(granted=True, token="granted-token", fence=7, holder=None)
+    )
+
+
+def test_claim_held_elsewhere_returns_the_fetcher(coordinator: FakeCoordinator, client: CoordinatorClient) -> None:
+    coordinator.answers["Claim"] = pb.ClaimResponse(fence=3, fetcher=pb.Holder(node_id="node-b", url="http://b:5000"))
+
+    assert client.claim(LAYER, LAYER_KEY, 30000) == Claim(
+        [], Lease(granted=False, token="", fence=3, holder=Holder("node-b", "http://b:5000"))
+    )
+
+
+def test_claim_keeps_its_token_across_failover(start_coordinator: StartCoordinator) -> None:
+    first, second = start_coordinator(), start_coordinator()
+    first.failures.append(grpc.StatusCode.UNAVAILABLE)
+    with connect(first, second) as client:
+        client.claim(LAYER, LAYER_KEY, 30000)
+
+    assert first.last("Claim").request.token == second.last("Claim").request.token
+
+
 @pytest.mark.parametrize("renewed", [True, False])
 def test_renew_lease_returns_whether_it_was_renewed(
     coordinator: FakeCoordinator, client: CoordinatorClient, renewed: bool
@@ -532,6 +567,7 @@ CALLS: dict[str, Callable[[CoordinatorClient], object]] = {
     "DropContent": lambda client: client.drop_content([LAYER]),
     "ReportBadCopy": lambda client: client.report_bad_copy("node-b", LAYER),
     "Locate": lambda client: client.locate(LAYER),
+    "Claim": lambda client: client.claim(LAYER, LAYER_KEY, 1000),
     "AcquireLease": lambda client: client.acquire_lease(LAYER_KEY, 1000),
     "RenewLease": lambda client: client.renew_lease(LAYER_KEY, "token-1", 1000),
     "CompleteFetch": lambda client: client.complete_fetch(LAYER_KEY, "token-1", LAYER, 1, LAYER_TYPE, 0),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from node.coordinator_client import CoordinatorError
+from node.coordinator_client import CoordinatorError, Lease
 from node.flight import POLL, RENEW_RETRY, Announcements, Flight, Outcome, _LeaseRenewer
 from protos.leases import blob_lease, tag_lease
 from protos.values import Content, Holder, TagPointer
@@ -330,3 +330,71 @@ def test_a_tag_answer_is_not_shared_without_the_lease(flight: Flight, directory,
         directory.grant(TAG_KEY, "node-b")
         flight.share_tag(turn, "docker.io", "library/alpine", "3.20", POINTER)
     assert directory.tags == {}
+
+
+# A claim: the look and the lease in one call.
+
+
+def claim_at(
+    coordinator: FakeCoordinator, *, serving: bool = True
+) -> Callable[[int], tuple[Holder | None, Lease | None]]:
+    """A blob's claim: the first other node that holds the digest (none when ``serving`` is false), and the lease."""
+
+    def claim(ttl_ms: int) -> tuple[Holder | None, Lease | None]:
+        claimed = coordinator.claim(DIGEST, KEY, ttl_ms)
+        holders = [h for h in claimed.holders if h.node_id != coordinator.node_id]
+        return (holders[0] if holders and serving else None), claimed.lease
+
+    return claim
+
+
+def test_a_claimed_miss_costs_one_call_before_the_fetch(flight: Flight, directory, coordinator) -> None:
+    with flight.coordinate(KEY, look_at(coordinator), kind="blob", claim=claim_at(coordinator)) as turn:
+        assert turn.outcome is Outcome.GRANTED
+        assert [method for _, method, _ in directory.calls] == ["claim"]
+        flight.committed(turn, CONTENT, 1000)
+    assert coordinator.calls("complete_fetch") == [KEY]
+    assert directory.holders[DIGEST] == {"node-a"} and KEY not in directory.leases
+
+
+def test_a_claim_finds_a_holder_without_a_lease(flight: Flight, directory, coordinator) -> None:
+    directory.hold("node-b", CONTENT)
+    with flight.coordinate(KEY, look_at(coordinator), kind="blob", claim=claim_at(coordinator)) as turn:
+        assert turn.outcome is Outcome.FOUND and turn.found == directory.holder("node-b")
+    assert [method for _, method, _ in directory.calls] == ["claim"]
+    assert KEY not in directory.leases
+
+
+def test_holders_that_do_not_serve_lead_to_the_lease_and_the_second_look(
+    flight: Flight, directory, coordinator
+) -> None:
+    directory.hold("node-b", CONTENT)
+    claim = claim_at(coordinator, serving=False)
+
+    def look() -> Holder | None:
+        return None
+
+    with flight.coordinate(KEY, look, kind="blob", claim=claim) as turn:
+        assert turn.outcome is Outcome.GRANTED
+    assert [method for _, method, _ in directory.calls] == ["claim", "acquire_lease", "abort_fetch"]
+
+
+def test_a_claim_of_a_fetch_in_progress_follows_its_fetcher(flight: Flight, directory, coordinator) -> None:
+    directory.grant(KEY, "node-b")
+    followed: list[Holder] = []
+
+    def follow(holder: Holder) -> Holder:
+        followed.append(holder)
+        return holder
+
+    with flight.coordinate(KEY, look_at(coordinator), follow, kind="blob", claim=claim_at(coordinator)) as turn:
+        assert turn.outcome is Outcome.FOUND
+    assert followed == [directory.holder("node-b")]
+    assert coordinator.calls("acquire_lease") == []
+
+
+def test_an_unusable_coordinator_on_a_claim_means_degraded(flight: Flight, directory, coordinator, counts) -> None:
+    directory.down = True
+    with flight.coordinate(KEY, look_at(coordinator), kind="blob", claim=claim_at(coordinator)) as turn:
+        assert turn.outcome is Outcome.DEGRADED
+    assert counts.counted == [("blob", "degraded")]

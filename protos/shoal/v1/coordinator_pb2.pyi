@@ -152,6 +152,34 @@ class LocateResponse(_message.Message):
     failure: str
     def __init__(self, holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., fetcher: _Optional[_Union[Holder, _Mapping]] = ..., fetching: _Optional[bool] = ..., content: _Optional[_Union[Content, _Mapping]] = ..., failure: _Optional[str] = ...) -> None: ...
 
+class ClaimRequest(_message.Message):
+    __slots__ = ("digest", "key", "node_id", "ttl_ms", "token")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    key: str
+    node_id: str
+    ttl_ms: int
+    token: str
+    def __init__(self, digest: _Optional[str] = ..., key: _Optional[str] = ..., node_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ClaimResponse(_message.Message):
+    __slots__ = ("holders", "granted", "token", "fence", "fetcher")
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    FETCHER_FIELD_NUMBER: _ClassVar[int]
+    holders: _containers.RepeatedCompositeFieldContainer[Holder]
+    granted: bool
+    token: str
+    fence: int
+    fetcher: Holder
+    def __init__(self, holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., granted: _Optional[bool] = ..., token: _Optional[str] = ..., fence: _Optional[int] = ..., fetcher: _Optional[_Union[Holder, _Mapping]] = ...) -> None: ...
+
 class AcquireLeaseRequest(_message.Message):
     __slots__ = ("key", "node_id", "ttl_ms", "token")
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateRequest.SerializeToString,
                 response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateResponse.FromString,
                 _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/shoal.v1.Coordinator/Claim',
+                request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ClaimResponse.FromString,
+                _registered_method=True)
         self.AcquireLease = channel.unary_unary(
                 '/shoal.v1.Coordinator/AcquireLease',
                 request_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.AcquireLeaseRequest.SerializeToString,
@@ -184,6 +189,19 @@ class CoordinatorServicer:
 
     def Locate(self, request, context):
         """The location directory: who holds a digest completely, who fetches it now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Claim(self, request, context):
+        """A miss in one call: Locate and AcquireLease as one atomic step. When no
+        node is registered for the digest, the lease on key is granted unless
+        another node holds it (then that node is the fetcher). When nodes are
+        registered, live ones are listed and nothing is granted: copy from
+        them, and AcquireLease (then look again) only if none of them serves.
+        A fetch completed just before is therefore never granted again:
+        CompleteFetch registers the holder and releases the lease in one step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,6 +333,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Locate,
                     request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateRequest.FromString,
                     response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateResponse.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ClaimRequest.FromString,
+                    response_serializer=protos_dot_shoal_dot_v1_dot_coordinator__pb2.ClaimResponse.SerializeToString,
             ),
             'AcquireLease': grpc.unary_unary_rpc_method_handler(
                     servicer.AcquireLease,
@@ -561,6 +584,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/Locate',
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateRequest.SerializeToString,
             protos_dot_shoal_dot_v1_dot_coordinator__pb2.LocateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/Claim',
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.ClaimRequest.SerializeToString,
+            protos_dot_shoal_dot_v1_dot_coordinator__pb2.ClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,
