@@ -95,6 +95,13 @@ class CoordinatorProcess:
             process.stop()
             raise
 
+    @property
+    def pid(self) -> int:
+        """The id of the running process (for ``bench.miss_costs``, which reads its CPU time)."""
+        if self.process is None:
+            raise RuntimeError("not started")
+        return self.process.pid
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()

@@ -69,6 +69,13 @@ class RedisServer:
             )
         return options
 
+    @property
+    def pid(self) -> int:
+        """The id of the running process (for ``bench.miss_costs``, which reads its CPU time)."""
+        if self.process is None:
+            raise RuntimeError("not started")
+        return self.process.pid
+
     def alive(self) -> bool:
         return self.process is not None and self.process.alive()
 

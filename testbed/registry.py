@@ -120,6 +120,13 @@ class DistributionRegistry:
         if self._process is not None:
             self._process.kill()
 
+    @property
+    def pid(self) -> int:
+        """The id of the running process (for ``bench.miss_costs``, which reads its CPU time)."""
+        if self._process is None:
+            raise RuntimeError("not started")
+        return self._process.pid
+
     def alive(self) -> bool:
         return self._process is not None and self._process.alive()
 
