@@ -431,6 +431,13 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise self._unavailable(what, exc) from None
         finally:
+            if request.method == "HEAD":
+                # A HEAD's body is empty, but a response closed before its end
+                # is read also closes its connection: every tag check and
+                # confirmation would cost the next request a new connection
+                # (a TLS handshake, against a real registry).
+                with contextlib.suppress(httpx.HTTPError):
+                    response.read()
             response.close()
             self._observer.upstream_request(self.name, kind, response.status_code, time.monotonic() - started)
 

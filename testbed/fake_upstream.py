@@ -148,6 +148,8 @@ class FakeUpstream:
         # Whether a blob GET with a Range header gets a 206 of that range.
         self.honour_range = True
         self._connections: set[socket.socket] = set()
+        # Every connection a client opened, since the start.
+        self.connections_opened = 0
         self.server_log: list[str] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -357,6 +359,7 @@ class FakeUpstream:
         with self._lock:
             if open_:
                 self._connections.add(connection)
+                self.connections_opened += 1
             else:
                 self._connections.discard(connection)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from node.config import UpstreamConfig
 from node.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -20,6 +21,7 @@ from node.errors import (
     UpstreamUnavailable,
 )
 from node.media_types import ACCEPT_MANIFESTS
+from node.reference import parse_digest
 from node.upstream import (
     MANIFEST_MAX,
     BlobStream,
@@ -28,6 +30,8 @@ from node.upstream import (
     Upstream,
 )
 from testbed.clock import FakeClock
+from testbed.fake_upstream import FakeUpstream
+from testbed.images import build_image
 from tests.node.fake_registry import (
     BLOB,
     BLOB_DIGEST,
@@ -61,6 +65,23 @@ def test_head_manifest(connect: Callable[..., Upstream]) -> None:
     assert head == ManifestHead(digest=MANIFEST_DIGEST, media_type=OCI_MANIFEST, size=len(MANIFEST))
     assert fake.requests[0].method == "HEAD"
     assert fake.requests[0].headers["accept"] == ACCEPT_MANIFESTS
+
+
+def test_heads_keep_their_connection_for_the_next_request() -> None:
+    """Tag checks and confirmations are HEADs; each must not cost the next request a new connection."""
+    image = build_image([1000], seed="keep-alive")
+    with FakeUpstream() as registry:
+        registry.add_image("library/alpine", "latest", image)
+        upstream = Upstream(UpstreamConfig(url=registry.url))
+        try:
+            for _ in range(3):
+                assert upstream.check_tag("library/alpine", "latest").digest == parse_digest(image.digest)
+            upstream.head_blob("library/alpine", image.config_digest)
+            assert upstream.get_manifest("library/alpine", image.digest).data == image.manifest
+        finally:
+            upstream.close()
+        assert registry.count("HEAD", "/v2/library/alpine/manifests/latest") == 3
+        assert registry.connections_opened == 1
 
 
 def test_head_without_headers(connect: Callable[..., Upstream]) -> None:
