@@ -240,7 +240,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             size=request.pointer.size,
             checked_at=request.pointer.checked_at,
         )
-        self._tags.put(request.upstream, request.repository, request.tag, pointer, request.lease_token)
+        self._tags.put(
+            request.upstream, request.repository, request.tag, pointer, request.lease_token, release=request.release
+        )
         return pb.PutTagResponse()
 
     @_rpc

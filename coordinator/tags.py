@@ -34,14 +34,24 @@ from protos.values import CLOCK_SKEW, TagPointer
 
 # KEYS[1] lock:<tag lease key>, KEYS[2] tag:<upstream>/<repository>:<tag>
 # ARGV[1] lease token, ARGV[2] digest, ARGV[3] media type, ARGV[4] size,
-# ARGV[5] unused (the writer's checked_at), ARGV[6] retention (ms; 0 = forever)
+# ARGV[5] unused (the writer's checked_at), ARGV[6] retention (ms; 0 = forever),
+# ARGV[7] '1' to release the lease too
 # Writes the pointer, stamped with Redis's clock, when the token holds the
 # tag's lease; returns the stamp (Unix microseconds), or 0 when the lease was
-# lost. The lease stays held: the caller releases it.
+# lost. The lease stays held unless ARGV[7] is '1'. A releasing write that
+# is retried after it succeeded finds no lease and the pointer at its
+# digest: it returns that pointer's stamp and writes nothing.
 _PUT = (
     OWNS_LEASE
     + """
-if not owns(redis.call('GET', KEYS[1]), ARGV[1]) then
+local lease = redis.call('GET', KEYS[1])
+if not owns(lease, ARGV[1]) then
+  if ARGV[7] == '1' and not lease and redis.call('HGET', KEYS[2], 'digest') == ARGV[2] then
+    local seconds, fraction = string.match(redis.call('HGET', KEYS[2], 'checked_at') or '', '^(%d+)%.(%d+)$')
+    if seconds then
+      return tonumber(seconds) * 1000000 + tonumber(fraction)
+    end
+  end
   return 0
 end
 local now = redis.call('TIME')
@@ -52,6 +62,9 @@ if ARGV[6] == '0' then
   redis.call('PERSIST', KEYS[2])
 else
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+if ARGV[7] == '1' then
+  redis.call('DEL', KEYS[1])
 end
 return micros
 """
@@ -86,10 +99,13 @@ class Tags:
             checked_at=checked_at,
         )
 
-    def put(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> float:
+    def put(
+        self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str, *, release: bool = False
+    ) -> float:
         """Move the tag to ``pointer``, stamped now by Redis; return the stamp.
 
         Raises ``LeaseLost`` unless ``lease_token`` holds the tag's lease.
+        With ``release`` the lease is released in the same step.
         """
         key = self._key(upstream, repository, tag)
         check_digest(pointer.digest, "pointer.digest")
@@ -104,6 +120,7 @@ class Tags:
             pointer.size,
             repr(float(pointer.checked_at)),
             self._retention_ms,
+            int(release),
         ]
         stamp = int(self._put(keys=keys, args=args)) if lease_token else 0
         if not stamp:

@@ -169,7 +169,9 @@ class Coordinator(Protocol):
 
     def get_tag(self, upstream: str, repository: str, tag: str) -> TagPointer | None: ...
 
-    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None: ...
+    def put_tag(
+        self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str, *, release: bool = False
+    ) -> None: ...
 
     def confirm_bindings(self, upstream: str, repository: str, digests: list[str], ttl_ms: int) -> None: ...
 
@@ -404,11 +406,14 @@ class CoordinatorClient:
             digest=pointer.digest, media_type=pointer.media_type, size=pointer.size, checked_at=pointer.checked_at
         )
 
-    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None:
+    def put_tag(
+        self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str, *, release: bool = False
+    ) -> None:
         """Move the tag; needs the token of the lease ``tag:<upstream>/<repository>:<tag>``.
 
-        Raises ``LeaseLost`` when that token is not the current one. The lease
-        stays held; release it with ``abort_fetch``.
+        Raises ``LeaseLost`` when that token is not the current one. With
+        ``release`` the lease is released in the same step; else it stays
+        held, to release with ``abort_fetch``.
         """
         request = pb.PutTagRequest(
             upstream=upstream,
@@ -418,6 +423,7 @@ class CoordinatorClient:
                 digest=pointer.digest, media_type=pointer.media_type, size=pointer.size, checked_at=pointer.checked_at
             ),
             lease_token=lease_token,
+            release=release,
         )
         self._call("PutTag", request)
 

@@ -293,11 +293,12 @@ class Flight:
             self.announcements.mark()
 
     def share_tag(self, turn: Turn[T], registry: str, name: str, tag: str, pointer: TagPointer) -> None:
-        """Share what the upstream said a tag points at, fenced by the tag's lease."""
+        """Share what the upstream said a tag points at, fenced by the tag's lease, and release the lease with it."""
         if turn.outcome is not Outcome.GRANTED:
             return
         try:
-            self.coordinator.put_tag(registry, name, tag, pointer, turn.token)
+            self.coordinator.put_tag(registry, name, tag, pointer, turn.token, release=True)
+            turn.settled = True
         except LeaseLost:
             log.warning("lost the lease on %s while checking it; not sharing the answer", turn.key)
         except CoordinatorError:

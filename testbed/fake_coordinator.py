@@ -181,12 +181,17 @@ class FakeCoordinator:
         self._call("get_tag", f"{repository}:{tag}")
         return self.directory.tags.get((upstream, repository, tag))
 
-    def put_tag(self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str) -> None:
+    def put_tag(
+        self, upstream: str, repository: str, tag: str, pointer: TagPointer, lease_token: str, *, release: bool = False
+    ) -> None:
         self._call("put_tag", f"{repository}:{tag}")
-        lease = self.directory.leases.get(tag_lease(upstream, repository, tag))
+        key = tag_lease(upstream, repository, tag)
+        lease = self.directory.leases.get(key)
         if lease is None or lease.token != lease_token:
             raise LeaseLost("the lease is held under another token", "FAILED_PRECONDITION")
         self.directory.tags[(upstream, repository, tag)] = pointer
+        if release:
+            del self.directory.leases[key]
 
     # Content bound to its repository.
 

@@ -135,7 +135,10 @@ def test_fencing_through_the_client(node_a: CoordinatorClient, node_b: Coordinat
     with pytest.raises(LeaseLost):
         node_a.put_tag("docker.io", "library/alpine", "3.20", TagPointer(digest("stale")), stale_tag.token)
 
-    node_b.put_tag("docker.io", "library/alpine", "3.20", TagPointer(digest("fresh"), size=7), fresh_tag.token)
+    node_b.put_tag(
+        "docker.io", "library/alpine", "3.20", TagPointer(digest("fresh"), size=7), fresh_tag.token, release=True
+    )
+    assert node_a.acquire_lease(tag_lease, 1000).granted, "the releasing PutTag freed the tag's lease"
     node_b.complete_fetch(LAYER_KEY, fresh.token, LAYER, 1234, LAYER_TYPE, HOUR_MS)
     assert [h.node_id for h in node_a.locate(LAYER).holders] == ["node-b"]
     pointer = node_a.get_tag("docker.io", "library/alpine", "3.20")

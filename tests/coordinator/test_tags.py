@@ -62,6 +62,23 @@ def test_fencing_a_stale_lease_holder_cannot_move_the_tag(tags: Tags, leases: Le
     assert pointer is not None and pointer.digest == digest("new")
 
 
+def test_a_releasing_put_frees_the_lease_and_its_retry_succeeds(tags: Tags, leases: Leases) -> None:
+    lease = leases.acquire(LEASE, "node-a", 10_000)
+    stamp = tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), lease.token, release=True)
+
+    assert leases.current(LEASE) is None, "released with the write"
+    # A retry (the first answer was lost) writes nothing and gets the same stamp.
+    assert tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), lease.token, release=True) == stamp
+    # Not for another digest, and not once another node holds the lease.
+    with pytest.raises(LeaseLost):
+        tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(2)), lease.token, release=True)
+    leases.acquire(LEASE, "node-b", 10_000)
+    with pytest.raises(LeaseLost):
+        tags.put(UPSTREAM, REPO, TAG, TagPointer(digest(1)), lease.token, release=True)
+    pointer = tags.get(UPSTREAM, REPO, TAG)
+    assert pointer is not None and (pointer.digest, pointer.checked_at) == (digest(1), stamp)
+
+
 def test_the_lease_of_another_tag_does_not_count(tags: Tags, leases: Leases) -> None:
     other = leases.acquire(tag_lease(UPSTREAM, REPO, "latest"), "node-a", 10_000)
 

@@ -511,6 +511,8 @@ def test_put_tag_sends_the_pointer_and_the_lease_token(coordinator: FakeCoordina
     assert coordinator.last("PutTag").request == pb.PutTagRequest(
         upstream="docker.io", repository="library/alpine", tag="3.20", pointer=POINTER_PB, lease_token="tag-token"
     )
+    client.put_tag("docker.io", "library/alpine", "3.20", POINTER, "tag-token", release=True)
+    assert coordinator.last("PutTag").request.release
 
 
 @pytest.mark.parametrize(

@@ -316,8 +316,9 @@ POINTER = TagPointer(DIGEST, "application/vnd.oci.image.index.v1+json", 512, 1_0
 def test_a_tag_answer_is_shared_under_the_lease(flight: Flight, directory, coordinator) -> None:
     with flight.coordinate(TAG_KEY, lambda: None) as turn:
         flight.share_tag(turn, "docker.io", "library/alpine", "3.20", POINTER)
+        assert TAG_KEY not in directory.leases, "released with the answer"
     assert directory.tags[("docker.io", "library/alpine", "3.20")] == POINTER
-    assert TAG_KEY not in directory.leases
+    assert coordinator.calls("abort_fetch") == [], "no second call to release it"
 
 
 def test_a_tag_answer_is_not_shared_without_the_lease(flight: Flight, directory, coordinator) -> None:

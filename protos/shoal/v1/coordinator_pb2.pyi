@@ -295,18 +295,20 @@ class GetTagResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., pointer: _Optional[_Union[TagPointer, _Mapping]] = ...) -> None: ...
 
 class PutTagRequest(_message.Message):
-    __slots__ = ("upstream", "repository", "tag", "pointer", "lease_token")
+    __slots__ = ("upstream", "repository", "tag", "pointer", "lease_token", "release")
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     POINTER_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     upstream: str
     repository: str
     tag: str
     pointer: TagPointer
     lease_token: str
-    def __init__(self, upstream: _Optional[str] = ..., repository: _Optional[str] = ..., tag: _Optional[str] = ..., pointer: _Optional[_Union[TagPointer, _Mapping]] = ..., lease_token: _Optional[str] = ...) -> None: ...
+    release: bool
+    def __init__(self, upstream: _Optional[str] = ..., repository: _Optional[str] = ..., tag: _Optional[str] = ..., pointer: _Optional[_Union[TagPointer, _Mapping]] = ..., lease_token: _Optional[str] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class PutTagResponse(_message.Message):
     __slots__ = ()

@@ -257,8 +257,8 @@ class CoordinatorServicer:
 
     def PutTag(self, request, context):
         """Needs the lease on "tag:<upstream>/<repository>:<tag>"; FAILED_PRECONDITION
-        when the fencing token is not the current one. Does not release the
-        lease (AbortFetch does).
+        when the fencing token is not the current one. Releases the lease when
+        asked to (PutTagRequest.release); AbortFetch does otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
