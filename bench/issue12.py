@@ -1,7 +1,7 @@
 """The table of issue 12 (cold pulls at wire speed, manifests from memory), before and now.
 
-Each row is one number taken from the scenarios' raw measurements (medians
-over the runs, ratios of two systems measured in the same run). "now" comes
+Each row is one number taken from the scenarios' raw measurements (the
+ratio of two systems' medians over the runs, both measured in the same run). "now" comes
 from this run; "before" from an earlier run's ``--json`` file given with
 ``--baseline``, so the two columns are the same measurements of two versions
 of Shoal on the same machine.
@@ -152,11 +152,12 @@ def table(now: Raw, before: Raw | None) -> Table:
 def section(sections: list[Section], baseline: list[Section] | None, baseline_command: str | None) -> Section:
     before = raw_by_key(baseline) if baseline is not None else None
     method = (
-        "The measures issue 12 set, taken from the scenarios below: medians over the runs, each ratio "
-        "of two systems measured in the same run. Speeds are the upstream's time ÷ the node's, times are "
+        "The measures issue 12 set, taken from the scenarios below: each ratio is of two systems' medians "
+        "over the runs, both measured in the same run (the scenarios' own tables give the median of the "
+        "per-run ratios, which can differ). Speeds are the upstream's time ÷ the node's, times are "
         "the node's ÷ the upstream's. "
         + (
-            "**before** is Shoal before the change, measured on this machine just before this run by "
+            "**before** is Shoal before the change, measured on this machine in an earlier run by "
             f"`{baseline_command}`."
             if baseline_command
             else "No earlier run was given (`--baseline`), so **before** is empty."
