@@ -91,7 +91,9 @@ class Turn(Generic[T]):
     found: T | None = None
     # The lease token, while GRANTED.
     token: str = ""
-    # The lease is no longer held (completed, or given back).
+    # The holder has sent the call that ends its lease (CompleteFetch, or
+    # PutTag with the release): the lease is not given back again on the way
+    # out, and a renewal refused from then on is expected.
     settled: bool = False
 
 
@@ -181,7 +183,9 @@ class Flight:
         if turn.outcome is not Outcome.GRANTED:
             yield turn
             return
-        renewer = _LeaseRenewer(self.coordinator, key, turn.token, self._lease_ttl_ms, self._clock)
+        renewer = _LeaseRenewer(
+            self.coordinator, key, turn.token, self._lease_ttl_ms, self._clock, settled=lambda: turn.settled
+        )
         renewer.start()
         failure = ""
         try:
@@ -296,9 +300,9 @@ class Flight:
         """Share what the upstream said a tag points at, fenced by the tag's lease, and release the lease with it."""
         if turn.outcome is not Outcome.GRANTED:
             return
+        turn.settled = True
         try:
             self.coordinator.put_tag(registry, name, tag, pointer, turn.token, release=True)
-            turn.settled = True
         except LeaseLost:
             log.warning("lost the lease on %s while checking it; not sharing the answer", turn.key)
         except CoordinatorError:
@@ -321,15 +325,25 @@ class _LeaseRenewer:
     was confirmed, counted from when that call was sent, which is before the
     coordinator set the new expiry). The fetch goes on either way; fencing
     refuses its ``CompleteFetch`` if another node took the lease over, and
-    its content is announced with the inventory instead.
+    its content is announced with the inventory instead. A renewal refused
+    after the holder ended the lease itself (``settled``: a renewal sent
+    while its ``CompleteFetch`` was on the way) stops renewing quietly.
 
     ``renew`` is one step, for tests with a fake clock; ``start`` runs the
     steps in a thread until ``stop``.
     """
 
-    def __init__(self, coordinator: Coordinator, key: str, token: str, ttl_ms: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        key: str,
+        token: str,
+        ttl_ms: int,
+        clock: Callable[[], float],
+        settled: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._coordinator, self._key, self._token, self._ttl_ms = coordinator, key, token, ttl_ms
-        self._clock = clock
+        self._clock, self._settled = clock, settled
         self.interval = ttl_ms / 4000
         self._retry = min(RENEW_RETRY, self.interval)
         # Granted just before this renewer was made.
@@ -355,7 +369,8 @@ class _LeaseRenewer:
             self._failing = True
             return max(0.0, min(self._retry, self.expires - self._clock()))
         if not renewed:
-            log.warning("lost the lease %s during the fetch: another node holds it now", self._key)
+            if not self._settled():
+                log.warning("lost the lease %s during the fetch: another node holds it now", self._key)
             return None
         self._failing = False
         self.expires = sent + self._ttl_ms / 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -301,12 +302,26 @@ def test_a_renewal_that_gets_through_again_keeps_the_lease(directory, coordinato
     assert renewer.expires == clock() + 3.0
 
 
-def test_renewing_stops_once_another_node_holds_the_lease(directory, coordinator, clock) -> None:
+def test_renewing_stops_once_another_node_holds_the_lease(directory, coordinator, clock, caplog) -> None:
     renewer = renewer_for(directory, coordinator, clock)
     # The lease ran out (a stall longer than its lifetime) and node-b took it.
     directory.grant(KEY, "node-b")
     clock.advance(1.0)
-    assert renewer.renew() is None
+    with caplog.at_level(logging.WARNING, logger="node.flight"):
+        assert renewer.renew() is None
+    assert "lost the lease" in caplog.text
+
+
+def test_a_renewal_refused_after_the_holder_ended_the_lease_is_quiet(directory, coordinator, clock, caplog) -> None:
+    # A renewal sent while the holder's CompleteFetch was on the way finds the lease gone.
+    settled = False
+    renewer = _LeaseRenewer(coordinator, KEY, directory.grant(KEY, "node-a"), TTL_MS, clock, lambda: settled)
+    settled = True
+    del directory.leases[KEY]
+    clock.advance(1.0)
+    with caplog.at_level(logging.WARNING, logger="node.flight"):
+        assert renewer.renew() is None
+    assert caplog.text == ""
 
 
 TAG_KEY = tag_lease("docker.io", "library/alpine", "3.20")
@@ -319,6 +334,16 @@ def test_a_tag_answer_is_shared_under_the_lease(flight: Flight, directory, coord
         assert TAG_KEY not in directory.leases, "released with the answer"
     assert directory.tags[("docker.io", "library/alpine", "3.20")] == POINTER
     assert coordinator.calls("abort_fetch") == [], "no second call to release it"
+
+
+def test_a_tag_answer_counts_as_settled_while_it_is_on_the_way(flight: Flight, directory) -> None:
+    # So that a renewal crossing it, refused, is expected and not logged as a lost lease.
+    seen = []
+    with flight.coordinate(TAG_KEY, lambda: None) as turn:
+        directory.before = lambda method: seen.append((method, turn.settled))
+        flight.share_tag(turn, "docker.io", "library/alpine", "3.20", POINTER)
+        directory.before = None
+    assert seen == [("put_tag", True)]
 
 
 def test_a_tag_answer_is_not_shared_without_the_lease(flight: Flight, directory, coordinator) -> None:
