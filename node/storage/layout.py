@@ -44,6 +44,9 @@ from node.reference import Digest
 
 TYPE_SUFFIX = ".type"
 PARTIAL_SUFFIX = ".partial"
+# The folders of a repository's tag pointers and (a node alone) its confirmations.
+TAGS = "_tags"
+BINDINGS = "_bound"
 
 
 class Layout:
@@ -75,7 +78,7 @@ class Layout:
         return os.path.join(self.repos, name, "_repo")
 
     def tag_pointers(self, name: str) -> str:
-        return os.path.join(self.repos, name, "_tags")
+        return os.path.join(self.repos, name, TAGS)
 
     def tag_pointer(self, name: str, tag: str) -> str:
         return os.path.join(self.tag_pointers(name), f"{tag}.json")
@@ -84,7 +87,7 @@ class Layout:
         return os.path.join(self.repos, name, "_tags.json")
 
     def bindings(self, name: str) -> str:
-        return os.path.join(self.repos, name, "_bound")
+        return os.path.join(self.repos, name, BINDINGS)
 
     def binding(self, name: str, digest: Digest) -> str:
         return os.path.join(self.bindings(name), f"{digest.algorithm}-{digest.hex}")

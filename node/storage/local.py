@@ -20,7 +20,8 @@ they will write stay under ``max_size``, and the cache's filesystem keeps
 ``min_free`` bytes free (``os.statvfs``; other files on it count too). A
 fill does not start when it would leave less than ``min_free`` free
 (``has_room``). The sweep also removes what crashed writers left behind
-(``node.storage.stale``).
+(``node.storage.stale``) and, now and then, a node alone's confirmations of
+content it no longer holds (``node.storage.ledger``).
 
 Every removal is recorded in the node's removal table (``removals.py``),
 which tells the workers' memory copies of manifests that they are gone.
@@ -43,13 +44,15 @@ from node.media_types import OCTET_STREAM, manifest_media_type
 from node.offload import run_blocking
 from node.reference import Digest
 from node.storage.files import disk_full_is_busy, try_lock, write_atomic
-from node.storage.layout import PARTIAL_SUFFIX, TYPE_SUFFIX, Layout
+from node.storage.layout import BINDINGS, PARTIAL_SUFFIX, TAGS, TYPE_SUFFIX, Layout
+from node.storage.ledger import remove_unheld
 from node.storage.removals import Removals
 from node.storage.stale import STALE_AGE, remove_stale
 from protos.values import Content, TagPointer
 
-# The sweep looks for stale temporary files outside fills/ this often
-# (they only come from a crash; walking repos/ every sweep would cost more).
+# The sweep looks for stale temporary files outside fills/, and for
+# confirmations of content no longer held (a node alone), this often: walking
+# repos/ every sweep would cost more.
 STALE_SCAN_INTERVAL = 600.0
 
 
@@ -275,6 +278,8 @@ class LocalStore:
                     removed.append((digest, "ttl" if expired else "size"))
                     total -= size
                     short -= size
+            if everywhere:
+                remove_unheld(self.layout, self.has, self._clock())
         return removed
 
     def used_bytes(self) -> int:
@@ -352,7 +357,7 @@ class LocalStore:
         base = self.layout.repository(registry)
         names = []
         for folder, subfolders, files in os.walk(base):
-            subfolders[:] = [s for s in subfolders if s not in ("_tags", "_bound")]
+            subfolders[:] = [s for s in subfolders if s not in (TAGS, BINDINGS)]
             if "_repo" in files:
                 names.append(os.path.relpath(folder, base))
         return sorted(names)

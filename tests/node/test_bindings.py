@@ -17,7 +17,7 @@ from node.config import UpstreamConfig
 from node.errors import BlobUnknown, ManifestUnknown, UpstreamUnavailable
 from node.reference import digest_of, parse_digest
 from node.storage.fill import Fills
-from node.storage.ledger import LocalLedger
+from node.storage.ledger import UNHELD_GRACE, LocalLedger
 from node.storage.local import LocalStore
 from node.storage.memory import MemoryCache
 from node.storage.proxy import ProxyStore
@@ -256,6 +256,35 @@ def test_the_ledger_never_shortens_a_confirmation(tmp_path: Path) -> None:
     assert ledger.confirmed("registry.test", "app", [digest, digest_of(b"y")]) == {digest: 200.0}
     ledger.confirm("registry.test", "app", [digest], math.inf)
     assert ledger.confirmed("registry.test", "app", [digest]) == {digest: math.inf}
+
+
+def test_the_sweep_removes_confirmations_of_content_not_held_and_run_out(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = LocalStore(str(tmp_path), 1 << 20, clock=clock)
+    ledger = LocalLedger(store.layout)
+    held, evicted, never_stored = (digest_of(data) for data in (b"held", b"evicted", b"never stored"))
+    store.put(held, b"held")
+    store.put(evicted, b"evicted")
+    for repository in ("app", "team/app"):
+        ledger.confirm("registry.test", repository, [held, evicted, never_stored], math.inf)
+    ledger.confirm("registry.test", "old", [held], clock() + 10)
+    store.remove(evicted)
+    # A manifest's references are confirmed before they are fetched: kept for a while.
+    ledger.confirm("registry.test", "app", [digest_of(b"referenced")], math.inf)
+    clock.advance(UNHELD_GRACE + 1)
+    for repository in ("app", "team/app"):
+        for digest in (evicted, never_stored):
+            os.utime(store.layout.binding(f"registry.test/{repository}", digest), (clock() - UNHELD_GRACE - 1,) * 2)
+    os.utime(store.layout.binding("registry.test/app", digest_of(b"referenced")), (clock() - UNHELD_GRACE + 1,) * 2)
+    # The first sweep of a store looks through repos/ too.
+    assert store.sweep() == []
+    for repository in ("app", "team/app"):
+        assert ledger.confirmed("registry.test", repository, [held, evicted, never_stored]) == {held: math.inf}
+    assert os.listdir(store.layout.bindings("registry.test/old")) == []
+    assert sorted(os.listdir(store.layout.bindings("registry.test/app"))) == sorted(
+        f"sha256-{digest.hex}" for digest in (held, digest_of(b"referenced"))
+    )
+    assert store.has(held)
 
 
 # In a cluster: the coordinator's ledger, shared by every node.
